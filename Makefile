@@ -1,0 +1,36 @@
+# All targets create and use .venv in the repo root.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+export WANDB_SILENT ?= true
+
+.PHONY: install test test-slow demo bench bench-loading clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch from this disk only when no torch is present (users with GPUs keep theirs).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q -c constraints-cpu.txt torch
+	$(BIN)/pip install -q -c constraints-cpu.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -m slow -q
+
+demo: $(STAMP)
+	$(BIN)/python -m organseg.demo
+
+bench: bench-loading
+
+bench-loading: $(STAMP)
+	$(BIN)/python benchmarks/patch_loading.py
+
+clean:
+	rm -rf $(VENV) data/demo lightning_logs/demo*

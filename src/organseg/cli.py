@@ -1,0 +1,70 @@
+"""The ``organseg`` command.
+
+``fit | validate | test | predict`` are Lightning's LightningCLI (see ``organseg.lightning_cli``);
+the data and evaluation tools (``phantom``, ``preprocess``, ``evaluate``) are plain argparse
+subcommands registered by their own modules.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# module path -> one-line help; each module defines ``register(subparsers)``
+TOOL_SUBCOMMANDS = {
+    "phantom": "organseg.phantom.command",
+    "preprocess": "organseg.cache.command",
+    "evaluate": "organseg.evaluation.command",
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def _tool_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="organseg",
+        description="Organ-at-risk segmentation experiments (FocusNetV2, co-training WAM) on Lightning.",
+        epilog="Lightning subcommands: organseg {fit,validate,test,predict} -c experiments/... -c data_modules/... "
+               "(see `organseg fit --help`).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantom,preprocess,evaluate}")
+    for name in LIGHTNING_SUBCOMMANDS:
+        sub.add_parser(name, help=f"Lightning {name} (LightningCLI; run `organseg {name} --help`)", add_help=False)
+    for name, module in TOOL_SUBCOMMANDS.items():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
+        from organseg.lightning_cli import run_lightning_cli
+
+        try:
+            run_lightning_cli(argv)
+        except UserError as exc:
+            print(f"organseg {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    parser = _tool_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if not argv else 2
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, OSError) as exc:
+        # one line, naming the file and the problem (the raising code puts both in the message)
+        print(f"organseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
