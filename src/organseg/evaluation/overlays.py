@@ -1,0 +1,235 @@
+"""PNG overlays of reference (solid) and predicted (dashed) organ contours on axial CT slices.
+
+Uses :class:`matplotlib.figure.Figure` with an explicit Agg canvas, never ``pyplot``: no global
+backend switch, no figure registry, safe from worker threads and headless machines.
+
+Arrays are indexed (x, y, z); an axial slice is ``volume[:, :, z]``, drawn with x to the right and
+y upwards, in mm when ``spacing`` is given (so anisotropic voxels keep the right aspect ratio).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["choose_slices", "organ_colors", "save_overlays", "slice_areas", "slice_contours"]
+
+
+def _np(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    return a
+
+
+def slice_areas(label: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(Z, n_classes)`` voxel counts of every class on every axial slice (one bincount each)."""
+    label = np.asarray(label)
+    out = np.zeros((label.shape[2], n_classes), dtype=np.int64)
+    for z in range(label.shape[2]):
+        sl = label[:, :, z].ravel()
+        sl = sl[(sl > 0) & (sl < n_classes)]
+        if sl.size:
+            out[z] = np.bincount(sl.astype(np.int64), minlength=n_classes)[:n_classes]
+    return out
+
+
+def choose_slices(areas: np.ndarray, n_slices: int = 3, min_fraction: float = 0.3) -> list[int]:
+    """Pick ``n_slices`` axial slices that show as many distinct organs as possible.
+
+    Greedy set cover: an organ "shows well" on a slice if its area there is at least
+    ``min_fraction`` of its largest slice area (so a small organ such as a lens counts on its own
+    central slices, not on a one-voxel tip). Each pick maximises (new organs shown well, organs
+    present, distance to slices already picked, foreground area). Returns sorted slice indices;
+    evenly spaced slices when there is no foreground.
+    """
+    n_z = areas.shape[0]
+    n_slices = max(1, min(int(n_slices), n_z))
+    present = areas > 0
+    present[:, 0] = False
+    if not present.any():
+        return sorted({int(round(v)) for v in np.linspace(0, n_z - 1, n_slices + 2)[1:-1]})
+    peak = areas.max(axis=0)
+    good = present & (areas >= min_fraction * np.maximum(peak, 1)[None, :])
+    n_present = present.sum(axis=1)
+    fg = areas[:, 1:].sum(axis=1)
+    covered = np.zeros(areas.shape[1], dtype=bool)
+    chosen: list[int] = []
+    zs = np.arange(n_z)
+    for _ in range(n_slices):
+        new = (good & ~covered[None, :]).sum(axis=1)
+        dist = np.min(np.abs(zs[:, None] - np.asarray(chosen)[None, :]), axis=1) if chosen else np.full(n_z, n_z)
+        # lexicographic: new organs, organs present, spread, area; never repeat a slice
+        key = np.lexsort((fg, dist, n_present, new))[::-1]
+        pick = next((int(z) for z in key if int(z) not in chosen), None)
+        if pick is None:
+            break
+        chosen.append(pick)
+        covered |= good[pick]
+    return sorted(chosen)
+
+
+def organ_colors(n_classes: int) -> list[tuple[float, float, float, float]]:
+    """One distinct RGBA colour per class index (index 0 unused)."""
+    import matplotlib
+
+    # tab20 reordered: its 10 saturated colours first, then their light partners, then repeat
+    cmap = matplotlib.colormaps["tab20"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return [cmap(order[(c - 1) % 20]) for c in range(max(n_classes, 1))]
+
+
+def slice_contours(
+    ax: Any,
+    mask2d: np.ndarray,
+    color: Any,
+    linestyle: str = "solid",
+    spacing_xy: Sequence[float] = (1.0, 1.0),
+    linewidth: float = 1.2,
+) -> bool:
+    """Draw the 0.5 iso-contour of a 2-D (x, y) binary mask on ``ax``; False when it is empty.
+
+    Voxel centres sit at ``(i + 0.5) * spacing`` so the contour lines up with an ``imshow`` whose
+    extent is ``[0, X * sx, 0, Y * sy]``.
+    """
+    m = np.asarray(mask2d, dtype=bool)
+    if not m.any():
+        return False
+    # pad so that masks touching the border still close their contour
+    mp = np.pad(m, 1).astype(np.float32)
+    sx, sy = float(spacing_xy[0]), float(spacing_xy[1])
+    xs = (np.arange(mp.shape[0]) - 0.5) * sx
+    ys = (np.arange(mp.shape[1]) - 0.5) * sy
+    ax.contour(xs, ys, mp.T, levels=[0.5], colors=[color], linestyles=linestyle, linewidths=linewidth)
+    return True
+
+
+def _window(image: np.ndarray, zs: Sequence[int]) -> tuple[float, float]:
+    vals = np.concatenate([image[:, :, z].ravel() for z in zs]).astype(np.float64)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(vals, [1.0, 99.0])
+    if not hi > lo:
+        lo, hi = float(vals.min()), float(vals.max())
+        if not hi > lo:
+            hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def save_overlays(
+    image: Any,
+    label: Any,
+    pred: Any,
+    classes: Sequence[str],
+    out_path: str | os.PathLike,
+    n_slices: int = 3,
+    spacing: Sequence[float] | None = None,
+    title: str | None = None,
+    slices: Sequence[int] | None = None,
+) -> Path:
+    """Save a PNG with ``n_slices`` axial slices: CT in grey, reference solid, prediction dashed.
+
+    Args:
+        image: CT volume (x, y, z), HU or normalised floats; ``None`` draws a black background.
+        label, pred: integer class-index maps (x, y, z); ``pred`` may be ``None``.
+        classes: class names by index (``classes[0]`` is background).
+        out_path: PNG path (parent folders are created; written atomically).
+        n_slices: number of axial slices, chosen by :func:`choose_slices` from the reference (or
+            from the prediction if the reference is empty).
+        spacing: voxel size (x, y, z) in mm; sets the aspect ratio and mm axes.
+        title: optional figure title (e.g. the case id).
+        slices: explicit slice indices, overriding the automatic choice.
+
+    Returns:
+        The written path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    label = _np(label)
+    if label.ndim != 3:
+        raise ValueError(f"label must be 3-D (x, y, z), got shape {label.shape}")
+    pred = None if pred is None else _np(pred)
+    if pred is not None and pred.shape != label.shape:
+        raise ValueError(f"pred {pred.shape} and label {label.shape} must have the same shape")
+    image = np.zeros(label.shape, np.float32) if image is None else _np(image)
+    if image.shape != label.shape:
+        raise ValueError(f"image {image.shape} and label {label.shape} must have the same shape")
+    sx, sy = (1.0, 1.0) if spacing is None else (float(spacing[0]), float(spacing[1]))
+    n_classes = len(classes)
+    nx, ny, nz = label.shape
+
+    if slices is None:
+        areas = slice_areas(label, n_classes)
+        if not areas[:, 1:].any() and pred is not None:
+            areas = slice_areas(pred, n_classes)
+        zs = choose_slices(areas, n_slices)
+    else:
+        zs = [int(z) for z in slices]
+        if any(not 0 <= z < nz for z in zs):
+            raise ValueError(f"slices {zs} out of range for {nz} axial slices")
+    lo, hi = _window(image, zs)
+    colors = organ_colors(n_classes)
+
+    extent = (0.0, nx * sx, 0.0, ny * sy)
+    panel_w = 3.6
+    panel_h = max(1.5, min(8.0, panel_w * (ny * sy) / max(nx * sx, 1e-6)))
+    fig = Figure(figsize=(panel_w * len(zs) + 1.9, panel_h + 0.7), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(zs), squeeze=False)[0]
+    shown: set[int] = set()
+    for ax, z in zip(axes, zs):
+        ax.imshow(image[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
+                  interpolation="nearest", aspect="equal")
+        lab_z = label[:, :, z]
+        pred_z = None if pred is None else pred[:, :, z]
+        present = set(np.unique(lab_z).tolist())
+        if pred_z is not None:
+            present |= set(np.unique(pred_z).tolist())
+        for c in sorted(int(v) for v in present if 0 < v < n_classes):
+            drawn = slice_contours(ax, lab_z == c, colors[c], "solid", (sx, sy))
+            if pred_z is not None:
+                drawn |= slice_contours(ax, pred_z == c, colors[c], "dashed", (sx, sy))
+            if drawn:
+                shown.add(c)
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_title(f"slice z={z}", fontsize=9)
+        ax.tick_params(labelsize=6)
+        if spacing is not None:
+            ax.set_xlabel("x (mm)", fontsize=7)
+            ax.set_ylabel("y (mm)", fontsize=7)
+
+    handles = [Line2D([], [], color=colors[c], lw=2, label=str(classes[c])) for c in sorted(shown)]
+    handles += [
+        Line2D([], [], color="black", lw=1.2, ls="solid", label="reference"),
+        Line2D([], [], color="black", lw=1.2, ls="dashed", label="prediction"),
+    ]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(str(title), fontsize=10)
+    fig.subplots_adjust(left=0.06, right=1.0 - 1.7 / (panel_w * len(zs) + 1.9), wspace=0.25,
+                        top=0.86 if title else 0.9, bottom=0.1)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return out_path
