@@ -1,0 +1,142 @@
+"""Iterable datasets over HDF5 caches: training patches and whole validation/test cases.
+
+Both shard themselves by (DDP rank, DataLoader worker), so Lightning never wraps them in a
+DistributedSampler (it does not for IterableDatasets) and no case or patch stream is duplicated.
+
+Sample dict (DESIGN.md): ``image`` float32 [1,X,Y,Z], ``label`` int64 [X,Y,Z], ``labeled`` bool [C],
+``case_id`` str, ``location`` int64 [6] (start xyz, stop xyz in the cached case), ``dataset`` int.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torchio as tio
+from torch.utils.data import IterableDataset
+
+from organseg.data.sampling import draw_centre, patch_start
+from organseg.data.sharding import current_shard, split_evenly
+
+
+@dataclass
+class CacheSource:
+    """One preprocessed dataset: its cache reader, the cases of one split, and what it annotates."""
+    name: str
+    reader: "object"           # organseg.cache.reader.CacheReader (picklable, opens h5py per process)
+    case_ids: list[str]
+    labeled: np.ndarray        # bool [C] in the unified class list
+
+
+def _affine(spacing) -> np.ndarray:
+    return np.diag([*map(float, spacing), 1.0])
+
+
+class PatchStream(IterableDataset):
+    """Class-balanced training patches read lazily (patch + augmentation margin only) from HDF5.
+
+    Each epoch every (rank, worker) stream yields its share of ``patches_per_epoch`` in whole
+    batches, seeded by (seed, epoch, rank, worker): distinct across processes, reproducible across runs.
+    Workers must be persistent (the DataModule sets it) so the per-iteration epoch counter advances.
+    """
+
+    def __init__(self, sources: Sequence[CacheSource], patch_size: Sequence[int], batch_size: int,
+                 patches_per_epoch: int, foreground_probability: float = 0.67,
+                 organ_weights: Sequence[float] | None = None, dataset_weights: Sequence[float] | None = None,
+                 transform: tio.Transform | None = None, margin: Sequence[int] = (0, 0, 0),
+                 jitter: float = 0.5, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+        self.sources = list(sources)
+        if not self.sources or not any(s.case_ids for s in self.sources):
+            raise ValueError("PatchStream: no training cases")
+        self.patch_size = np.asarray(patch_size, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.patches_per_epoch = int(patches_per_epoch)
+        self.foreground_probability = float(foreground_probability)
+        self.organ_weights = None if organ_weights is None else list(organ_weights)
+        w = np.ones(len(self.sources)) if dataset_weights is None else np.asarray(dataset_weights, float)
+        w = w * np.array([len(s.case_ids) > 0 for s in self.sources])
+        self.dataset_p = w / w.sum()
+        self.transform = transform
+        self.margin = np.asarray(margin, dtype=np.int64)
+        self.jitter = jitter
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch_offset = 0      # set by the DataModule from trainer.current_epoch (resume)
+        self._iterations = 0       # advances once per epoch inside each persistent worker
+
+    # batches per rank: patches_per_epoch split over ranks, rounded up to whole batches
+    def _rank_batches(self, world_size: int) -> int:
+        per_rank = -(-self.patches_per_epoch // world_size)
+        return max(1, -(-per_rank // self.batch_size))
+
+    def __len__(self) -> int:
+        world = self.world_size or 1
+        return self._rank_batches(world) * self.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        shard = current_shard(self.rank, self.world_size)
+        epoch = self.epoch_offset + self._iterations
+        self._iterations += 1
+        start, stop = split_evenly(self._rank_batches(shard.world_size), shard.num_workers, shard.worker)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, shard.rank, shard.worker]))
+        for _ in range((stop - start) * self.batch_size):
+            yield self.sample(rng)
+
+    def sample(self, rng: np.random.Generator) -> dict:
+        d = int(rng.choice(len(self.sources), p=self.dataset_p))
+        src = self.sources[d]
+        case_id = src.case_ids[int(rng.integers(len(src.case_ids)))]
+        reader = src.reader
+        centre, _ = draw_centre(rng, reader.shape(case_id), reader.class_counts(case_id),
+                                lambda c: reader.fg_coords(case_id, c), self.foreground_probability,
+                                self.organ_weights)
+        start = patch_start(rng, centre, self.patch_size, self.jitter)
+        image, label = reader.read_patch(case_id, start - self.margin, self.patch_size + 2 * self.margin)
+        if self.transform is not None:
+            subject = tio.Subject(
+                image=tio.ScalarImage(tensor=torch.from_numpy(image)[None], affine=_affine(reader.spacing(case_id))),
+                label=tio.LabelMap(tensor=torch.from_numpy(label)[None], affine=_affine(reader.spacing(case_id))),
+            )
+            subject = self.transform(subject)
+            image_t, label_t = subject["image"].data[0], subject["label"].data[0]
+        else:
+            image_t, label_t = torch.from_numpy(image), torch.from_numpy(label)
+        m, p = self.margin, self.patch_size
+        crop = tuple(slice(int(a), int(a + b)) for a, b in zip(m, p))
+        return {
+            "image": image_t[crop].float().unsqueeze(0).contiguous(),
+            "label": label_t[crop].long().contiguous(),
+            "labeled": torch.from_numpy(src.labeled.copy()),
+            "case_id": case_id,
+            "location": torch.as_tensor(np.concatenate([start, start + p]), dtype=torch.int64),
+            "dataset": d,
+        }
+
+
+class CaseStream(IterableDataset):
+    """Whole cached cases (for sliding-window validation/testing), each case exactly once across
+    all ranks and workers. Use with ``batch_size=1``."""
+
+    def __init__(self, sources: Sequence[CacheSource], rank: int | None = None, world_size: int | None = None):
+        self.sources = list(sources)
+        self.items = [(d, cid) for d, s in enumerate(self.sources) for cid in s.case_ids]
+        self.rank, self.world_size = rank, world_size
+
+    def shard_items(self, shard) -> list[tuple[int, str]]:
+        return self.items[shard.index::shard.count]
+
+    def __iter__(self) -> Iterator[dict]:
+        for d, case_id in self.shard_items(current_shard(self.rank, self.world_size)):
+            src = self.sources[d]
+            image, label = src.reader.read_case(case_id)
+            shape = image.shape
+            yield {
+                "image": torch.from_numpy(image).float().unsqueeze(0),
+                "label": torch.from_numpy(label.astype(np.int64)),
+                "labeled": torch.from_numpy(src.labeled.copy()),
+                "case_id": case_id,
+                "location": torch.as_tensor([0, 0, 0, *shape], dtype=torch.int64),
+                "spacing": torch.as_tensor(src.reader.spacing(case_id), dtype=torch.float64),
+                "dataset": d,
+            }

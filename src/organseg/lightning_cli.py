@@ -1,0 +1,76 @@
+"""``organseg fit|validate|test|predict``: Lightning's LightningCLI, configured for this project.
+
+- model and data in subclass mode (``class_path``/``init_args``), configs composed with repeated
+  ``-c experiments/... -c data_modules/...`` (later files win), OmegaConf interpolation on;
+- the label space (``num_classes``, ``classes``) and the patch size flow from the DataModule to
+  the model (links, not copies that can disagree);
+- W&B logger by default (offline without credentials, files under ``lightning_logs/``), a
+  best-Dice + last checkpoint, and the resolved config saved in each run's own folder.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from organseg.modules.base import SegmentationModuleBase
+from organseg.runs import configure_wandb_mode, run_dir
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Writes the resolved config into the run's own folder (never a shared ``./config.yaml``
+    that the next run would clash with), puts it into the checkpoint and the W&B run config."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        if hasattr(pl_module, "run_config"):
+            pl_module.run_config = text
+        if not trainer.is_global_zero:
+            return
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = getattr(stage, "value", stage)
+        (folder / f"config_{stage}.yaml").write_text(text)   # one per stage; a requeued job overwrites its own
+        logger = trainer.logger
+        if isinstance(logger, WandbLogger):
+            import yaml
+
+            logger.experiment.config.update({"cli": yaml.safe_load(text)}, allow_val_change=True)
+
+
+class OrgansegCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max", "checkpoint.save_last": True,
+            "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.3f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+        for name in ("num_classes", "classes", "patch_size"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
+    configure_wandb_mode()
+    # our IterableDatasets split batches per worker themselves (organseg.data.datasets), so
+    # Lightning's generic warning about __len__ with several workers does not apply
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+    Path("lightning_logs").mkdir(exist_ok=True)
+    trainer_defaults = {
+        "default_root_dir": "lightning_logs",
+        "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                   "init_args": {"save_dir": "lightning_logs", "project": "organseg"}},
+        "log_every_n_steps": 10,
+    }
+    return OrgansegCLI(
+        SegmentationModuleBase, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        args=None if argv == sys.argv[1:] else argv, trainer_defaults=trainer_defaults, save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False}, parser_kwargs={"parser_mode": "omegaconf"},
+        seed_everything_default=0, auto_configure_optimizers=False,
+    )
