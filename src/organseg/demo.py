@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-CARD = "data_modules/cards/hn_phantom.yaml"
+CARD = "data_modules/cards/hn_phantom_demo.yaml"
 
 
 def sh(args: list[str]) -> None:
@@ -27,7 +27,7 @@ def main() -> int:
     t0 = time.time()
     sh([exe, "phantom", "hn", "--out", "data/raw/hn_phantom", "--cases", "20", "--seed", "0"])
     sh([exe, "preprocess", CARD])
-    sh([exe, "fit", "-c", "experiments/baseline/unet.yaml", "-c", "data_modules/hn_phantom.yaml",
+    sh([exe, "fit", "-c", "experiments/baseline/unet.yaml", "-c", "data_modules/hn_phantom_demo.yaml",
         "-c", "experiments/demo.yaml", f"--trainer.logger.init_args.id={run_id}"])
     run = Path("lightning_logs/organseg") / run_id
     ckpts = sorted((run / "checkpoints").glob("epoch*.ckpt"))

@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from organseg.modules.base import SegmentationModuleBase
@@ -54,6 +55,16 @@ class OrgansegCLI(LightningCLI):
         })
         for name in ("num_classes", "classes", "patch_size"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # Whole-case validation gives ranks different numbers of steps (each case once, DDP-wide).
+        # Lightning routes validation_step through DDP's forward, which broadcasts buffers (a
+        # collective) when the model has any: ranks with fewer cases would then hang. With plain
+        # `ddp`, buffers are therefore not broadcast (InstanceNorm nets have no running stats; use
+        # SyncBatchNorm for BatchNorm). A strategy given as a class_path is used exactly as written.
+        if config.get("strategy") == "ddp":
+            config = {**config, "strategy": DDPStrategy(broadcast_buffers=False)}
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def run_lightning_cli(argv: list[str]) -> OrgansegCLI:

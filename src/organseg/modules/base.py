@@ -112,6 +112,11 @@ class SegmentationModuleBase(pl.LightningModule):
         if not math.isnan(dice):
             self.best_dice = max(self.best_dice, dice)
         self.log("val/dice_best", self.best_dice, sync_dist=False)   # sweeps optimise the best, not the last
+        organs = sorted((s for s in summary if s["organ"] != "mean" and not math.isnan(_f(s["dice_mean"]))),
+                        key=lambda s: _f(s["dice_mean"]))
+        worst = ", ".join(f"{s['organ']} {_f(s['dice_mean']):.2f}" for s in organs[:3])
+        self.print(f"epoch {self.current_epoch} step {self.global_step}: val/dice_mean {dice:.3f} "
+                   f"(best {self.best_dice:.3f}; lowest: {worst})")
 
     def on_test_epoch_end(self) -> None:
         rows = self._gather_rows()
