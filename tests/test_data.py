@@ -40,7 +40,7 @@ def test_patch_matches_the_cached_case_at_its_location(hn_small):
     reader = stream.sources[0].reader
     for sample in list(iter(stream))[:8]:
         assert sample["image"].shape == (1, *PATCH) and sample["image"].dtype == torch.float32
-        assert sample["label"].shape == PATCH and sample["label"].dtype == torch.int64
+        assert sample["label"].shape == PATCH and sample["label"].dtype == torch.uint8   # int64 after transfer (see test below)
         assert sample["labeled"].dtype == torch.bool and sample["labeled"].all()
         start = sample["location"][:3].numpy()
         assert (sample["location"][3:].numpy() - start == PATCH).all()
@@ -152,3 +152,12 @@ def test_augmented_patches_keep_shape_and_valid_labels(hn_small):
         assert s["image"].shape == (1, *PATCH) and s["label"].shape == PATCH
         assert set(np.unique(s["label"].numpy())) <= set(range(18))
         assert torch.isfinite(s["image"]).all()
+
+
+def test_module_receives_int64_labels_after_transfer():
+    from organseg.modules import UNetBaseline
+
+    module = UNetBaseline(num_classes=3, filters=(4, 8, 8), strides=((1, 1, 1), (2, 2, 1), (2, 2, 1)))
+    batch = {"image": torch.zeros(1, 1, 8, 8, 4), "label": torch.ones(1, 8, 8, 4, dtype=torch.uint8)}
+    out = module.on_after_batch_transfer(batch, 0)
+    assert out["label"].dtype == torch.int64 and out["label"].sum() == 256

@@ -3,8 +3,11 @@
 Both shard themselves by (DDP rank, DataLoader worker), so Lightning never wraps them in a
 DistributedSampler (it does not for IterableDatasets) and no case or patch stream is duplicated.
 
-Sample dict (DESIGN.md): ``image`` float32 [1,X,Y,Z], ``label`` int64 [X,Y,Z], ``labeled`` bool [C],
+Sample dict (DESIGN.md): ``image`` float32 [1,X,Y,Z], ``label`` [X,Y,Z], ``labeled`` bool [C],
 ``case_id`` str, ``location`` int64 [6] (start xyz, stop xyz in the cached case), ``dataset`` int.
+``label`` leaves the worker as uint8 (8x less to copy between processes than int64, and no int64
+conversion on the loading hot path); ``SegmentationModuleBase.on_after_batch_transfer`` makes it
+int64 on the training device, so modules see the DESIGN.md dtype.
 """
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ class PatchStream(IterableDataset):
         crop = tuple(slice(int(a), int(a + b)) for a, b in zip(m, p))
         return {
             "image": image_t[crop].float().unsqueeze(0).contiguous(),
-            "label": label_t[crop].long().contiguous(),
+            "label": label_t[crop].to(torch.uint8).contiguous(),
             "labeled": torch.from_numpy(src.labeled.copy()),
             "case_id": case_id,
             "location": torch.as_tensor(np.concatenate([start, start + p]), dtype=torch.int64),
@@ -133,7 +136,7 @@ class CaseStream(IterableDataset):
             shape = image.shape
             yield {
                 "image": torch.from_numpy(image).float().unsqueeze(0),
-                "label": torch.from_numpy(label.astype(np.int64)),
+                "label": torch.from_numpy(label),
                 "labeled": torch.from_numpy(src.labeled.copy()),
                 "case_id": case_id,
                 "location": torch.as_tensor([0, 0, 0, *shape], dtype=torch.int64),
