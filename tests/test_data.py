@@ -154,10 +154,42 @@ def test_augmented_patches_keep_shape_and_valid_labels(hn_small):
         assert torch.isfinite(s["image"]).all()
 
 
-def test_module_receives_int64_labels_after_transfer():
-    from organseg.modules import UNetBaseline
-
-    module = UNetBaseline(num_classes=3, filters=(4, 8, 8), strides=((1, 1, 1), (2, 2, 1), (2, 2, 1)))
+def test_datamodule_hands_int64_labels_to_the_module_after_transfer(hn_small):
+    dm = CTDataModule([str(hn_small["card"])], patch_size=PATCH, num_workers=0, augmentation=None, preprocess=False)
     batch = {"image": torch.zeros(1, 1, 8, 8, 4), "label": torch.ones(1, 8, 8, 4, dtype=torch.uint8)}
-    out = module.on_after_batch_transfer(batch, 0)
+    out = dm.on_after_batch_transfer(batch, 0)
     assert out["label"].dtype == torch.int64 and out["label"].sum() == 256
+
+
+def test_heatmap_targets_peak_at_small_organ_centres_and_follow_augmentation(hn_small):
+    from organseg.data.augmentation import AugmentationConfig
+    from organseg.models.sol import decode_centres
+
+    card = DatasetCard.load(hn_small["card"])
+    small = card.small_indices
+    plain = _stream(hn_small, heatmap_classes=small, heatmap_sigma_mm=4.0, foreground_probability=1.0,
+                    organ_weights=[1.0 if i in small else 0.0 for i in range(18)])
+    reader = plain.sources[0].reader
+    for s in list(iter(plain))[:6]:
+        assert s["heatmap"].shape == (len(small), *PATCH) and s["heatmap"].dtype == torch.float32
+        centres = reader.centres(s["case_id"])[small] - s["location"][:3].numpy()
+        inside = np.all((centres >= 1) & (centres <= np.array(PATCH) - 2), axis=1)
+        found_c, found = decode_centres(s["heatmap"][None], threshold=0.5)
+        assert found[0][torch.as_tensor(inside)].all()
+        np.testing.assert_allclose(found_c[0][torch.as_tensor(inside)].numpy(), centres[inside], atol=0.6)
+    # with a random affine, the heatmap moves with the label: its peak stays on the organ
+    aug = AugmentationConfig(affine_p=1.0, degrees=(8, 8, 8), noise_p=1.0, blur_p=0.0)
+    moved = _stream(hn_small, heatmap_classes=small, heatmap_sigma_mm=4.0, foreground_probability=1.0,
+                    organ_weights=[1.0 if i in small else 0.0 for i in range(18)], transform=aug.build(),
+                    margin=aug.margin(PATCH))
+    hits = total = 0
+    for s in list(iter(moved))[:8]:
+        c, ok = decode_centres(s["heatmap"][None], threshold=0.5)
+        for k, cls in enumerate(small):
+            if ok[0, k]:
+                v = torch.round(c[0, k]).long().clamp(min=torch.zeros(3, dtype=torch.long), max=torch.tensor(PATCH) - 1)
+                window = s["label"][max(v[0] - 2, 0):v[0] + 3, max(v[1] - 2, 0):v[1] + 3, max(v[2] - 1, 0):v[2] + 2]
+                hits += int((window == cls).any())
+                total += 1
+        assert s["heatmap"].max() <= 1.0 + 1e-4
+    assert total > 0 and hits / total > 0.8

@@ -1,5 +1,8 @@
 """torchio augmentation for training patches, configured from YAML.
 
+Intensity transforms touch only the CT (``include=["image"]``), never the SOL heatmap targets,
+which move with the spatial transforms like the label does.
+
 No random left/right flip: organs come in _l/_r classes, and a flip without swapping the labels
 would teach the network the wrong side.
 """
@@ -45,10 +48,10 @@ class AugmentationConfig:
             transforms.append(tio.RandomAffine(scales=self.scales, degrees=self.degrees, isotropic=False,
                                                default_pad_value="minimum", p=self.affine_p))
         if self.blur_p > 0:
-            transforms.append(tio.RandomBlur(std=self.blur_std, p=self.blur_p))
+            transforms.append(tio.RandomBlur(std=self.blur_std, p=self.blur_p, include=["image"]))
         if self.noise_p > 0:
-            transforms.append(tio.RandomNoise(std=self.noise_std, p=self.noise_p))
+            transforms.append(tio.RandomNoise(std=self.noise_std, p=self.noise_p, include=["image"]))
         if self.gamma_p > 0:
-            transforms.append(tio.RandomGamma(p=self.gamma_p))
+            transforms.append(tio.RandomGamma(p=self.gamma_p, include=["image"]))
         transforms.extend(self.extra)
         return tio.Compose(transforms)

@@ -32,6 +32,8 @@ class CTDataModule(pl.LightningDataModule):
         dataset_weights: optional relative weight per card (default equal: balanced across datasets).
         augmentation: torchio augmentation settings (``AugmentationConfig`` fields) or null for none.
         preprocess: build/refresh each card's cache in ``prepare_data`` (a no-op when up to date).
+        heatmap_sigma_mm: if set, training samples carry ``heatmap`` targets (FocusNetV2 SOL-Net) for the
+            cards' small organs (``small_organs`` order), Gaussians of this sigma (mm) at the organ centres.
         seed: base seed of the patch streams.
     """
 
@@ -40,7 +42,7 @@ class CTDataModule(pl.LightningDataModule):
                  organ_weights: dict[str, float] | None = None, dataset_weights: Sequence[float] | None = None,
                  augmentation: dict[str, Any] | None = None, preprocess: bool = True,
                  train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 val_max_cases: int | None = None, seed: int = 0):
+                 val_max_cases: int | None = None, heatmap_sigma_mm: float | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         if isinstance(cards, (str, Path)):
@@ -112,6 +114,12 @@ class CTDataModule(pl.LightningDataModule):
             return None, None
         return trainer.global_rank, trainer.world_size
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # labels travel as uint8 from the loader workers (see organseg.data.datasets); int64 from here on
+        if isinstance(batch, dict) and "label" in batch:
+            batch["label"] = batch["label"].long()
+        return batch
+
     def setup(self, stage: str | None = None) -> None:
         self.readers()
 
@@ -126,7 +134,9 @@ class CTDataModule(pl.LightningDataModule):
             self.sources(hp.train_split), self.patch_size, hp.batch_size, hp.patches_per_epoch,
             foreground_probability=hp.foreground_probability, organ_weights=weights,
             dataset_weights=hp.dataset_weights, transform=aug.build() if aug else None,
-            margin=aug.margin(self.patch_size) if aug else (0, 0, 0), seed=hp.seed, rank=rank, world_size=world)
+            margin=aug.margin(self.patch_size) if aug else (0, 0, 0), seed=hp.seed, rank=rank, world_size=world,
+            heatmap_classes=[self.classes.index(o) for o in self.small_organs] if hp.heatmap_sigma_mm else (),
+            heatmap_sigma_mm=hp.heatmap_sigma_mm or 5.0)
         trainer = getattr(self, "trainer", None)
         self.train_stream.epoch_offset = trainer.current_epoch if trainer is not None else 0
         return DataLoader(self.train_stream, batch_size=hp.batch_size, num_workers=hp.num_workers,

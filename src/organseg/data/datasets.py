@@ -4,9 +4,11 @@ Both shard themselves by (DDP rank, DataLoader worker), so Lightning never wraps
 DistributedSampler (it does not for IterableDatasets) and no case or patch stream is duplicated.
 
 Sample dict (DESIGN.md): ``image`` float32 [1,X,Y,Z], ``label`` [X,Y,Z], ``labeled`` bool [C],
-``case_id`` str, ``location`` int64 [6] (start xyz, stop xyz in the cached case), ``dataset`` int.
+``case_id`` str, ``location`` int64 [6] (start xyz, stop xyz in the cached case), ``dataset`` int;
+with ``heatmap_classes`` set (FocusNetV2's small organs), ``heatmap`` float32 [K,X,Y,Z]: a Gaussian
+(sigma in mm) at each organ's cached centre, transformed with the patch so it follows augmentation.
 ``label`` leaves the worker as uint8 (8x less to copy between processes than int64, and no int64
-conversion on the loading hot path); ``SegmentationModuleBase.on_after_batch_transfer`` makes it
+conversion on the loading hot path); ``CTDataModule.on_after_batch_transfer`` makes it
 int64 on the training device, so modules see the DESIGN.md dtype.
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ class PatchStream(IterableDataset):
                  patches_per_epoch: int, foreground_probability: float = 0.67,
                  organ_weights: Sequence[float] | None = None, dataset_weights: Sequence[float] | None = None,
                  transform: tio.Transform | None = None, margin: Sequence[int] = (0, 0, 0),
-                 jitter: float = 0.5, seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 jitter: float = 0.5, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 heatmap_classes: Sequence[int] = (), heatmap_sigma_mm: float = 5.0):
         self.sources = list(sources)
         if not self.sources or not any(s.case_ids for s in self.sources):
             raise ValueError("PatchStream: no training cases")
@@ -67,6 +70,8 @@ class PatchStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.epoch_offset = 0      # set by the DataModule from trainer.current_epoch (resume)
         self._iterations = 0       # advances once per epoch inside each persistent worker
+        self.heatmap_classes = list(heatmap_classes)
+        self.heatmap_sigma_mm = heatmap_sigma_mm
 
     # batches per rank: patches_per_epoch split over ranks, rounded up to whole batches
     def _rank_batches(self, world_size: int) -> int:
@@ -95,19 +100,29 @@ class PatchStream(IterableDataset):
                                 lambda c: reader.fg_coords(case_id, c), self.foreground_probability,
                                 self.organ_weights)
         start = patch_start(rng, centre, self.patch_size, self.jitter)
-        image, label = reader.read_patch(case_id, start - self.margin, self.patch_size + 2 * self.margin)
+        region_start, region_size = start - self.margin, self.patch_size + 2 * self.margin
+        image, label = reader.read_patch(case_id, region_start, region_size)
+        spacing = reader.spacing(case_id)
+        heatmap = None
+        if self.heatmap_classes:
+            from organseg.models.sol import gaussian_heatmaps
+
+            centres = torch.as_tensor(reader.centres(case_id)[self.heatmap_classes] - region_start, dtype=torch.float32)
+            heatmap = gaussian_heatmaps(centres, region_size.tolist(), spacing, self.heatmap_sigma_mm)
         if self.transform is not None:
-            subject = tio.Subject(
-                image=tio.ScalarImage(tensor=torch.from_numpy(image)[None], affine=_affine(reader.spacing(case_id))),
-                label=tio.LabelMap(tensor=torch.from_numpy(label)[None], affine=_affine(reader.spacing(case_id))),
-            )
-            subject = self.transform(subject)
+            images = {"image": tio.ScalarImage(tensor=torch.from_numpy(image)[None], affine=_affine(spacing)),
+                      "label": tio.LabelMap(tensor=torch.from_numpy(label)[None], affine=_affine(spacing))}
+            if heatmap is not None:
+                images["heatmap"] = tio.ScalarImage(tensor=heatmap, affine=_affine(spacing))
+            subject = self.transform(tio.Subject(**images))
             image_t, label_t = subject["image"].data[0], subject["label"].data[0]
+            heatmap = subject["heatmap"].data if heatmap is not None else None
         else:
             image_t, label_t = torch.from_numpy(image), torch.from_numpy(label)
         m, p = self.margin, self.patch_size
         crop = tuple(slice(int(a), int(a + b)) for a, b in zip(m, p))
-        return {
+        extra = {} if heatmap is None else {"heatmap": heatmap[(slice(None), *crop)].float().contiguous()}
+        return {**extra,
             "image": image_t[crop].float().unsqueeze(0).contiguous(),
             "label": label_t[crop].to(torch.uint8).contiguous(),
             "labeled": torch.from_numpy(src.labeled.copy()),
@@ -141,5 +156,6 @@ class CaseStream(IterableDataset):
                 "case_id": case_id,
                 "location": torch.as_tensor([0, 0, 0, *shape], dtype=torch.int64),
                 "spacing": torch.as_tensor(src.reader.spacing(case_id), dtype=torch.float64),
+                "centres": torch.as_tensor(src.reader.centres(case_id), dtype=torch.float32),   # [C,3], NaN absent
                 "dataset": d,
             }

@@ -61,7 +61,7 @@ class FocalDiceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """logits [B,C,*S]; target int64 [B,*S] (class indices)."""
-        y = target.unsqueeze(1)
+        y = target.long().unsqueeze(1)
         focal = self.focal(logits, y)
         dice = self.dice(logits, y)
         return {"loss": self.focal_weight * focal + self.dice_weight * dice, "loss_focal": focal, "loss_dice": dice}

@@ -43,12 +43,6 @@ class SegmentationModuleBase(pl.LightningModule):
         if dm is not None and getattr(dm, "card_dicts", None):
             self.cards = dm.card_dicts
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # labels travel as uint8 from the loader workers (see organseg.data.datasets); int64 from here on
-        if isinstance(batch, dict) and "label" in batch and batch["label"].dtype != torch.int64:
-            batch["label"] = batch["label"].long()
-        return batch
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"cards": self.cards, "classes": self.classes,
                                       "config": self.run_config, "best_dice": self.best_dice,
