@@ -17,7 +17,7 @@ CARD = "data_modules/cards/hn_phantom_demo.yaml"
 
 def sh(args: list[str]) -> None:
     print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    subprocess.run(args, check=True)
+    subprocess.run(args, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})   # progress lines as they come
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min")
     print(f"  run folder:  {run}  (config_fit.yaml, checkpoints/)")
     print(f"  evaluation:  {run / 'eval_test'}  (report.md, per_case.csv, summary.json, overlays/*.png)")
-    print(f"  W&B (offline): lightning_logs/wandb/  -> `wandb sync` it to upload")
+    print("  W&B (offline): lightning_logs/wandb/  -> `wandb sync` it to upload")
     return 0
 
 

@@ -8,8 +8,9 @@ y upwards, in mm when ``spacing`` is given (so anisotropic voxels keep the right
 """
 from __future__ import annotations
 
+from organseg.io.atomic import atomic_open
+
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -220,16 +221,6 @@ def save_overlays(
                         top=0.86 if title else 0.9, bottom=0.1)
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, format="png")
     return out_path

@@ -10,13 +10,14 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from organseg.io.atomic import atomic_open
 
 from .metrics import EMPTY_MASK_POLICY, ROW_KEYS, STATUS_OK, SUMMARY_KEYS, summarize
 
@@ -26,20 +27,8 @@ __all__ = ["atomic_write_text", "format_table", "to_jsonable", "write_report"]
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` via a temporary file and :func:`os.replace`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(text)
     return path
 
 

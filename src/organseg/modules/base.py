@@ -7,7 +7,6 @@ import math
 from typing import Any, Sequence
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,6 +80,11 @@ class SegmentationModuleBase(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._rows += self._evaluate_batch(batch, with_hd95=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Whole-case label maps in the cache geometry (``organseg predict``); writing them in the
+        original geometry (NIfTI/RTSTRUCT) is the operations issue's writer."""
+        return {"case_id": batch["case_id"], "labels": self.predict_case(batch["image"]).cpu()}
 
     def _gather_rows(self) -> list[dict]:
         rows, self._rows = self._rows, []
