@@ -10,6 +10,34 @@ from organseg.models import build_unet
 from organseg.modules.base import SegmentationModuleBase
 
 
+def resolve_class_weights(module, loss_fn: FocalDiceLoss, mode, stage: str) -> None:
+    """At fit start, replace the focal weights of ``loss_fn`` by the weights of ``mode`` (a string:
+    ``inverse_sqrt_frequency``, ...) computed from the training cache's voxel counts; a fixed list
+    (already given to the loss) or a missing DataModule leaves them as they are. Shared by every
+    module trained with ``FocalDiceLoss`` (UNetBaseline, FocusNetV2 S-Net stages)."""
+    trainer = getattr(module, "_trainer", None)
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if stage == "fit" and isinstance(mode, str) and dm is not None and hasattr(dm, "class_voxel_counts"):
+        w = class_weights_from_counts(dm.class_voxel_counts("train"), mode)
+        loss_fn.focal.class_weight.copy_(torch.as_tensor(w))
+
+
+def initial_class_weights(class_weights, num_classes: int) -> list[float]:
+    """The loss's initial focal weights: a fixed list as given, uniform for a mode (resolved later)."""
+    return list(class_weights) if isinstance(class_weights, (list, tuple)) else [1.0] * num_classes
+
+
+def adamw_poly(module, params, lr: float, weight_decay: float, max_epochs_for_schedule: int | None):
+    """AdamW with nnU-Net's poly decay per epoch (no schedule when the epoch count is unknown)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    trainer = getattr(module, "_trainer", None)
+    epochs = max_epochs_for_schedule or (trainer.max_epochs if trainer else None)
+    if not epochs or epochs < 0:
+        return opt
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs, power=0.9)  # nnU-Net's poly decay
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
 class UNetBaseline(SegmentationModuleBase):
     """MONAI DynUNet trained on class-balanced patches.
 
@@ -33,17 +61,13 @@ class UNetBaseline(SegmentationModuleBase):
         self.net = build_unet(1, num_classes, filters, strides)
         # a fixed list is used as given; a mode is resolved from the training cache in setup(). The weights
         # live in the focal loss's buffer, so a checkpoint restores exactly what training used.
-        weights = list(class_weights) if isinstance(class_weights, (list, tuple)) else [1.0] * num_classes
+        weights = initial_class_weights(class_weights, num_classes)
         self.loss_fn = FocalDiceLoss(num_classes, weights, gamma=focal_gamma, focal_weight=focal_weight,
                                      dice_weight=dice_weight)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        mode = self.hparams.class_weights
-        dm = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and isinstance(mode, str) and dm is not None and hasattr(dm, "class_voxel_counts"):
-            w = class_weights_from_counts(dm.class_voxel_counts("train"), mode)
-            self.loss_fn.focal.class_weight.copy_(torch.as_tensor(w))
+        resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -56,9 +80,5 @@ class UNetBaseline(SegmentationModuleBase):
         return terms["loss"]
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        epochs = self.hparams.max_epochs_for_schedule or (self.trainer.max_epochs if self.trainer else None)
-        if not epochs or epochs < 0:
-            return opt
-        sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs, power=0.9)  # nnU-Net's poly decay
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return adamw_poly(self, self.parameters(), self.hparams.lr, self.hparams.weight_decay,
+                          self.hparams.max_epochs_for_schedule)
