@@ -1,0 +1,244 @@
+"""FocusNetV2 stage modules: freezing, checkpoint chaining, GT-centred SOS ROIs, the joint step, and
+one real `organseg fit` of stage 1 whose checkpoint stage 2 loads."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from organseg.models.sol import gaussian_heatmaps
+from organseg.modules.focusnet import JointStage, ShapeAEStage, SNetStage, SOLStage, SOSStage
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANSEG = str(Path(sys.executable).with_name("organseg"))
+CLASSES = ["background", "big", "small_a", "small_b"]
+PATCH = [32, 32, 8]
+TINY = dict(num_classes=4, classes=CLASSES, patch_size=PATCH, small_organs=["small_a", "small_b"],
+            roi_mm=[8.0, 8.0, 6.0], spacing=[1.0, 1.0, 3.0], base_channels=4, aspp_rates=[1, 2], sol_hidden=4,
+            sos_base=4, ae_code_channels=4, ae_base=4, sw_overlap=0.25, hd95_every_n_epochs=0)
+BOXES = {2: (slice(8, 11), slice(9, 12), slice(3, 5)), 3: (slice(20, 22), slice(18, 21), slice(4, 5))}
+
+
+def sample(seed: int = 0, shape=PATCH) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    label = torch.zeros(shape, dtype=torch.int64)
+    label[14:30, 2:12, 1:7] = 1
+    centres = []
+    for cls, box in BOXES.items():
+        label[box] = cls
+        centres.append([(s.start + s.stop - 1) / 2 for s in box])
+    image = torch.randn(1, *shape, generator=g) * 0.1 + label[None].float() * 0.5
+    heat = gaussian_heatmaps(torch.tensor(centres), shape, [1.0, 1.0, 3.0], 3.0)
+    return {"image": image, "label": label, "heatmap": heat, "labeled": torch.ones(4), "case_id": f"c{seed}"}
+
+
+def batch(n: int = 2) -> dict:
+    return torch.utils.data.default_collate([sample(i) for i in range(n)])
+
+
+def state(module, part: str) -> dict:
+    return {k: v.detach().clone() for k, v in getattr(module.focusnet, part).state_dict().items()}
+
+
+def changed(before: dict, module, part: str) -> bool:
+    after = getattr(module.focusnet, part).state_dict()
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def one_step(module, b: dict) -> None:
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    module.train()
+    loss = module.training_step(b, 0)
+    assert torch.isfinite(loss)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def trainer(**kw) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kw)
+
+
+def loader(n: int = 2) -> DataLoader:
+    return DataLoader([sample(i) for i in range(n)], batch_size=n)
+
+
+@pytest.fixture(scope="module")
+def snet_ckpt(tmp_path_factory) -> Path:
+    """A stage-1 checkpoint written by Lightning itself (the way `organseg fit` writes them)."""
+    torch.manual_seed(0)
+    module = SNetStage(**TINY, class_weights="uniform")
+    t = trainer()
+    t.fit(module, train_dataloaders=loader())
+    path = tmp_path_factory.mktemp("s1") / "snet.ckpt"
+    t.save_checkpoint(path)
+    return path
+
+
+def test_sol_stage_freezes_snet_and_trains_sol():
+    torch.manual_seed(0)
+    module = SOLStage(**TINY)
+    snet, sol = state(module, "snet"), state(module, "sol")
+    one_step(module, batch())
+    assert not changed(snet, module, "snet"), "a frozen S-Net parameter changed"
+    assert changed(sol, module, "sol")
+    assert all(not p.requires_grad for p in module.focusnet.snet.parameters())
+    module.train()
+    assert module.training and module.focusnet.sol.training
+    assert not module.focusnet.snet.training and not any(m.training for m in module.focusnet.snet.modules())
+
+
+def test_sos_stage_freezes_snet_and_sol_and_trains_sos():
+    torch.manual_seed(0)
+    module = SOSStage(**TINY, jitter_voxels=[1, 1, 0])
+    before = {p: state(module, p) for p in ("snet", "sol", "sos", "shape_ae")}
+    one_step(module, batch())
+    for part in ("snet", "sol", "shape_ae"):
+        assert not changed(before[part], module, part), f"frozen {part} changed"
+    assert changed(before["sos"], module, "sos")
+    module.train()
+    assert not module.focusnet.snet.training and not module.focusnet.sol.training and module.focusnet.sos.training
+
+
+def test_sos_rois_are_centred_on_true_centres():
+    module = SOSStage(**TINY, jitter_voxels=[0, 0, 0])
+    b = batch()
+    rois = module.gt_rois(b, [0, 0, 0])
+    assert [r["k"] for r in rois] == [0, 1]
+    for r in rois:
+        cls = module.small_classes[r["k"]]
+        assert r["target"].shape == (2, 1, *module.roi_sizes[r["k"]])
+        organ_voxels = (b["label"] == cls).flatten(1).sum(1).float()
+        # the whole organ lies inside its ROI, and the ROI centre voxel is organ
+        assert torch.equal(r["target"].flatten(1).sum(1), organ_voxels)
+        cx, cy, cz = (s // 2 for s in module.roi_sizes[r["k"]])
+        assert bool((r["target"][:, 0, cx - 1:cx + 1, cy - 1:cy + 1, max(cz - 1, 0):cz + 1] > 0).any())
+    # an organ missing from a patch (heatmap channel ~0) is skipped for that sample only
+    b["heatmap"][0, 1] = 0
+    rois = module.gt_rois(b, [0, 0, 0])
+    assert rois[1]["index"].tolist() == [1]
+
+
+def test_init_from_missing_or_wrong_kind_raises_one_line(snet_ckpt, tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(ValueError) as e:
+        SOLStage(**TINY, init_from=str(missing)).load_init()
+    assert str(missing) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError) as e:   # a stage-1 checkpoint is not a SOL-stage checkpoint
+        SOSStage(**TINY, init_from=str(snet_ckpt)).load_init()
+    assert str(snet_ckpt) in str(e.value) and "SNetStage" in str(e.value) and "\n" not in str(e.value)
+    other = dict(TINY, base_channels=8)
+    with pytest.raises(ValueError, match="shape of"):
+        SOLStage(**other, init_from=str(snet_ckpt)).load_init()
+
+
+def test_chaining_snet_checkpoint_into_sol_and_sos(snet_ckpt, tmp_path):
+    ckpt = torch.load(snet_ckpt, map_location="cpu", weights_only=False)
+    assert ckpt["organseg"]["module"] == "organseg.modules.focusnet.SNetStage"
+    torch.manual_seed(1)
+    sol = SOLStage(**TINY, init_from=str(snet_ckpt))
+    sol.load_init()
+    for k, v in sol.focusnet.snet.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][f"focusnet.snet.{k}"])
+    one_step(sol, batch())
+    path = tmp_path / "sol.ckpt"
+    torch.save({"state_dict": sol.state_dict(), "organseg": {"module": "organseg.modules.focusnet.SOLStage"}}, path)
+    torch.manual_seed(2)
+    sos = SOSStage(**TINY, init_from=str(path))
+    sos.load_init()
+    for part in ("snet", "sol"):
+        for k, v in getattr(sos.focusnet, part).state_dict().items():
+            assert torch.equal(v, getattr(sol.focusnet, part).state_dict()[k])
+
+
+def test_sos_predict_case_pastes_and_sol_localisation_rows():
+    torch.manual_seed(0)
+    module = SOSStage(**TINY, loc_threshold=0.0).eval()   # threshold 0: every organ "found"
+    case = sample(3, shape=[48, 40, 12])
+    labels = module.predict_case(case["image"][None])
+    assert labels.shape == (1, 48, 40, 12) and labels.dtype == torch.uint8
+    b = {"spacing": torch.tensor([[1.0, 1.0, 3.0]]), "centres": torch.full((1, 4, 3), float("nan"))}
+    b["centres"][0, 2] = torch.tensor([9.0, 10.0, 3.5])
+    rows = module.localisation_rows(module._last_heatmaps, b)
+    assert [r["organ"] for r in rows] == ["small_a", "small_b"]
+    assert rows[0]["present"] and rows[0]["found"] and rows[0]["error_mm"] >= 0
+    assert not rows[1]["present"]
+
+
+def test_shape_ae_stage_trains_only_the_autoencoder():
+    torch.manual_seed(0)
+    module = ShapeAEStage(**TINY, jitter_voxels=[0, 0, 0])
+    before = {p: state(module, p) for p in ("snet", "sos", "shape_ae", "disc")}
+    one_step(module, batch())
+    assert changed(before["shape_ae"], module, "shape_ae")
+    assert not any(changed(before[p], module, p) for p in ("snet", "sos", "disc"))
+
+
+class Record(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_joint_step_runs_both_optimizers_and_logs_all_terms(tmp_path):
+    torch.manual_seed(0)
+    sos_path, ae_path = tmp_path / "sos.ckpt", tmp_path / "ae.ckpt"
+    src = SOSStage(**TINY)
+    torch.save({"state_dict": src.state_dict(), "organseg": {"module": "x.SOSStage"}}, sos_path)
+    ae = ShapeAEStage(**TINY)
+    torch.save({"state_dict": ae.state_dict(), "organseg": {"module": "x.ShapeAEStage"}}, ae_path)
+    module = JointStage(**TINY, init_from=str(sos_path), shape_from=str(ae_path), class_weights="uniform",
+                        jitter_voxels=[0, 0, 0], adv_weight=0.1)
+    before = {p: state(module, p) for p in ("snet", "sol", "sos", "shape_ae", "disc")}
+    rec = Record()
+    trainer(callbacks=[rec]).fit(module, train_dataloaders=loader())
+    assert module._init_loaded   # init_from / shape_from were loaded at setup("fit")
+    assert all(changed(before[p], module, p) for p in ("snet", "sol", "sos", "shape_ae", "disc"))
+    for key in ("loss", "loss_heatmap", "loss_shape", "loss_adv", "loss_disc"):
+        assert f"train/{key}_step" in rec.metrics, sorted(rec.metrics)
+        assert torch.isfinite(torch.tensor(rec.metrics[f"train/{key}_step"]))
+    assert rec.metrics["train/loss_shape_step"] > 0
+    # the loaded shape AE: a fresh JointStage loading the same files gets the ShapeAE's weights
+    fresh = JointStage(**TINY, init_from=str(sos_path), shape_from=str(ae_path))
+    fresh.load_init()
+    for k, v in fresh.focusnet.shape_ae.state_dict().items():
+        assert torch.equal(v, ae.focusnet.shape_ae.state_dict()[k])
+    with pytest.raises(ValueError, match="expected one of"):
+        JointStage(**TINY, init_from=str(sos_path), shape_from=str(sos_path)).load_init()
+
+
+def test_cli_fit_stage1_then_sol_loads_it(hn_small, tmp_path):
+    cfg = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "log_every_n_steps": 1, "check_val_every_n_epoch": 1},
+        "model": {"init_args": {"base_channels": 4, "aspp_rates": [1, 2], "sol_hidden": 4, "sos_base": 4,
+                                "ae_base": 4, "ae_code_channels": 4, "spacing": [1.5, 1.5, 4.5],
+                                "sw_overlap": 0.25, "sw_batch_size": 8, "hd95_every_n_epochs": 0}},
+        "data": {"init_args": {"cards": [str(hn_small["card"])], "patch_size": PATCH, "batch_size": 1,
+                               "patches_per_epoch": 2, "num_workers": 0, "augmentation": None}},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run([ORGANSEG, "fit", "-c", str(REPO / "experiments/focusnetv2/snet.yaml"),
+                           "-c", str(REPO / "data_modules/hn_phantom_focusnet.yaml"), "-c", str(tmp_path / "tiny.yaml"),
+                           "--trainer.logger.init_args.id=s1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = tmp_path / "lightning_logs/organseg/s1/checkpoints/last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["organseg"]["module"].endswith("SNetStage")
+    hp = {k: ckpt["hyper_parameters"][k] for k in ("num_classes", "classes", "base_channels", "spacing")}
+    sol = SOLStage(**hp, patch_size=PATCH, aspp_rates=[1, 2], sol_hidden=4, sos_base=4, ae_base=4,
+                   ae_code_channels=4, init_from=str(last))
+    sol.load_init()
+    assert sol.small_organs == yaml.safe_load(Path(hn_small["card"]).read_text())["small"]
+    for k, v in sol.focusnet.snet.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][f"focusnet.snet.{k}"])
