@@ -54,6 +54,10 @@ class OrgansegCLI(LightningCLI):
         })
         for name in ("num_classes", "classes", "patch_size"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        # FocusNetV2 stages also take the small organs (SOL/SOS order) and the voxel size (ROIs in mm);
+        # in subclass mode a link only applies to models that have the parameter
+        parser.link_arguments("data.small_organs", "model.init_args.small_organs", apply_on="instantiate")
+        parser.link_arguments("data.target_spacing", "model.init_args.spacing", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # Whole-case validation gives ranks different numbers of steps (each case once, DDP-wide).

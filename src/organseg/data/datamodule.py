@@ -74,6 +74,11 @@ class CTDataModule(pl.LightningDataModule):
         return sorted({o for c in self.cards for o in c.small}, key=self.classes.index)
 
     @property
+    def target_spacing(self) -> list[float]:
+        """The (first) card's target spacing: the voxel size every cached case has (mm, x y z)."""
+        return [float(v) for v in self.cards[0].target_spacing]
+
+    @property
     def card_dicts(self) -> list[dict]:
         return [c.to_dict() for c in self.cards]
 
