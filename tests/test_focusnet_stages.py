@@ -168,7 +168,7 @@ def test_sos_predict_case_pastes_and_sol_localisation_rows():
     assert labels.shape == (1, 48, 40, 12) and labels.dtype == torch.uint8
     b = {"spacing": torch.tensor([[1.0, 1.0, 3.0]]), "centres": torch.full((1, 4, 3), float("nan"))}
     b["centres"][0, 2] = torch.tensor([9.0, 10.0, 3.5])
-    rows = module.localisation_rows(module._last_heatmaps, b)
+    rows = module.localisation_rows(*module._last_centres, b)
     assert [r["organ"] for r in rows] == ["small_a", "small_b"]
     assert rows[0]["present"] and rows[0]["found"] and rows[0]["error_mm"] >= 0
     assert not rows[1]["present"]

@@ -31,9 +31,8 @@ Conventions and choices:
   SOL run together by Gaussian-blended sliding window over the case (logits + heatmaps, the patch
   size as window), centres are decoded from the blended heatmaps. Stages 2+ also log
   ``val/loc_error_mm/<organ>``, ``val/loc_found/<organ>`` and ``val/loc_error_mm_mean``. Stage 3+
-  ``predict_case`` is locate-zoom-paste: per found organ one S-Net+SOL window (patch size) around
-  the centre, SOS on the ROI, ``paste_roi`` of ``sigmoid > 0.5``. (The memory-bounded production
-  pipeline lives in ``organseg.inference``, not here.)
+  ``predict_case`` is locate-zoom-paste through the memory-bounded pipeline
+  ``organseg.inference.predict_focusnet`` (one implementation for validation, evaluate and benchmarks).
 - **Shape AE**: one AE shared by all small organs (upstream), each organ at its own ROI size (the AE
   is fully convolutional), the same sizes the joint stage feeds it.
 - **Joint stage under DDP**: the segmenter step calls the AE/discriminator through
@@ -53,7 +52,7 @@ import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss, FocalLoss
 
-from organseg.inference.roi import crop_rois, paste_roi, roi_size_voxels
+from organseg.inference.roi import crop_rois, roi_size_voxels
 from organseg.losses import FocalDiceLoss
 from organseg.losses.heatmap import HeatmapMSELoss
 from organseg.losses.shape import adversarial_losses, discriminator_logits, reconstruction_loss, shape_loss
@@ -113,7 +112,7 @@ class FocusNetStageBase(SegmentationModuleBase):
         self.loc_threshold = loc_threshold
         self._init_loaded = False
         self._loc_rows: list[dict] = []
-        self._last_heatmaps: torch.Tensor | None = None
+        self._last_centres: tuple[torch.Tensor, torch.Tensor] | None = None
         for name in PARTS:
             if name not in self.trainable:
                 getattr(self.focusnet, name).requires_grad_(False)
@@ -223,22 +222,22 @@ class FocusNetStageBase(SegmentationModuleBase):
         return logits, heat
 
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """S-Net labels [B,*S] (uint8); the SOL heatmaps are kept for the localisation metrics."""
+        """S-Net labels [B,*S] (uint8); the decoded SOL centres are kept for the localisation metrics."""
         logits, heat = self.snet_sol_case(image)
-        self._last_heatmaps = heat
+        self._last_centres = decode_centres(heat, threshold=self.loc_threshold)
         return logits.argmax(1).to(torch.uint8)
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        if self.log_localisation and self._last_heatmaps is not None and "centres" in batch:
-            self._loc_rows += self.localisation_rows(self._last_heatmaps, batch)
+        if self.log_localisation and self._last_centres is not None and "centres" in batch:
+            self._loc_rows += self.localisation_rows(*self._last_centres, batch)
 
-    def localisation_rows(self, heatmaps: torch.Tensor, batch: dict) -> list[dict]:
-        """Per case and small organ: found, present and the centre error in mm (NaN if either is missing)."""
-        centres, found = decode_centres(heatmaps, threshold=self.loc_threshold)
+    def localisation_rows(self, centres: torch.Tensor, found: torch.Tensor, batch: dict) -> list[dict]:
+        """Per case and small organ: found, present and the centre error in mm (NaN if either is missing).
+        ``centres`` [B,K,3] / ``found`` [B,K] are the SOL centres decoded at prediction time."""
         rows = []
-        for b in range(heatmaps.shape[0]):
+        for b in range(centres.shape[0]):
             spacing = torch.as_tensor(batch["spacing"][b], dtype=torch.float64)
             for k, (organ, cls) in enumerate(zip(self.small_organs, self.small_classes)):
                 true = batch["centres"][b, cls].double().cpu()
@@ -433,22 +432,20 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
 
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Locate-zoom-paste: S-Net labels; per small organ found by SOL, one S-Net+SOL window of the
-        patch size around the centre, SOS on its ROI, ``sigmoid > 0.5`` pasted with ``paste_roi``."""
-        labels = super().predict_case(image, progress)
-        centres, found = decode_centres(self._last_heatmaps, threshold=self.loc_threshold)
+        """Locate-zoom-paste over whole cases with the bounded-memory pipeline
+        (``organseg.inference.focusnet.predict_focusnet``): S-Net labels, SOL centres, SOS masks pasted."""
+        from organseg.inference.focusnet import predict_focusnet
+
+        labels, centres, found = [], [], []
         for b in range(image.shape[0]):
-            for k, cls in enumerate(self.small_classes):
-                if not bool(found[b, k]):
-                    continue
-                c = centres[b, k][None].cpu()
-                window, wstart = crop_rois(image[b:b + 1], c, self.patch_size, pad_value=float(image.min()),
-                                           fit_within=True, return_starts=True)
-                _, features, heat = self.focusnet.snet_sol(window)
-                logits, rstart = self.focusnet.sos_logits(features, heat, window, c - wstart.to(c), k)
-                mask = torch.sigmoid(logits[0, 0]) > 0.5
-                labels[b] = paste_roi(labels[b], mask.to(labels.device), (rstart[0] + wstart[0]).tolist(), cls)
-        return labels
+            out = predict_focusnet(self.focusnet, image[b:b + 1], self.patch_size, overlap=self.sw_overlap,
+                                   threshold=self.loc_threshold, device=image.device, progress=progress,
+                                   sw_batch_size=self.sw_batch_size)
+            labels.append(out["labels"])
+            centres.append(torch.as_tensor(out["centres"]))
+            found.append(torch.as_tensor(out["found"]))
+        self._last_centres = (torch.stack(centres), torch.stack(found))
+        return torch.stack(labels).to(image.device)
 
 
 # ==================================================================== stage 4
