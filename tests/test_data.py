@@ -39,7 +39,7 @@ def test_patch_matches_the_cached_case_at_its_location(hn_small):
     stream = _stream(hn_small)
     reader = stream.sources[0].reader
     for sample in list(iter(stream))[:8]:
-        assert sample["image"].shape == (1, *PATCH) and sample["image"].dtype == torch.float32
+        assert sample["image"].shape == (1, *PATCH) and sample["image"].dtype == torch.float16  # float32 after transfer
         assert sample["label"].shape == PATCH and sample["label"].dtype == torch.uint8   # int64 after transfer (see test below)
         assert sample["labeled"].dtype == torch.bool and sample["labeled"].all()
         start = sample["location"][:3].numpy()
@@ -50,7 +50,7 @@ def test_patch_matches_the_cached_case_at_its_location(hn_small):
         lbl_p = np.pad(label, pad)
         sl = tuple(slice(s + 48, s + 48 + p) for s, p in zip(start, PATCH))
         np.testing.assert_array_equal(sample["label"].numpy(), lbl_p[sl])
-        np.testing.assert_allclose(sample["image"][0].numpy(), img_p[sl], atol=1e-6)
+        np.testing.assert_allclose(sample["image"][0].float().numpy(), img_p[sl], atol=1e-3)   # float16 in transit
 
 
 def test_class_balanced_sampling_feeds_small_organs(hn_small):
@@ -154,11 +154,15 @@ def test_augmented_patches_keep_shape_and_valid_labels(hn_small):
         assert torch.isfinite(s["image"]).all()
 
 
-def test_datamodule_hands_int64_labels_to_the_module_after_transfer(hn_small):
+def test_datamodule_hands_float32_images_and_int64_labels_to_the_module_after_transfer(hn_small):
     dm = CTDataModule([str(hn_small["card"])], patch_size=PATCH, num_workers=0, augmentation=None, preprocess=False)
-    batch = {"image": torch.zeros(1, 1, 8, 8, 4), "label": torch.ones(1, 8, 8, 4, dtype=torch.uint8)}
+    batch = {"image": torch.full((1, 1, 8, 8, 4), 0.25, dtype=torch.float16),
+             "heatmap": torch.zeros(1, 2, 8, 8, 4, dtype=torch.float16),
+             "label": torch.ones(1, 8, 8, 4, dtype=torch.uint8)}
     out = dm.on_after_batch_transfer(batch, 0)
     assert out["label"].dtype == torch.int64 and out["label"].sum() == 256
+    assert out["image"].dtype == torch.float32 and out["heatmap"].dtype == torch.float32
+    assert torch.all(out["image"] == 0.25)
 
 
 def test_heatmap_targets_peak_at_small_organ_centres_and_follow_augmentation(hn_small):
@@ -171,7 +175,7 @@ def test_heatmap_targets_peak_at_small_organ_centres_and_follow_augmentation(hn_
                     organ_weights=[1.0 if i in small else 0.0 for i in range(18)])
     reader = plain.sources[0].reader
     for s in list(iter(plain))[:6]:
-        assert s["heatmap"].shape == (len(small), *PATCH) and s["heatmap"].dtype == torch.float32
+        assert s["heatmap"].shape == (len(small), *PATCH) and s["heatmap"].dtype == torch.float16
         centres = reader.centres(s["case_id"])[small] - s["location"][:3].numpy()
         inside = np.all((centres >= 1) & (centres <= np.array(PATCH) - 2), axis=1)
         found_c, found = decode_centres(s["heatmap"][None], threshold=0.5)

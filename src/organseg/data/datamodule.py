@@ -120,9 +120,14 @@ class CTDataModule(pl.LightningDataModule):
         return trainer.global_rank, trainer.world_size
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # labels travel as uint8 from the loader workers (see organseg.data.datasets); int64 from here on
-        if isinstance(batch, dict) and "label" in batch:
-            batch["label"] = batch["label"].long()
+        # samples travel compactly from the loader workers (float16 image, uint8 label; see
+        # organseg.data.datasets); modules get float32 / int64 on their device
+        if isinstance(batch, dict):
+            for key in ("image", "heatmap"):
+                if key in batch:
+                    batch[key] = batch[key].float()
+            if "label" in batch:
+                batch["label"] = batch["label"].long()
         return batch
 
     def setup(self, stage: str | None = None) -> None:
