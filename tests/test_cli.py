@@ -95,7 +95,7 @@ def test_evaluate_rejects_a_foreign_checkpoint_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not an organseg checkpoint" in proc.stderr and str(bad) in proc.stderr
     missing = run(["evaluate", "--ckpt", str(tmp_path / "nope.ckpt")], cwd=tmp_path, check=False)
-    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+    assert missing.returncode == 2 and "file not found" in missing.stderr
 
 
 def test_fit_rejects_config_key_typo(hn_small, tmp_path):

@@ -26,18 +26,10 @@ def register(subparsers) -> None:
 
 def load_module(ckpt: str | Path, device: str = "cpu"):
     """The LightningModule a checkpoint was written by (its class is recorded in the checkpoint)."""
-    from organseg.cli import UserError
-    from organseg.modules.base import CHECKPOINT_KEY
+    from organseg.modules.base import CHECKPOINT_KEY, read_checkpoint
 
     path = Path(ckpt)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(raw, dict) or CHECKPOINT_KEY not in raw or "state_dict" not in raw:
-        raise UserError(f"{path}: not an organseg checkpoint (no '{CHECKPOINT_KEY}' entry; written by another tool?)")
+    raw = read_checkpoint(path)   # one-line ValueError for a missing/foreign file (printed by the CLI)
     module_path, _, cls_name = raw[CHECKPOINT_KEY]["module"].rpartition(".")
     cls = getattr(importlib.import_module(module_path), cls_name)
     model = cls.load_from_checkpoint(path, map_location=device, weights_only=False)

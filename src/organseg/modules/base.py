@@ -16,6 +16,26 @@ from organseg.inference.sliding_window import predict_labels
 CHECKPOINT_KEY = "organseg"
 
 
+def read_checkpoint(path) -> dict:
+    """A Lightning checkpoint written by an organseg module, as a dict; any problem (missing, unreadable,
+    not a Lightning checkpoint, written by another tool) is a one-line ValueError naming the file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"checkpoint {path}: cannot be read ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"checkpoint {path}: not a Lightning checkpoint (no state_dict)")
+    if CHECKPOINT_KEY not in ckpt:
+        raise ValueError(f"checkpoint {path}: not an organseg checkpoint (no '{CHECKPOINT_KEY}' entry; "
+                         f"written by another tool?)")
+    return ckpt
+
+
 class SegmentationModuleBase(pl.LightningModule):
     """Subclasses build ``self.net`` (or override ``forward``) and ``training_step``."""
 

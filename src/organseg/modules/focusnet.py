@@ -58,7 +58,7 @@ from organseg.losses.heatmap import HeatmapMSELoss
 from organseg.losses.shape import adversarial_losses, discriminator_logits, reconstruction_loss, shape_loss
 from organseg.models.focusnet import FocusNetV2
 from organseg.models.sol import decode_centres
-from organseg.modules.base import CHECKPOINT_KEY, SegmentationModuleBase
+from organseg.modules.base import CHECKPOINT_KEY, SegmentationModuleBase, read_checkpoint
 from organseg.modules.baseline import adamw_poly, initial_class_weights, resolve_class_weights
 
 # the H&N card's small organs (data_modules/cards/hn_phantom.yaml), the default when none are given
@@ -156,15 +156,7 @@ class FocusNetStageBase(SegmentationModuleBase):
     def load_parts(self, path: str | Path, parts: Sequence[str], kinds: Sequence[str]) -> None:
         """Copy container ``parts`` from a stage checkpoint at ``path`` whose module class name is one
         of ``kinds``; any problem is a one-line ValueError naming the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"checkpoint {path}: file not found")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            raise ValueError(f"checkpoint {path}: cannot be read ({type(e).__name__})") from None
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise ValueError(f"checkpoint {path}: not a Lightning checkpoint (no state_dict)")
+        ckpt = read_checkpoint(path)
         module = str((ckpt.get(CHECKPOINT_KEY) or {}).get("module", ""))
         kind = module.rsplit(".", 1)[-1]
         if kind not in kinds:
