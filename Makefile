@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install test test-slow demo bench bench-loading clean
+.PHONY: install test test-slow demo bench bench-loading bench-focusnet clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: bench-loading
 
 bench-loading: $(STAMP)
 	$(BIN)/python benchmarks/patch_loading.py
+
+# FocusNetV2 vs baselines at one fixed budget per method (~35 min on 2 CPU cores at 7 min/method; MINUTES=2 for a quick look)
+bench-focusnet: $(STAMP)
+	$(BIN)/python benchmarks/focusnet_phantom.py --minutes $(or $(MINUTES),7) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data/demo lightning_logs/demo*
