@@ -1,10 +1,15 @@
-"""``make demo``: phantom -> preprocess -> fit the baseline -> evaluate -> per-organ table.
+"""``make demo``: phantom -> preprocess -> fit the baseline and the five FocusNetV2 stages -> evaluate ->
+one per-organ Dice table.
 
-Runs the same ``organseg`` commands a user would type (printed before each step), so the demo
-doubles as a walkthrough. Budget: under 15 minutes on a 2-core CPU.
+Runs the plan in ``experiments/demo_plan.yaml`` with the same ``organseg`` commands a user would type
+(printed before each step), so the demo doubles as a walkthrough of the staged method: each later
+FocusNetV2 stage names the previous stage's selected checkpoint (``init_from`` / ``shape_from``).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
 import shlex
 import subprocess
@@ -12,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-CARD = "data_modules/cards/hn_phantom_demo.yaml"
+import yaml
+
+PLAN = "experiments/demo_plan.yaml"
+LOGS = Path("lightning_logs/organseg")
 
 
 def sh(args: list[str]) -> None:
@@ -20,22 +28,105 @@ def sh(args: list[str]) -> None:
     subprocess.run(args, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})   # progress lines as they come
 
 
-def main() -> int:
+def selected_checkpoint(run_id: str) -> Path:
+    """The run's best checkpoint by its validation monitor (newest if several), else ``last.ckpt``."""
+    folder = LOGS / run_id / "checkpoints"
+    best = sorted(folder.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise SystemExit(f"demo: run {run_id} wrote no checkpoint under {folder}")
+
+
+def load_plan(path: str) -> dict:
+    plan = yaml.safe_load(Path(path).read_text())
+    names = [r["name"] for r in plan["runs"]]
+    for run in plan["runs"]:
+        for key in ("init_from", "shape_from"):
+            dep = run.get(key)
+            if dep is not None and (dep not in names or names.index(dep) >= names.index(run["name"])):
+                raise SystemExit(f"demo: {path}: run {run['name']} {key}={dep!r} must name an earlier run")
+    unknown = set(plan.get("evaluate", [])) - set(names)
+    if unknown:
+        raise SystemExit(f"demo: {path}: evaluate names unknown runs {sorted(unknown)}")
+    return plan
+
+
+def runs_needed(plan: dict, only: list[str] | None) -> set[str]:
+    """The plan's runs to train: ``only`` (all if None) plus every earlier run they load."""
+    names = [r["name"] for r in plan["runs"]]
+    wanted = set(names) if not only else set(only)
+    unknown = wanted - set(names)
+    if unknown:
+        raise SystemExit(f"demo: --only names unknown runs {sorted(unknown)} (plan has {names})")
+    for run in reversed(plan["runs"]):
+        if run["name"] in wanted:
+            wanted |= {run[k] for k in ("init_from", "shape_from") if run.get(k)}
+    return wanted
+
+
+def dice_table(summaries: dict[str, dict]) -> str:
+    """Markdown: organs x runs, mean test-set Dice (``summary.json`` of ``organseg evaluate``)."""
+    runs = list(summaries)
+    organs = list(next(iter(summaries.values()))["per_organ"])
+    lines = ["| organ | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
+
+    def cell(entry: dict | None) -> str:
+        value = (entry or {}).get("dice_mean")
+        return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+    for organ in organs:
+        lines.append(f"| {organ} | " + " | ".join(cell(summaries[r]["per_organ"].get(organ)) for r in runs) + " |")
+    lines.append("| **mean** | " + " | ".join(cell(summaries[r]["mean"]) for r in runs) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", default=PLAN, help="demo plan YAML (default: %(default)s)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these runs of the plan (and what they need)")
+    args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    plan = load_plan(args.plan)
     exe = str(Path(sys.executable).with_name("organseg"))
-    run_id = time.strftime("demo-%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
-    sh([exe, "phantom", "hn", "--out", "data/raw/hn_phantom", "--cases", "20", "--seed", "0"])
-    sh([exe, "preprocess", CARD])
-    sh([exe, "fit", "-c", "experiments/baseline/unet.yaml", "-c", "data_modules/hn_phantom_demo.yaml",
-        "-c", "experiments/demo.yaml", f"--trainer.logger.init_args.id={run_id}"])
-    run = Path("lightning_logs/organseg") / run_id
-    ckpts = sorted((run / "checkpoints").glob("epoch*.ckpt"))
-    ckpt = ckpts[-1] if ckpts else run / "checkpoints" / "last.ckpt"
-    sh([exe, "evaluate", "--ckpt", str(ckpt), "--split", "test", "--out", str(run / "eval_test")])
+    ph = plan["phantom"]
+    sh([exe, "phantom", ph["kind"], "--out", ph["out"], "--cases", str(ph["cases"]), "--seed", str(ph["seed"])])
+    sh([exe, "preprocess", plan["card"]])
+
+    wanted = runs_needed(plan, args.only)
+    run_ids: dict[str, str] = {}
+    for run in plan["runs"]:
+        if run["name"] not in wanted:
+            continue
+        run_id = run_ids[run["name"]] = f"demo-{stamp}-{run['name']}"
+        cmd = [exe, "fit"]
+        for cfg in run["configs"]:
+            cmd += ["-c", cfg]
+        cmd += [f"--trainer.max_time={run['max_time']}", f"--trainer.logger.init_args.id={run_id}"]
+        for key in ("init_from", "shape_from"):
+            if run.get(key):
+                cmd.append(f"--model.init_args.{key}={selected_checkpoint(run_ids[run[key]])}")
+        sh(cmd)
+
+    summaries: dict[str, dict] = {}
+    for name in plan.get("evaluate", []):
+        if name not in run_ids:
+            continue
+        out = LOGS / run_ids[name] / "eval_test"
+        sh([exe, "evaluate", "--ckpt", str(selected_checkpoint(run_ids[name])), "--split", "test",
+            "--out", str(out)])
+        summaries[name] = json.loads((out / "summary.json").read_text())
+    if summaries:
+        table = dice_table(summaries)
+        report = LOGS / f"demo-{stamp}-dice.md"
+        report.write_text(f"# make demo, {stamp}: test-set Dice (phantom, demo budget)\n\n{table}\n")
+        print(f"\nTest-set Dice per organ (mean over the test cases):\n{table}\n\nwritten to {report}")
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min")
-    print(f"  run folder:  {run}  (config_fit.yaml, checkpoints/)")
-    print(f"  evaluation:  {run / 'eval_test'}  (report.md, per_case.csv, summary.json, overlays/*.png)")
+    print(f"  runs:        {LOGS}/demo-{stamp}-*  (config_fit.yaml, checkpoints/, eval_test/ with report.md, "
+          "per_case.csv, summary.json, overlays/*.png)")
     print("  W&B (offline): lightning_logs/wandb/  -> `wandb sync` it to upload")
     return 0
 
