@@ -147,26 +147,29 @@ def label_stats(label: np.ndarray, num_classes: int, fg_samples: int, seed_key: 
     return {"class_counts": counts, "bboxes": bboxes, "centres": centres, "fg": fg}
 
 
-def preprocess_case(card: DatasetCard, case: CaseFiles, fg_samples: int = 10000,
-                    interpolation: str = "linear") -> CaseResult:
-    """Read, validate, resample, crop and clip one case (raises CaseError for a bad case)."""
-    from organseg.io.geometry import cropped_origin, image_to_xyz, resample_image, resample_label
-    from organseg.io.layouts import read_case_sitk
+def preprocess_volume(card: DatasetCard, image, label=None, interpolation: str = "linear"
+                      ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Resample to ``card.target_spacing`` (image linear/B-spline, label nearest; origin and direction
+    kept), crop to the body, clip HU to the window: ``(image int16 (x, y, z), label uint8 or None, grid
+    attrs)``. The grid attrs are what :func:`organseg.io.geometry.restore_original_geometry` needs to
+    undo it. Shared by the cache and ``organseg predict`` so training and inference cannot drift."""
+    from organseg.io.geometry import (Geometry, cropped_origin, image_to_xyz, resample_image,
+                                      resample_label)
 
-    image, label, geom = read_case_sitk(card, case)
+    geom = Geometry.of(image)
     target = tuple(float(v) for v in card.target_spacing)
     r_image = resample_image(image, target, interpolation, default_value=-1024.0)
-    r_label = resample_label(label, target)
-    del image, label
     img = image_to_xyz(r_image)
-    lab = image_to_xyz(r_label)
+    lab = None
+    if label is not None:
+        lab = image_to_xyz(resample_label(label, target))
     resampled_shape = img.shape
     start, stop = body_bbox(img, lab)
     crop = tuple(slice(a, b) for a, b in zip(start, stop))
     lo, hi = (float(v) for v in card.hu_window)
     img = np.rint(np.clip(img[crop], lo, hi)).astype(np.int16)
-    lab = np.ascontiguousarray(lab[crop])
-    stats = label_stats(lab, card.num_classes, fg_samples, case.case_id)
+    if lab is not None:
+        lab = np.ascontiguousarray(lab[crop])
     origin = tuple(float(v) for v in r_image.GetOrigin())
     attrs = {
         "spacing": np.asarray(target, dtype=np.float64),
@@ -181,13 +184,27 @@ def preprocess_case(card: DatasetCard, case: CaseFiles, fg_samples: int = 10000,
         "resampled_shape": np.asarray(resampled_shape, dtype=np.int64),
         "crop_start": np.asarray(start, dtype=np.int64),
         "crop_stop": np.asarray(stop, dtype=np.int64),
+    }
+    return img, lab, attrs
+
+
+def preprocess_case(card: DatasetCard, case: CaseFiles, fg_samples: int = 10000,
+                    interpolation: str = "linear") -> CaseResult:
+    """Read, validate, resample, crop and clip one case (raises CaseError for a bad case)."""
+    from organseg.io.layouts import read_case_sitk
+
+    image, label, _ = read_case_sitk(card, case)
+    img, lab, attrs = preprocess_volume(card, image, label, interpolation)
+    del image, label
+    stats = label_stats(lab, card.num_classes, fg_samples, case.case_id)
+    attrs.update({
         "class_counts": stats["class_counts"],
         "bboxes": stats["bboxes"],
         "centres": stats["centres"],
         "source_image": str(case.image),
         "source_label": str(case.label) if case.label is not None else "",
         "source_structures": json.dumps({k: str(v) for k, v in sorted(case.structures.items())}),
-    }
+    })
     return CaseResult(case.case_id, img, lab, stats["fg"], attrs)
 
 

@@ -9,20 +9,30 @@ from typing import IO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
-    """``with atomic_open(p, "wb") as f: ...``: writes a temp file beside ``p``, fsyncs it and
-    ``os.replace``s it onto ``p``; on any error the temp file is removed and ``p`` is untouched."""
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """``with atomic_path(p, ".nii.gz") as tmp: writer(tmp)``: for writers that want a file name (SimpleITK,
+    h5py). ``tmp`` lies beside ``p`` (same file system) with ``suffix`` (a format-picking ending); when the
+    block ends it is fsynced and ``os.replace``d onto ``p``; on any error it is removed and ``p`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """``with atomic_open(p, "wb") as f: ...``: writes a temp file beside ``p``, fsyncs it and
+    ``os.replace``s it onto ``p``; on any error the temp file is removed and ``p`` is untouched."""
+    kwargs = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+        f.flush()

@@ -19,6 +19,8 @@ def _common(p: argparse.ArgumentParser, shape, spacing) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel processes (default min(2, cpu count)); never changes the output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dicom", metavar="DIR", default=None,
+                   help="also write each case's CT as a DICOM CT series in DIR/<case>/ (input for `organseg predict`)")
 
 
 def register(subparsers) -> None:
@@ -66,8 +68,24 @@ def run(args: argparse.Namespace) -> int:
     ids = [r.case_id for r in results]
     console.print(f"phantom {args.phantom_command}: wrote {len(results)} case(s) "
                   f"({ids[0]} .. {ids[-1]}) in {dt:.1f} s to {where}", highlight=False, soft_wrap=True)
+    if args.dicom:
+        _write_dicom(out, ids, Path(args.dicom), getattr(args, "layout", "nnunet"))
+        console.print(f"phantom {args.phantom_command}: DICOM CT series in {args.dicom}/<case>/", highlight=False,
+                      soft_wrap=True)
     missing = {r.case_id: r.missing for r in results if r.missing}
     if missing:
         console.print(f"[yellow]warning:[/] organs outside the field of view (grid too small): {missing}",
                       soft_wrap=True)
     return 0
+
+
+def _write_dicom(out: Path, case_ids: list[str], dicom_root: Path, layout: str) -> None:
+    """Each written case's CT again as a DICOM series (one StudyInstanceUID per case)."""
+    import SimpleITK as sitk
+
+    from organseg.io.dicom import write_dicom_series
+
+    for cid in case_ids:
+        src = out / cid / "img.nrrd" if layout == "pddca" else out / "imagesTr" / f"{cid}_0000.nii.gz"
+        write_dicom_series(sitk.ReadImage(str(src)), dicom_root / cid, patient_id=cid,
+                           series_description=f"organseg phantom {cid}")

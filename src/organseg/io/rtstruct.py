@@ -1,0 +1,147 @@
+"""DICOM RTSTRUCT from a label map on a CT series' grid, with rt-utils (one ROI per organ present).
+
+rt-utils builds the RTSTRUCT dataset (references to every CT slice, frame of reference, patient/study
+tags) and turns each slice of a binary mask into closed contours (OpenCV). Its masks are indexed
+``(rows, cols, slices)`` = organ-seg's ``(y, x, z)``, with slices in its own order (sorted along the slice
+normal); we hand it the series headers ourselves rather than a folder path, because
+``RTStructBuilder.create_new(path)`` walks sub-folders too and would mix in any other series found there.
+
+Two rt-utils 1.2.7 defects are worked around here, on an in-memory copy of the first slice's header
+(which is all it reads them from), so the file written is right for any CT grid:
+* it multiplies the row direction by ``PixelSpacing[0]`` (the row spacing, i.e. the y spacing) instead of
+  ``PixelSpacing[1]`` (qurit/rt-utils#92): with non-square pixels contours would be stretched;
+* it reads ``StudyID``/``StudyDate``/``StudyTime`` unconditionally: anonymised series often lack them.
+(Its reader, ``RTStructBuilder.create_from``, has the same spacing defect and also assumes
+``Rows == Columns`` (qurit/rt-utils#88): read such files with another tool.)
+
+Contours run through the centres of an organ's boundary voxels (OpenCV). An organ that is a single
+voxel in a slice would become a one-point "polygon" that has no area in a planning system and that
+rt-utils' reader cannot rasterise; we write it as the voxel's square outline instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def rt_utils_slice_order(headers: Sequence) -> list[int]:
+    """Indices of ``headers`` in rt-utils' slice order (ascending position along the slice normal)."""
+    from rt_utils.image_helper import get_slice_position
+
+    return sorted(range(len(headers)), key=lambda i: float(get_slice_position(headers[i])))
+
+
+def slice_indices(label: sitk.Image, headers: Sequence) -> list[int]:
+    """The z index of ``label`` that each header's slice is (from ImagePositionPatient), checking that the
+    series and the label map share one grid."""
+    out = []
+    for ds in headers:
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        idx = np.asarray(label.TransformPhysicalPointToContinuousIndex(ipp))
+        k = int(round(idx[2]))
+        if np.any(np.abs(idx - [0.0, 0.0, k]) > 0.05) or not 0 <= k < label.GetSize()[2]:
+            raise ValueError(f"{getattr(ds, 'filename', '?')}: slice position {ipp} is not on the label map's "
+                             f"grid (continuous index {np.round(idx, 3).tolist()})")
+        out.append(k)
+    return out
+
+
+def _rt_utils_view(headers: list) -> list:
+    """The series as rt-utils should see it: the first header replaced by a patched copy (see module doc)."""
+    first = copy.deepcopy(headers[0])
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    first.PixelSpacing = [col_spacing, row_spacing]   # rt-utils#92: it reads them in (x, y) order
+    for key, default in (("StudyID", ""), ("StudyDate", ""), ("StudyTime", "")):
+        if key not in first:
+            setattr(first, key, default)
+    return [first, *headers[1:]]
+
+
+def build_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence, *,
+                   description: str = "organseg prediction"):
+    """An rt-utils ``RTStruct`` with one ROI (contours) per class present in ``label``.
+
+    ``label`` is a class-index map on exactly the series' grid (as read by
+    :func:`organseg.io.dicom.read_dicom_series`), ``headers`` the series' pydicom datasets in any order,
+    ``classes`` the class names (index 0, background, gets no ROI)."""
+    from rt_utils import RTStruct
+    from rt_utils import ds_helper
+
+    from organseg.io.geometry import image_to_xyz
+
+    headers = list(headers)
+    if len(headers) != label.GetSize()[2]:
+        raise ValueError(f"the series has {len(headers)} slices but the label map {label.GetSize()[2]}")
+    order = rt_utils_slice_order(headers)
+    series = _rt_utils_view([headers[i] for i in order])
+    z = slice_indices(label, [headers[i] for i in order])
+    labels_yxz = image_to_xyz(label).transpose(1, 0, 2)[:, :, z]   # rt-utils: (rows, cols, its slices)
+    with _quiet_pydicom():   # rt-utils sets Dataset.is_little_endian/is_implicit_VR, deprecated in pydicom 3
+        ds = ds_helper.create_rtstruct_dataset(series)
+    ds.Manufacturer, ds.ManufacturerModelName = "organseg", "organseg predict (rt-utils)"
+    ds.InstitutionName = str(getattr(headers[0], "InstitutionName", ""))
+    ds.StructureSetLabel = "organseg"
+    ds.SeriesDescription = description
+    rt = RTStruct(series, ds)
+    present = np.flatnonzero(np.bincount(labels_yxz.ravel(), minlength=len(classes)))
+    for c in present:
+        if c == 0:
+            continue
+        if c >= len(classes):
+            raise ValueError(f"label value {c} has no class name ({len(classes)} classes)")
+        rt.add_roi(mask=labels_yxz == c, name=str(classes[c]), description=f"organseg class {c}",
+                   roi_generation_algorithm="AUTOMATIC")
+    _tidy_contours(rt.ds, label)
+    return rt
+
+
+def _tidy_contours(ds, label: sitk.Image) -> None:
+    """Replace each one-point contour (a single voxel in its slice) by the voxel's square outline, and
+    write coordinates with 0.1 um precision: rt-utils' full float reprs overflow DICOM's 16-character DS."""
+    d = np.asarray(label.GetDirection(), dtype=float).reshape(3, 3)
+    sx, sy = (float(v) for v in label.GetSpacing()[:2])
+    half_x, half_y = d[:, 0] * sx / 2, d[:, 1] * sy / 2
+    for roi in ds.ROIContourSequence:
+        for contour in getattr(roi, "ContourSequence", []):
+            points = np.asarray(contour.ContourData, dtype=float)
+            if int(contour.NumberOfContourPoints) == 1:
+                p = points
+                points = np.concatenate([p - half_x - half_y, p + half_x - half_y, p + half_x + half_y,
+                                         p - half_x + half_y])
+                contour.NumberOfContourPoints = 4
+            contour.ContourData = [f"{v:.4f}" for v in points]
+
+
+def write_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence, path: str | os.PathLike, *,
+                   description: str = "organseg prediction") -> list[str]:
+    """Write the RTSTRUCT of ``label`` to ``path`` atomically; returns the ROI names written."""
+    from organseg.io.atomic import atomic_open
+
+    rt = build_rtstruct(label, classes, headers, description=description)
+    with _quiet_pydicom(), atomic_open(Path(path), "wb") as f:
+        rt.ds.save_as(f, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    return rt.get_roi_names()
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """Silence pydicom 3's deprecation notices about the attributes rt-utils 1.2.7 sets (it both warns
+    and logs them); anything else still gets through."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(is_little_endian|is_implicit_VR).*")
+            yield
+    finally:
+        logger.setLevel(level)
