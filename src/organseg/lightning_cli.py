@@ -19,6 +19,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
+from organseg.callbacks import ValidationImages
+from organseg import slurm
 from organseg.modules.base import SegmentationModuleBase
 from organseg.runs import configure_wandb_mode, run_dir
 
@@ -47,6 +49,7 @@ class RunConfigCallback(SaveConfigCallback):
 class OrgansegCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ValidationImages, "val_images")   # W&B contour images; n_slices: 0 = off
         parser.set_defaults({
             "checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max", "checkpoint.save_last": True,
             "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.3f}",
@@ -59,6 +62,23 @@ class OrgansegCLI(LightningCLI):
         parser.link_arguments("data.small_organs", "model.init_args.small_organs", apply_on="instantiate")
         parser.link_arguments("data.target_spacing", "model.init_args.spacing", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # With --ckpt_path Lightning re-reads the checkpoint's hyper_parameters as model arguments; they
+        # hold every applied link, also those the model class lacks (small_organs/spacing are FocusNetV2's),
+        # which would then be unexpected keyword arguments: drop those.
+        super()._parse_ckpt_path()
+        import importlib
+        import inspect
+
+        sub = self.config.get("subcommand")
+        model = self.config[sub].get("model") if sub else None
+        extra = model.get("dict_kwargs") if model is not None else None
+        if extra and model.get("class_path"):
+            module, _, name = model.class_path.rpartition(".")
+            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+            for key in [k for k in extra if k not in params]:
+                del extra[key]
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # Whole-case validation gives ranks different numbers of steps (each case once, DDP-wide).
         # Lightning routes validation_step through DDP's forward, which broadcasts buffers (a
@@ -67,7 +87,17 @@ class OrgansegCLI(LightningCLI):
         # SyncBatchNorm for BatchNorm). A strategy given as a class_path is used exactly as written.
         if config.get("strategy") == "ddp":
             config = {**config, "strategy": DDPStrategy(broadcast_buffers=False)}
+        config, callbacks = slurm.trainer_setup(config, callbacks)   # SLURM: checkpoint + requeue on pre-emption
         return super()._instantiate_trainer(config, callbacks)
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":   # SLURM: a run id and root folder that survive a requeue
+            slurm.apply_job_defaults(self.config["fit"])
+
+    def before_fit(self) -> None:
+        # a requeued SLURM job continues from its HPC checkpoint or last.ckpt
+        cfg = self.config_init["fit"]
+        cfg["ckpt_path"] = slurm.fit_ckpt_path(self.trainer, cfg.get("ckpt_path"), run_dir(self.trainer))
 
 
 def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
@@ -79,7 +109,8 @@ def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
     trainer_defaults = {
         "default_root_dir": "lightning_logs",
         "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                   "init_args": {"save_dir": "lightning_logs", "project": "organseg"}},
+                   # resume="allow": the CLI would otherwise pass resume=None over WandbLogger's own "allow"
+                   "init_args": {"save_dir": "lightning_logs", "project": "organseg", "resume": "allow"}},
         "log_every_n_steps": 10,
     }
     return OrgansegCLI(
