@@ -203,9 +203,9 @@ def test_joint_step_runs_both_optimizers_and_logs_all_terms(tmp_path):
     assert module._init_loaded   # init_from / shape_from were loaded at setup("fit")
     assert all(changed(before[p], module, p) for p in ("snet", "sol", "sos", "shape_ae", "disc"))
     for key in ("loss", "loss_heatmap", "loss_shape", "loss_adv", "loss_disc"):
-        assert f"train/{key}_step" in rec.metrics, sorted(rec.metrics)
-        assert torch.isfinite(torch.tensor(rec.metrics[f"train/{key}_step"]))
-    assert rec.metrics["train/loss_shape_step"] > 0
+        assert f"train/{key}" in rec.metrics, sorted(rec.metrics)
+        assert torch.isfinite(torch.tensor(rec.metrics[f"train/{key}"]))
+    assert rec.metrics["train/loss_shape"] > 0
     # the loaded shape AE: a fresh JointStage loading the same files gets the ShapeAE's weights
     fresh = JointStage(**TINY, init_from=str(sos_path), shape_from=str(ae_path))
     fresh.load_init()

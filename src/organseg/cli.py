@@ -1,22 +1,26 @@
 """The ``organseg`` command.
 
-``fit | validate | test | predict`` are Lightning's LightningCLI (see ``organseg.lightning_cli``);
-the data and evaluation tools (``phantom``, ``preprocess``, ``evaluate``) are plain argparse
-subcommands registered by their own modules.
+``fit | validate | test`` are Lightning's LightningCLI (see ``organseg.lightning_cli``);
+the data, evaluation and inference tools (``phantom``, ``preprocess``, ``evaluate``, ``predict``) are
+plain argparse subcommands registered by their own modules. ``predict`` is a tool, not LightningCLI's
+``predict``: it reads raw NIfTI/NRRD/MHA/DICOM (not a cache), needs only ``--ckpt``, and writes label
+maps in each input's original geometry (+ DICOM RTSTRUCT), which a Trainer predict loop does not do.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
 # module path -> one-line help; each module defines ``register(subparsers)``
 TOOL_SUBCOMMANDS = {
     "phantom": "organseg.phantom.command",
     "preprocess": "organseg.cache.command",
     "evaluate": "organseg.evaluation.command",
+    "predict": "organseg.inference.predict_command",
+    "pseudolabel": "organseg.data.pseudo_labels",
+    "sweep": "organseg.sweep",
 }
 
 
@@ -30,10 +34,10 @@ def _tool_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="organseg",
         description="Organ-at-risk segmentation experiments (FocusNetV2, co-training WAM) on Lightning.",
-        epilog="Lightning subcommands: organseg {fit,validate,test,predict} -c experiments/... -c data_modules/... "
+        epilog="Lightning subcommands: organseg {fit,validate,test} -c experiments/... -c data_modules/... "
                "(see `organseg fit --help`).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantom,preprocess,evaluate}")
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,phantom,preprocess,evaluate,predict,pseudolabel,sweep}")
     for name in LIGHTNING_SUBCOMMANDS:
         sub.add_parser(name, help=f"Lightning {name} (LightningCLI; run `organseg {name} --help`)", add_help=False)
     for name, module in TOOL_SUBCOMMANDS.items():
@@ -43,7 +47,6 @@ def _tool_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from organseg.lightning_cli import run_lightning_cli
 

@@ -134,6 +134,7 @@ def save_overlays(
     spacing: Sequence[float] | None = None,
     title: str | None = None,
     slices: Sequence[int] | None = None,
+    slice_labels: Sequence[str] | None = None,
 ) -> Path:
     """Save a PNG with ``n_slices`` axial slices: CT in grey, reference solid, prediction dashed.
 
@@ -147,6 +148,8 @@ def save_overlays(
         spacing: voxel size (x, y, z) in mm; sets the aspect ratio and mm axes.
         title: optional figure title (e.g. the case id).
         slices: explicit slice indices, overriding the automatic choice.
+        slice_labels: panel titles, one per slice (default ``slice z=<index>``); e.g. the original
+            indices when ``image``/``label``/``pred`` are a stack of pre-picked slices.
 
     Returns:
         The written path.
@@ -187,7 +190,9 @@ def save_overlays(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(zs), squeeze=False)[0]
     shown: set[int] = set()
-    for ax, z in zip(axes, zs):
+    if slice_labels is not None and len(slice_labels) != len(zs):
+        raise ValueError(f"{len(slice_labels)} slice_labels for {len(zs)} slices")
+    for i, (ax, z) in enumerate(zip(axes, zs)):
         ax.imshow(image[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
                   interpolation="nearest", aspect="equal")
         lab_z = label[:, :, z]
@@ -203,7 +208,7 @@ def save_overlays(
                 shown.add(c)
         ax.set_xlim(extent[0], extent[1])
         ax.set_ylim(extent[2], extent[3])
-        ax.set_title(f"slice z={z}", fontsize=9)
+        ax.set_title(f"slice z={z}" if slice_labels is None else str(slice_labels[i]), fontsize=9)
         ax.tick_params(labelsize=6)
         if spacing is not None:
             ax.set_xlabel("x (mm)", fontsize=7)

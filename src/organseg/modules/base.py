@@ -36,6 +36,15 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
+def log_loss_terms(module: pl.LightningModule, terms: dict, batch_size: int, prefix: str = "train") -> None:
+    """Log each loss term under its DESIGN.md name per step (``train/loss``, ``train/loss_focal``, ...)
+    and its epoch mean as ``<name>_epoch``. Two calls, because one ``self.log(on_step, on_epoch)``
+    renames both to ``_step``/``_epoch`` and the plain name a sweep or dashboard expects would not exist."""
+    for k, v in terms.items():
+        module.log(f"{prefix}/{k}", v, prog_bar=k == "loss", on_step=True, on_epoch=False, batch_size=batch_size)
+        module.log(f"{prefix}/{k}_epoch", v, on_step=False, on_epoch=True, batch_size=batch_size)
+
+
 class SegmentationModuleBase(pl.LightningModule):
     """Subclasses build ``self.net`` (or override ``forward``) and ``training_step``."""
 
@@ -55,6 +64,10 @@ class SegmentationModuleBase(pl.LightningModule):
         self.best_dice = -math.inf
         self.cards: list[dict] = []        # filled from the DataModule, saved in checkpoints
         self.run_config: str | None = None  # resolved CLI config, saved in checkpoints
+        # organseg.callbacks.ValidationImages sets how many axial slices of the first validation case
+        # (rank 0) to keep for W&B images; 0 keeps nothing
+        self.val_image_slices = 0
+        self.val_images: dict | None = None
 
     # ---------------------------------------------------------------- data plumbing
     def setup(self, stage: str) -> None:
@@ -84,6 +97,7 @@ class SegmentationModuleBase(pl.LightningModule):
     def _evaluate_batch(self, batch: dict, with_hd95: bool) -> list[dict]:
         pred = self.predict_case(batch["image"]).cpu().numpy()
         label = batch["label"].cpu().numpy()
+        self._keep_val_images(batch, pred, label)
         rows = []
         for i in range(pred.shape[0]):
             spacing = tuple(float(s) for s in batch["spacing"][i])
@@ -91,6 +105,21 @@ class SegmentationModuleBase(pl.LightningModule):
             rows += case_metrics(pred[i], label[i], spacing, self.classes, labeled=labeled,
                                  case_id=batch["case_id"][i], distances=with_hd95)
         return rows
+
+    def _keep_val_images(self, batch: dict, pred, label) -> None:
+        """On rank 0, keep ``val_image_slices`` axial slices (image, label, prediction) of the epoch's
+        first validation case: the slices showing the most organs (``choose_slices``), 2D, not volumes."""
+        trainer = self._trainer
+        if (not self.val_image_slices or self.val_images is not None or trainer is None
+                or not trainer.validating or not trainer.is_global_zero):
+            return
+        from organseg.evaluation.overlays import choose_slices, slice_areas
+
+        zs = choose_slices(slice_areas(label[0], self.num_classes), self.val_image_slices)
+        self.val_images = {"case_id": str(batch["case_id"][0]), "slices": zs,
+                           "spacing": [float(s) for s in batch["spacing"][0]],
+                           "image": batch["image"][0, 0][..., zs].float().cpu().numpy(),
+                           "label": label[0][..., zs], "pred": pred[0][..., zs]}
 
     def _with_hd95(self) -> bool:
         return self.hd95_every_n_epochs > 0 and (self.current_epoch + 1) % self.hd95_every_n_epochs == 0

@@ -7,7 +7,7 @@ import torch
 
 from organseg.losses import FocalDiceLoss, class_weights_from_counts
 from organseg.models import build_unet
-from organseg.modules.base import SegmentationModuleBase
+from organseg.modules.base import SegmentationModuleBase, log_loss_terms
 
 
 def resolve_class_weights(module, loss_fn: FocalDiceLoss, mode, stage: str) -> None:
@@ -75,8 +75,7 @@ class UNetBaseline(SegmentationModuleBase):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_fn(self(batch["image"]), batch["label"])
         bs = batch["image"].shape[0]
-        for k, v in terms.items():
-            self.log(f"train/{k}", v, prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=bs)
+        log_loss_terms(self, terms, bs)
         return terms["loss"]
 
     def configure_optimizers(self):

@@ -58,7 +58,7 @@ from organseg.losses.heatmap import HeatmapMSELoss
 from organseg.losses.shape import adversarial_losses, discriminator_logits, reconstruction_loss, shape_loss
 from organseg.models.focusnet import FocusNetV2
 from organseg.models.sol import decode_centres
-from organseg.modules.base import CHECKPOINT_KEY, SegmentationModuleBase, read_checkpoint
+from organseg.modules.base import CHECKPOINT_KEY, SegmentationModuleBase, log_loss_terms, read_checkpoint
 from organseg.modules.baseline import adamw_poly, initial_class_weights, resolve_class_weights
 
 # the H&N card's small organs (data_modules/cards/hn_phantom.yaml), the default when none are given
@@ -194,8 +194,7 @@ class FocusNetStageBase(SegmentationModuleBase):
         return centres + off.to(centres)
 
     def _log_terms(self, terms: dict[str, torch.Tensor], bs: int) -> None:
-        for k, v in terms.items():
-            self.log(f"train/{k}", v, prog_bar=k == "loss", on_step=True, on_epoch=True, batch_size=bs)
+        log_loss_terms(self, terms, bs)
 
     def configure_optimizers(self):
         return adamw_poly(self, self.trainable_parameters(), self.hparams.lr, self.hparams.weight_decay,
