@@ -98,10 +98,24 @@ def test_evaluate_rejects_a_foreign_checkpoint_in_one_line(tmp_path):
     assert missing.returncode == 2 and "file not found" in missing.stderr
 
 
-def test_fit_rejects_config_key_typo(hn_small, tmp_path):
+@pytest.mark.parametrize("bad, expected", [
+    (["--model.init_args.learning_rate=0.1"], "Option 'learning_rate' is not accepted"),       # key typo on the CLI
+    (["-c", "TYPO_YAML"], "Option 'lrr' is not accepted"),                                       # key typo in a file
+    (["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
+    (["--trainer.max_epochs=abc"], 'Parser key "trainer.max_epochs"'),
+    (["-c", "/nonexistent/exp.yaml"], "/nonexistent/exp.yaml"),                                  # config not found
+    (["--data.init_args.cards=[/nonexistent/card.yaml]"], "/nonexistent/card.yaml: dataset card not found"),
+])
+def test_fit_reports_bad_config_in_one_line(tmp_path, bad, expected):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    lrr: 0.1\n")
+    bad = [str(typo) if b == "TYPO_YAML" else b for b in bad]
     proc = run(["fit", "-c", str(REPO / "experiments/baseline/unet.yaml"), "-c", str(REPO / "data_modules/hn_phantom.yaml"),
-                "--model.init_args.learning_rate=0.1"], cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "learning_rate" in proc.stderr
+                *bad], cwd=tmp_path, check=False)
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Seed set")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(err) == 1 and err[0].startswith("organseg fit: error:") and expected in err[0], proc.stderr[-3000:]
+    assert not (tmp_path / "lightning_logs/organseg").exists() or not any((tmp_path / "lightning_logs/organseg").iterdir())
 
 
 @pytest.mark.ddp

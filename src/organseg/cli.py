@@ -9,6 +9,7 @@ maps in each input's original geometry (+ DICOM RTSTRUCT), which a Trainer predi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
@@ -50,10 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from organseg.lightning_cli import run_lightning_cli
 
+        from organseg.lightning_cli import user_error_in
+
         try:
             run_lightning_cli(argv)
         except UserError as exc:
             print(f"organseg {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:
+            # a bad card, path, checkpoint or option value met while building or running: one line, exit 2
+            # (ORGANSEG_DEBUG=1 shows the traceback); anything else is a bug and keeps its traceback
+            cause = user_error_in(exc)
+            if cause is None or os.environ.get("ORGANSEG_DEBUG"):
+                raise
+            print(f"organseg {argv[0]}: error: {cause}", file=sys.stderr)
             return 2
         return 0
     parser = _tool_parser()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -46,7 +47,59 @@ class RunConfigCallback(SaveConfigCallback):
             logger.experiment.config.update({"cli": yaml.safe_load(text)}, allow_val_change=True)
 
 
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's multi-line error (a Union of subtypes, each with its own complaint) as one line:
+    the key, then what is wrong, without the lines about the ``None`` alternative."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return message
+    skip = ("Does not validate against any", "Subtypes:", "Errors:", "Given value type:")
+    details = [ln.lstrip("- ") for ln in lines[1:] if not ln.startswith(skip) and "NoneType" not in ln]
+    given = [ln for ln in details if ln.startswith("Given value:")]
+    details = [ln for ln in details if not ln.startswith("Given value:")]
+    text = " ".join([lines[0].rstrip(":") + (":" if details else "")] + [d for d in details])
+    if given and len(given[0]) < 120 and "NestedArg(" not in given[0]:
+        text += f" ({given[0][0].lower()}{given[0][1:]})"
+    return text
+
+
+def user_error_in(exc: BaseException) -> BaseException | None:
+    """The organseg error (bad card, missing file, wrong checkpoint, bad option value, ...) behind ``exc``,
+    found along the exception chain (jsonargparse wraps errors raised while instantiating classes): a
+    CardError, or a ValueError/FileNotFoundError raised by organseg's own code; None for anything else."""
+    from organseg.io.card import CardError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        raised_here = tb is not None and "/organseg/" in tb.tb_frame.f_code.co_filename
+        if isinstance(exc, CardError) or (raised_here and isinstance(exc, (ValueError, FileNotFoundError))):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class OrgansegCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        # A config typo or unparsable value is a one-line error (exit 2), not usage + a nested report.
+        def raise_instead_of_exit(p) -> None:
+            p.exit_on_error = False
+            sub = getattr(p, "_subcommands_action", None)
+            for child in (sub.choices.values() if sub is not None else ()):
+                raise_instead_of_exit(child)
+
+        raise_instead_of_exit(parser)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            from organseg.cli import UserError
+
+            raise UserError(condense_parser_error(str(exc)) + f" (see `organseg {args[0] if args else 'fit'} --help`)"
+                            ) from None
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ValidationImages, "val_images")   # W&B contour images; n_slices: 0 = off
