@@ -324,3 +324,24 @@ def test_casefiles_lists_all_files(tmp_path):
     assert c.files == [tmp_path / "a.nii", tmp_path / "b.nii", tmp_path / "q.nrrd", tmp_path / "z.nrrd"]
     assert json.dumps([str(p) for p in c.files])
     assert isinstance(DatasetCard, type)
+
+
+def test_atomic_writes_get_normal_permissions_and_leave_nothing_on_error(tmp_path):
+    """mkstemp's private 0600 must not leak into results that colleagues on a cluster need to read."""
+    import os
+
+    from organseg.io.atomic import atomic_open
+
+    old = os.umask(0o022)
+    try:
+        with atomic_open(tmp_path / "report.md") as f:
+            f.write("ok")
+        assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+        with pytest.raises(RuntimeError):
+            with atomic_open(tmp_path / "report.md") as f:
+                f.write("half")
+                raise RuntimeError("interrupted")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").read_text() == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]

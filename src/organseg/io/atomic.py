@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """``with atomic_path(p, ".nii.gz") as tmp: writer(tmp)``: for writers that want a file name (SimpleITK,
@@ -21,6 +27,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; the result gets a normal file's permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
