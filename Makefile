@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install test test-slow demo bench bench-loading bench-focusnet clean
+.PHONY: install test test-slow demo bench bench-loading bench-focusnet bench-cowam clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-loading: $(STAMP)
 # FocusNetV2 vs baselines at one fixed budget per method (~35 min on 2 CPU cores at 7 min/method; MINUTES=2 for a quick look)
 bench-focusnet: $(STAMP)
 	$(BIN)/python benchmarks/focusnet_phantom.py --minutes $(or $(MINUTES),7) $(BENCH_ARGS)
+
+# co-training WAM vs its 4 baselines at one fixed budget of optimiser steps per network (about 10 min on 2
+# quiet CPU cores at STEPS=150, 25 min at STEPS=500; STEPS=10 for a quick look)
+bench-cowam: $(STAMP)
+	$(BIN)/python benchmarks/cowam_phantom.py --steps $(or $(STEPS),150) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data/demo lightning_logs/demo*

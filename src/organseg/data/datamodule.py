@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from organseg.data.augmentation import AugmentationConfig
 from organseg.data.datasets import CacheSource, CaseStream, PatchStream
 from organseg.io.card import CardError, DatasetCard
+from organseg.slurm import ignore_requeue_signal   # SLURM signals workers too
 
 
 class CTDataModule(pl.LightningDataModule):
@@ -34,7 +35,13 @@ class CTDataModule(pl.LightningDataModule):
         preprocess: build/refresh each card's cache in ``prepare_data`` (a no-op when up to date).
         heatmap_sigma_mm: if set, training samples carry ``heatmap`` targets (FocusNetV2 SOL-Net) for the
             cards' small organs (``small_organs`` order), Gaussians of this sigma (mm) at the organ centres.
+        pseudo_labels: optional hard pseudo-label files (``organseg pseudolabel``), one per card in order
+            (null for a card without); training batches then carry ``pseudo`` int64 [B,X,Y,Z] (0 where
+            none), augmented with the label. A file stale for its card's cache is an error.
         seed: base seed of the patch streams.
+
+    A split name may also be ``all`` (every cached case of each card, e.g. ``test_split: all`` for a
+    dataset used only for testing).
     """
 
     def __init__(self, cards: Sequence[str], patch_size: Sequence[int] = (96, 96, 32), batch_size: int = 2,
@@ -42,7 +49,8 @@ class CTDataModule(pl.LightningDataModule):
                  organ_weights: dict[str, float] | None = None, dataset_weights: Sequence[float] | None = None,
                  augmentation: dict[str, Any] | None = None, preprocess: bool = True,
                  train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 val_max_cases: int | None = None, heatmap_sigma_mm: float | None = None, seed: int = 0):
+                 val_max_cases: int | None = None, heatmap_sigma_mm: float | None = None,
+                 pseudo_labels: Sequence[str | None] | None = None, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         if isinstance(cards, (str, Path)):
@@ -60,6 +68,11 @@ class CTDataModule(pl.LightningDataModule):
             if bad:
                 raise CardError(f"organ_weights names unknown organ(s) {bad}")
         self.augmentation = AugmentationConfig.from_any(augmentation)
+        if pseudo_labels is not None and len(pseudo_labels) != len(self.cards):
+            raise CardError(f"pseudo_labels has {len(pseudo_labels)} entries for {len(self.cards)} cards "
+                            f"(one file or null per card, in the cards' order)")
+        self.pseudo_labels = list(pseudo_labels) if pseudo_labels is not None else [None] * len(self.cards)
+        self._pseudo_readers: list | None = None
         self._readers: list | None = None
         self._splits: list[dict[str, list[str]]] = []
         self.train_stream: PatchStream | None = None
@@ -99,10 +112,22 @@ class CTDataModule(pl.LightningDataModule):
             self._splits = [card.split_cases(r.case_ids) for card, r in zip(self.cards, self._readers)]
         return self._readers
 
+    def pseudo_readers(self) -> list:
+        """One PseudoLabelReader (or None) per card, validated against the card's cache."""
+        if self._pseudo_readers is None:
+            from organseg.data.pseudo_labels import PseudoLabelReader
+
+            self._pseudo_readers = [
+                None if p is None else PseudoLabelReader(p, cache_fingerprint=r.fingerprint, case_ids=r.case_ids)
+                for p, r in zip(self.pseudo_labels, self.readers())]
+        return self._pseudo_readers
+
     def sources(self, split: str) -> list[CacheSource]:
         readers = self.readers()
-        return [CacheSource(card.name, r, s[split], np.asarray(card.labeled_mask, dtype=bool))
-                for card, r, s in zip(self.cards, readers, self._splits)]
+        pseudo = self.pseudo_readers() if split == self.hparams.train_split else [None] * len(readers)
+        return [CacheSource(card.name, r, list(r.case_ids) if split == "all" else s[split],
+                            np.asarray(card.labeled_mask, dtype=bool), q)
+                for card, r, s, q in zip(self.cards, readers, self._splits, pseudo)]
 
     def class_voxel_counts(self, split: str = "train") -> np.ndarray:
         """Voxels per class summed over a split's cases (for inverse-frequency loss weights)."""
@@ -126,8 +151,9 @@ class CTDataModule(pl.LightningDataModule):
             for key in ("image", "heatmap"):
                 if key in batch:
                     batch[key] = batch[key].float()
-            if "label" in batch:
-                batch["label"] = batch["label"].long()
+            for key in ("label", "pseudo"):
+                if key in batch:
+                    batch[key] = batch[key].long()
         return batch
 
     def setup(self, stage: str | None = None) -> None:
@@ -150,7 +176,7 @@ class CTDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         self.train_stream.epoch_offset = trainer.current_epoch if trainer is not None else 0
         return DataLoader(self.train_stream, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0,
+                          persistent_workers=hp.num_workers > 0, worker_init_fn=ignore_requeue_signal,
                           multiprocessing_context="spawn" if hp.num_workers > 0 else None)
 
     def _case_loader(self, split: str, max_cases: int | None = None) -> DataLoader:
@@ -161,7 +187,8 @@ class CTDataModule(pl.LightningDataModule):
         # whole cases are big: at most one worker, which reads the next case while this one is inferred
         workers = min(1, self.hparams.num_workers)
         return DataLoader(CaseStream(sources, rank=rank, world_size=world), batch_size=1, num_workers=workers,
-                          persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None)
+                          persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None,
+                          worker_init_fn=ignore_requeue_signal)
 
     def val_dataloader(self) -> DataLoader:
         return self._case_loader(self.hparams.val_split, self.hparams.val_max_cases)

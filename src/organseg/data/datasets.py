@@ -6,10 +6,12 @@ DistributedSampler (it does not for IterableDatasets) and no case or patch strea
 Sample dict (DESIGN.md): ``image`` float32 [1,X,Y,Z], ``label`` [X,Y,Z], ``labeled`` bool [C],
 ``case_id`` str, ``location`` int64 [6] (start xyz, stop xyz in the cached case), ``dataset`` int;
 with ``heatmap_classes`` set (FocusNetV2's small organs), ``heatmap`` [K,X,Y,Z]: a Gaussian
-(sigma in mm) at each organ's cached centre, transformed with the patch so it follows augmentation.
+(sigma in mm) at each organ's cached centre, transformed with the patch so it follows augmentation;
+with pseudo-labels (``CacheSource.pseudo``), ``pseudo`` [X,Y,Z]: hard pseudo-labels of the organs the
+dataset does not annotate, read from the same box and moved by the same spatial transform as ``label``.
 Between processes the sample is compact: ``image`` float16 (exact to ~0.1 HU in a 400 HU window, half
 the bytes of float32) and ``label`` uint8 (an eighth of int64); ``CTDataModule.on_after_batch_transfer``
-restores float32 (image, heatmap) / int64 (label) on the training device, so modules see the DESIGN.md dtypes.
+restores float32 (image, heatmap) / int64 (label, pseudo) on the training device, so modules see the DESIGN.md dtypes.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class CacheSource:
     reader: "object"           # organseg.cache.reader.CacheReader (picklable, opens h5py per process)
     case_ids: list[str]
     labeled: np.ndarray        # bool [C] in the unified class list
+    pseudo: "object | None" = None  # organseg.data.pseudo_labels.PseudoLabelReader (hard pseudo-labels) or None
 
 
 def _affine(spacing) -> np.ndarray:
@@ -72,6 +75,9 @@ class PatchStream(IterableDataset):
         self._iterations = 0       # advances once per epoch inside each persistent worker
         self.heatmap_classes = list(heatmap_classes)
         self.heatmap_sigma_mm = heatmap_sigma_mm
+        # every sample carries ``pseudo`` once any source has pseudo-labels (zeros = "no pseudo organ"
+        # for the others), so batches from mixed datasets collate
+        self.with_pseudo = any(s.pseudo is not None for s in self.sources)
 
     # batches per rank: patches_per_epoch split over ranks, rounded up to whole batches
     def _rank_batches(self, world_size: int) -> int:
@@ -109,19 +115,29 @@ class PatchStream(IterableDataset):
 
             centres = torch.as_tensor(reader.centres(case_id)[self.heatmap_classes] - region_start, dtype=torch.float32)
             heatmap = gaussian_heatmaps(centres, region_size.tolist(), spacing, self.heatmap_sigma_mm)
+        pseudo = None
+        if self.with_pseudo:
+            pseudo = (src.pseudo.read_patch(case_id, region_start, region_size) if src.pseudo is not None
+                      else np.zeros(label.shape, dtype=np.uint8))
         if self.transform is not None:
             images = {"image": tio.ScalarImage(tensor=torch.from_numpy(image)[None], affine=_affine(spacing)),
                       "label": tio.LabelMap(tensor=torch.from_numpy(label)[None], affine=_affine(spacing))}
             if heatmap is not None:
                 images["heatmap"] = tio.ScalarImage(tensor=heatmap, affine=_affine(spacing))
+            if pseudo is not None:   # a LabelMap: moved with the label (nearest neighbour)
+                images["pseudo"] = tio.LabelMap(tensor=torch.from_numpy(pseudo)[None], affine=_affine(spacing))
             subject = self.transform(tio.Subject(**images))
             image_t, label_t = subject["image"].data[0], subject["label"].data[0]
             heatmap = subject["heatmap"].data if heatmap is not None else None
+            pseudo_t = subject["pseudo"].data[0] if pseudo is not None else None
         else:
             image_t, label_t = torch.from_numpy(image), torch.from_numpy(label)
+            pseudo_t = torch.from_numpy(pseudo) if pseudo is not None else None
         m, p = self.margin, self.patch_size
         crop = tuple(slice(int(a), int(a + b)) for a, b in zip(m, p))
         extra = {} if heatmap is None else {"heatmap": heatmap[(slice(None), *crop)].to(torch.float16).contiguous()}
+        if pseudo_t is not None:
+            extra["pseudo"] = pseudo_t[crop].to(torch.uint8).contiguous()
         return {**extra,
             "image": image_t[crop].to(torch.float16).unsqueeze(0).contiguous(),
             "label": label_t[crop].to(torch.uint8).contiguous(),
