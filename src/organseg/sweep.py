@@ -74,15 +74,11 @@ def _engine():
 
 def load_sweep(path: str | Path) -> dict:
     """The sweep config, schema-checked by the W&B engine, with the engine's defaults filled in."""
+    from organseg.io.yaml_files import read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"sweep {path}: file not found")
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"sweep {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"sweep {path}: expected a mapping (method, metric, parameters, command)")
+    cfg = read_yaml_mapping(path, prefix="sweep ",
+                            not_mapping="expected a mapping (method, metric, parameters, command)")
     sweeps = _engine()
     violations = sweeps.schema_violations_from_proposed_config(cfg)
     if violations:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 
 class CardError(ValueError):
@@ -53,15 +52,10 @@ class DatasetCard:
     # ----------------------------------------------------------------- construction
     @classmethod
     def load(cls, path: str | Path) -> "DatasetCard":
-        path = Path(path)
-        if not path.is_file():
-            raise CardError(f"{path}: dataset card not found")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise CardError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise CardError(f"{path}: a dataset card must be a mapping")
+        from organseg.io.yaml_files import read_yaml_mapping
+
+        raw = read_yaml_mapping(path, CardError, missing="dataset card not found",
+                                not_mapping="a dataset card must be a mapping")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
