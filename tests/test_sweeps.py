@@ -6,6 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -56,6 +57,18 @@ def test_args_are_rendered_as_wandb_agent_renders_them():
     argv = sweep.trial_args(fit_args, {"model.init_args.lr": {"value": 0.001},
                                        "data.init_args.patch_size": {"value": [48, 48, 16]}})
     assert argv == ["-c", "a.yaml", "--model.init_args.lr=0.001", "--data.init_args.patch_size=[48, 48, 16]"]
+
+
+def test_engine_numpy_proposals_become_plain_values_before_rendering():
+    """The engine proposes numpy scalars; under numpy 2 their repr is ``np.float64(x)``, which must not
+    reach ``${args}`` or the results table (CI resolves numpy 2)."""
+    proposed = {"lr": np.float64(0.003), "patch": [np.int64(48), np.int64(16)], "name": "a"}
+    native = {k: sweep._native(v) for k, v in proposed.items()}
+    assert native == {"lr": 0.003, "patch": [48, 16], "name": "a"}
+    assert type(native["lr"]) is float and all(type(x) is int for x in native["patch"])
+    argv = sweep.trial_args(["${args}"], {k: {"value": v} for k, v in native.items()})
+    assert argv == ["--lr=0.003", "--patch=[48, 16]", "--name=a"]
+    assert sweep._fmt(native["lr"], full=True) == "0.003"
 
 
 def write_tiny_sweep(tmp: Path, hn_small, parameters: dict, method: str = "random") -> Path:

@@ -285,6 +285,16 @@ def _short(key: str) -> str:
     return key.replace(".init_args.", ".")
 
 
+def _native(v: Any) -> Any:
+    """The engine proposes numpy scalars; the agent gets JSON from the server. Plain Python values keep
+    ``str()`` in ``${args}`` and the results table the same under numpy 2 (whose repr is ``np.float64(x)``)."""
+    if isinstance(v, (list, tuple)):
+        return [_native(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _native(x) for k, x in v.items()}
+    return v.item() if hasattr(v, "item") and type(v).__module__ == "numpy" else v
+
+
 def _fmt(v: Any, full: bool = False) -> str:
     if isinstance(v, float):
         return repr(v) if full else f"{v:.4g}"
@@ -370,7 +380,7 @@ def run(args) -> int:
         if proposal is None:
             print("the grid is exhausted", flush=True)
             break
-        params = {k: v["value"] for k, v in proposal.config.items()}
+        params = {k: _native(v["value"]) for k, v in proposal.config.items()}
         trial = Trial(index, f"{sweep_id}-t{index:02d}", params)
         trials.append(trial)
         shown = " ".join(f"{_short(k)}={_fmt(v)}" for k, v in params.items())
