@@ -55,8 +55,9 @@ def monai_reference(model, image):
 def test_streamed_equals_monai_full_volume(shape):
     model = tiny_model()
     image = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
-    out = predict_focusnet(model, image, patch_size=PATCH, threshold=2.0)  # > any sigmoid: no SOS
-    labels = out["labels"]
+    out = predict_focusnet(model, image, patch_size=PATCH, threshold=2.0,  # > any sigmoid: no SOS
+                           return_snet_labels=True)
+    labels = out["snet_labels"]
     assert labels.shape == shape and labels.dtype == torch.uint8
     assert int(labels.min()) >= 0 and int(labels.max()) < C
     assert not out["found"].any() and torch.isnan(out["centres"]).all()
@@ -64,6 +65,9 @@ def test_streamed_equals_monai_full_volume(shape):
     # identical windows and weights; only the order in which a voxel's (<= 8) window contributions
     # are summed differs, so an argmax could flip only at a float32 tie: none expected here
     assert torch.equal(labels, ref[:C].argmax(0).to(torch.uint8))
+    no_small = ref[:C].clone()
+    no_small[SMALL] = -math.inf   # default small_organs_from="sos": S-Net's best non-small class
+    assert torch.equal(out["labels"], no_small.argmax(0).to(torch.uint8))
     torch.testing.assert_close(out["peaks"], ref[C:].amax(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
     if shape == SHAPE:  # the streamed blend itself, slab by slab
         def predictor(w):
@@ -102,6 +106,11 @@ def _pattern(x, y, z):
     return (x // 8 + y // 8 + z // 4) % C
 
 
+def _runner_up(x, y, z):
+    """S-Net's second choice everywhere: a large (non-small) class, 0 or 1."""
+    return (x // 8) % 2
+
+
 class _SphereSOS(nn.Module):
     """Fake SOS bank: organ k's mask is a ball of radius 2.5 around its true centre (read off the CT
     channel of the ROI, which holds flat voxel indices)."""
@@ -127,7 +136,8 @@ def forced_model(centres, amplitudes, sigma=(2.0, 2.0, 1.0)):
 
     def snet_sol(win):
         x, y, z = _coords(win)
-        logits = 10.0 * nn.functional.one_hot(_pattern(x, y, z), C).permute(0, 4, 1, 2, 3).float()
+        logits = (10.0 * nn.functional.one_hot(_pattern(x, y, z), C)
+                  + 5.0 * nn.functional.one_hot(_runner_up(x, y, z), C)).permute(0, 4, 1, 2, 3).float()
         heat = torch.stack([a * torch.exp(-0.5 * (((x - cx) / sigma[0]) ** 2 + ((y - cy) / sigma[1]) ** 2
                                                  + ((z - cz) / sigma[2]) ** 2))
                             for (cx, cy, cz), a in zip(centres, amplitudes)], 1)
@@ -152,7 +162,7 @@ def test_forced_sol_centres_and_exact_sos_paste():
                (30.0, 30.0, 8.0)]   # peak 0.25 < threshold: not found, nothing pasted
     model = forced_model(centres, [0.9, 0.8, 0.25])
     out = predict_focusnet(model, coordinate_image(), patch_size=PATCH, threshold=0.3,
-                           return_snet_labels=True)
+                           return_snet_labels=True, small_organs_from="snet_and_sos")
     x, y, z = grid()
     snet = _pattern(x, y, z).to(torch.uint8)
     assert torch.equal(out["snet_labels"], snet)
@@ -181,6 +191,31 @@ def test_forced_sol_centres_and_exact_sos_paste():
     assert torch.equal(out["labels"][~boxes], snet[~boxes])   # outside every ROI: S-Net's labels
     assert torch.equal(out["labels"], expected)                # inside: the SOS ball, clipped to the ROI
     assert (out["labels"] != snet).any()
+
+
+def test_small_organs_come_only_from_sos_by_default():
+    """Default rule (upstream's separate SOS map): S-Net's small-organ votes are ignored everywhere
+    (its best other class is used), found organs are the SOS masks, an organ not found is absent."""
+    centres = [(40.3, 22.6, 9.2), (5.4, 60.2, 1.3), (30.0, 30.0, 8.0)]
+    model = forced_model(centres, [0.9, 0.8, 0.25])
+    out = predict_focusnet(model, coordinate_image(), patch_size=PATCH, threshold=0.3, return_snet_labels=True)
+    x, y, z = grid()
+    pattern = _pattern(x, y, z)
+    assert torch.equal(out["snet_labels"], pattern.to(torch.uint8))   # still S-Net's full argmax
+    small = torch.isin(pattern, torch.tensor(SMALL))
+    expected = torch.where(small, _runner_up(x, y, z), pattern).to(torch.uint8)
+    for k in (0, 1):
+        start, stop = roi_box(centres[k], ROIS[k])
+        box = ((x >= start[0]) & (x < stop[0]) & (y >= start[1]) & (y < stop[1])
+               & (z >= start[2]) & (z < stop[2]))
+        cx, cy, cz = centres[k]
+        expected[box & ((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5 ** 2)] = SMALL[k]
+    assert torch.equal(out["labels"], expected)
+    assert not (out["labels"] == SMALL[2]).any()           # not found by SOL: absent
+    for k in (0, 1):                                        # each found organ is exactly its SOS ball
+        assert int((out["labels"] == SMALL[k]).sum()) == int((expected == SMALL[k]).sum()) > 0
+    with pytest.raises(ValueError, match="small_organs_from"):
+        predict_focusnet(model, coordinate_image(), patch_size=PATCH, small_organs_from="snet")
 
 
 # slabs are [0,4) [4,8) [8,16): peaks on a slab's last / first slice, and on the volume border

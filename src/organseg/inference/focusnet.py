@@ -23,6 +23,12 @@
    (the SOS result replaces S-Net's for that organ inside the ROI, ROI parts outside the volume are
    dropped). Organs are pasted in ``small_classes`` order, so where two ROIs overlap the later organ's
    mask wins.
+4. **Where small organs come from** (``small_organs_from``): ``"sos"`` (default) takes them from the
+   SOS-Nets only, as upstream (which writes the SOS result into a separate map): the S-Net label map
+   is the argmax over the other classes (the small-organ channels are ignored), so S-Net's small-organ
+   votes elsewhere in the volume -- early in training, whole organs labelled "lens" -- cannot survive,
+   and an organ SOL does not find is absent. ``"snet_and_sos"`` keeps S-Net's small-organ labels
+   outside the ROIs (the SOS result still replaces them inside).
 
 Peak memory (float32, ``C`` classes, ``K`` small organs, volume ``X x Y x Z``, patch ``px x py x pz``):
     the input image (4 XYZ bytes; plus one padded copy only if the volume is smaller than the patch)
@@ -52,6 +58,7 @@ from organseg.models.sol import _log_parabola_offset
 __all__ = ["predict_focusnet", "blend_slabs", "window_starts"]
 
 _EPS = 1e-6  # decode_centres' log clamp
+SMALL_ORGANS_FROM = ("sos", "snet_and_sos")
 
 
 def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[list[int]]:
@@ -188,7 +195,7 @@ def _ceil_to(v: int, d: int) -> int:
 def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96, 96, 32),
                      overlap: float = 0.5, threshold: float = 0.3, device: torch.device | str = "cpu",
                      progress: bool = False, sw_batch_size: int = 1, subvoxel: bool = True,
-                     return_snet_labels: bool = False) -> dict:
+                     return_snet_labels: bool = False, small_organs_from: str = "sos") -> dict:
     """Locate-zoom-paste FocusNetV2 inference on one CT ``image`` [1, 1, X, Y, Z] (normalised like
     training); see the module doc for the steps and the memory bound.
 
@@ -198,16 +205,20 @@ def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96
     the image and outputs stay on the CPU, windows run on ``device``.
 
     Returns a dict:
-        ``labels``  uint8 [X, Y, Z]: S-Net's argmax, with each found small organ's SOS mask pasted;
+        ``labels``  uint8 [X, Y, Z]: S-Net's argmax (over the non-small classes unless
+                    ``small_organs_from="snet_and_sos"``), with each found small organ's SOS mask pasted;
         ``centres`` float32 [K, 3] voxel (x, y, z) centres from SOL-Net, NaN where not found;
         ``found``   bool [K]: heatmap peak > ``threshold``;
         ``peaks``   float32 [K]: the blended heatmap peaks;
         ``roi_starts`` int64 [K, 3]: where each SOS ROI was pasted (volume coordinates; -1 rows when
                     not found); ROI k spans ``roi_starts[k] + model.roi_sizes[k]``;
-        ``snet_labels`` (only with ``return_snet_labels``) uint8 [X, Y, Z] before any paste.
+        ``snet_labels`` (only with ``return_snet_labels``) uint8 [X, Y, Z]: S-Net's argmax over all
+                    classes, before any paste.
     """
     if image.dim() != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"predict_focusnet needs an image [1, 1, X, Y, Z], got {tuple(image.shape)}")
+    if small_organs_from not in SMALL_ORGANS_FROM:
+        raise ValueError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {small_organs_from!r}")
     patch = tuple(int(p) for p in patch_size)
     divisor = tuple(model.snet.divisor)
     if len(patch) != 3 or any(p % d for p, d in zip(patch, divisor)):
@@ -217,13 +228,13 @@ def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96
     model.eval().to(device)
     try:
         return _predict(model, image.detach().float().cpu(), patch, overlap, threshold, device, progress,
-                        sw_batch_size, subvoxel, return_snet_labels)
+                        sw_batch_size, subvoxel, return_snet_labels, small_organs_from == "sos")
     finally:
         model.train(was_training)
 
 
 def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch_size, subvoxel,
-             return_snet_labels) -> dict:
+             return_snet_labels, small_only_from_sos) -> dict:
     size = tuple(int(s) for s in image.shape[2:])
     num_classes, k_small = int(model.num_classes), int(model.num_small)
     # MONAI's padding for volumes smaller than the patch: half before, the rest after, with the minimum
@@ -239,8 +250,14 @@ def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch
         return torch.cat([logits.float(), heat.float()], dim=1)
 
     labels = torch.zeros(psize, dtype=torch.uint8)
+    snet_labels = torch.zeros(psize, dtype=torch.uint8) if return_snet_labels else None
+    small = [int(c) for c in model.small_classes]
     tracker = _PeakTracker(k_small, size)  # peaks over the real volume only, in its coordinates
     for z0, z1, slab in blend_slabs(predictor, image, patch, overlap, sw_batch_size, device, progress):
+        if snet_labels is not None:
+            snet_labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
+        if small_only_from_sos and small:
+            slab[small] = -math.inf   # these slices are final: the buffer is free to overwrite here
         labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
         lo, hi = max(z0, before[2]), min(z1, before[2] + size[2])
         if k_small and hi > lo:
@@ -250,12 +267,12 @@ def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch
     crop = tuple(slice(b, b + s) for b, s in zip(before, size))
     if any(before) or any(after):
         labels = labels[crop].clone()
+        snet_labels = snet_labels[crop].clone() if snet_labels is not None else None
 
     peaks = torch.tensor(tracker.peak, dtype=torch.float32)
     found = peaks > threshold
     centres = torch.full((k_small, 3), float("nan"))
     roi_starts = torch.full((k_small, 3), -1, dtype=torch.int64)
-    snet_labels = labels.clone() if return_snet_labels else None
     for k in range(k_small):
         if not bool(found[k]):
             continue

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss, FocalLoss
 
+from organseg.inference.focusnet import SMALL_ORGANS_FROM
 from organseg.inference.roi import crop_rois, roi_size_voxels
 from organseg.losses import FocalDiceLoss
 from organseg.losses.heatmap import HeatmapMSELoss
@@ -369,7 +370,9 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
     around the TRUE centres plus uniform integer jitter (``jitter_voxels`` per axis), so it tolerates
     SOL's localisation error; binary focal (``focal_gamma``) + Dice, averaged over organs present.
 
-    Args: ``init_from`` a ``SOLStage`` checkpoint (required).
+    Args: ``init_from`` a ``SOLStage`` checkpoint (required); ``small_organs_from`` ``"sos"`` (small
+    organs only from the SOS-Nets, upstream) or ``"snet_and_sos"`` (S-Net's small-organ labels kept
+    outside the ROIs), see ``organseg.inference.focusnet``.
     """
 
     trainable = ("sos",)
@@ -386,11 +389,14 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
                  focal_gamma: float = 2.0, focal_weight: float = 1.0, dice_weight: float = 1.0,
                  loc_threshold: float = 0.3, lr: float = 2e-4, weight_decay: float = 1e-4,
                  max_epochs_for_schedule: int | None = None, sw_overlap: float = 0.5, sw_batch_size: int = 2,
-                 hd95_every_n_epochs: int = 0):
+                 hd95_every_n_epochs: int = 0, small_organs_from: str = "sos"):
         super().__init__(num_classes, classes, patch_size, small_organs, roi_mm, spacing, base_channels, aspp_rates,
                          sol_hidden, sos_base, ae_code_channels, ae_base, init_from, loc_threshold, lr,
                          weight_decay, max_epochs_for_schedule, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
+        if small_organs_from not in SMALL_ORGANS_FROM:
+            raise ValueError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {small_organs_from!r}")
+        self.small_organs_from = small_organs_from
         self.jitter_voxels = [int(j) for j in jitter_voxels]
         self.sos_focal = FocalLoss(gamma=focal_gamma)          # sigmoid, binary
         self.sos_dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
@@ -431,7 +437,7 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
         for b in range(image.shape[0]):
             out = predict_focusnet(self.focusnet, image[b:b + 1], self.patch_size, overlap=self.sw_overlap,
                                    threshold=self.loc_threshold, device=image.device, progress=progress,
-                                   sw_batch_size=self.sw_batch_size)
+                                   sw_batch_size=self.sw_batch_size, small_organs_from=self.small_organs_from)
             labels.append(out["labels"])
             centres.append(torch.as_tensor(out["centres"]))
             found.append(torch.as_tensor(out["found"]))
@@ -548,11 +554,11 @@ class JointStage(SOSStage):
                  shape_kind: str = "code_l2", adv_weight: float = 0.01, recon_weight: float = 1.0,
                  detach_sos_inputs: bool = True, loc_threshold: float = 0.3, lr: float = 1e-4,
                  lr_disc: float = 2e-4, weight_decay: float = 1e-4, sw_overlap: float = 0.5,
-                 sw_batch_size: int = 2, hd95_every_n_epochs: int = 0):
+                 sw_batch_size: int = 2, hd95_every_n_epochs: int = 0, small_organs_from: str = "sos"):
         super().__init__(num_classes, classes, patch_size, init_from, small_organs, roi_mm, spacing, base_channels,
                          aspp_rates, sol_hidden, sos_base, ae_code_channels, ae_base, jitter_voxels, focal_gamma,
                          focal_weight, dice_weight, loc_threshold, lr, weight_decay, None, sw_overlap,
-                         sw_batch_size, hd95_every_n_epochs)
+                         sw_batch_size, hd95_every_n_epochs, small_organs_from)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.shape_from = shape_from
