@@ -61,6 +61,13 @@ _EPS = 1e-6  # decode_centres' log clamp
 SMALL_ORGANS_FROM = ("sos", "snet_and_sos")
 
 
+def check_small_organs_from(value: str) -> str:
+    """``value`` if it is a known small-organ merge rule (module doc, step 4), else a one-line ValueError."""
+    if value not in SMALL_ORGANS_FROM:
+        raise ValueError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {value!r}")
+    return value
+
+
 def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[list[int]]:
     """Per axis, the sorted window starts of MONAI's grid (``sliding_window_inference`` on a volume
     already at least ``patch_size``): ``dense_patch_slices`` with ``_get_scan_interval``."""
@@ -217,8 +224,7 @@ def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96
     """
     if image.dim() != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"predict_focusnet needs an image [1, 1, X, Y, Z], got {tuple(image.shape)}")
-    if small_organs_from not in SMALL_ORGANS_FROM:
-        raise ValueError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {small_organs_from!r}")
+    check_small_organs_from(small_organs_from)
     patch = tuple(int(p) for p in patch_size)
     divisor = tuple(model.snet.divisor)
     if len(patch) != 3 or any(p % d for p, d in zip(patch, divisor)):

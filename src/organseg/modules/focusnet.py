@@ -52,7 +52,7 @@ import torch.distributed as dist
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss, FocalLoss
 
-from organseg.inference.focusnet import SMALL_ORGANS_FROM
+from organseg.inference.focusnet import check_small_organs_from
 from organseg.inference.roi import crop_rois, roi_size_voxels
 from organseg.losses import FocalDiceLoss
 from organseg.losses.heatmap import HeatmapMSELoss
@@ -394,9 +394,7 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
                          sol_hidden, sos_base, ae_code_channels, ae_base, init_from, loc_threshold, lr,
                          weight_decay, max_epochs_for_schedule, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
-        if small_organs_from not in SMALL_ORGANS_FROM:
-            raise ValueError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {small_organs_from!r}")
-        self.small_organs_from = small_organs_from
+        self.small_organs_from = check_small_organs_from(small_organs_from)
         self.jitter_voxels = [int(j) for j in jitter_voxels]
         self.sos_focal = FocalLoss(gamma=focal_gamma)          # sigmoid, binary
         self.sos_dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
