@@ -33,7 +33,7 @@ bench-loading: $(STAMP)
 	$(BIN)/python benchmarks/patch_loading.py
 
 # FocusNetV2 vs baselines at one fixed budget per method (~46 min on 2 CPU cores at 12 min/method, the least at which
-# SOL gets ~100 steps; MINUTES=2 for a quick look at the plumbing)
+# SOL gets ~100 steps (110 measured); MINUTES=2 for a quick look at the plumbing)
 bench-focusnet: $(STAMP)
 	$(BIN)/python benchmarks/focusnet_phantom.py --minutes $(or $(MINUTES),12) $(BENCH_ARGS)
 

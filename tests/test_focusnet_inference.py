@@ -156,11 +156,25 @@ def grid(shape=SHAPE):
     return torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij")
 
 
+FORCED_CENTRES = [(40.3, 22.6, 9.2),   # interior
+                  (5.4, 60.2, 1.3),    # ROI (12, 12, 4) sticks out in x, y and z
+                  (30.0, 30.0, 8.0)]   # peak 0.25 < threshold: not found, nothing pasted
+FORCED_PEAKS = [0.9, 0.8, 0.25]
+
+
+def roi_and_ball(k: int, centres=FORCED_CENTRES):
+    """Organ k's ROI box (as ``roi_box`` places it) and ``_SphereSOS``'s ball, as bool volumes."""
+    x, y, z = grid()
+    start, stop = roi_box(centres[k], ROIS[k])
+    box = ((x >= start[0]) & (x < stop[0]) & (y >= start[1]) & (y < stop[1])
+           & (z >= start[2]) & (z < stop[2]))
+    cx, cy, cz = centres[k]
+    return box, (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5 ** 2
+
+
 def test_forced_sol_centres_and_exact_sos_paste():
-    centres = [(40.3, 22.6, 9.2),   # interior
-               (5.4, 60.2, 1.3),    # ROI (12, 12, 4) sticks out in x, y and z
-               (30.0, 30.0, 8.0)]   # peak 0.25 < threshold: not found, nothing pasted
-    model = forced_model(centres, [0.9, 0.8, 0.25])
+    centres = FORCED_CENTRES
+    model = forced_model(centres, FORCED_PEAKS)
     out = predict_focusnet(model, coordinate_image(), patch_size=PATCH, threshold=0.3,
                            return_snet_labels=True, small_organs_from="snet_and_sos")
     x, y, z = grid()
@@ -178,12 +192,8 @@ def test_forced_sol_centres_and_exact_sos_paste():
 
     expected, boxes = snet.clone(), torch.zeros(SHAPE, dtype=torch.bool)
     for k in (0, 1):
-        start, stop = roi_box(centres[k], ROIS[k])
-        assert out["roi_starts"][k].tolist() == list(start)
-        box = ((x >= start[0]) & (x < stop[0]) & (y >= start[1]) & (y < stop[1])
-               & (z >= start[2]) & (z < stop[2]))
-        cx, cy, cz = centres[k]
-        ball = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5 ** 2
+        assert out["roi_starts"][k].tolist() == list(roi_box(centres[k], ROIS[k])[0])
+        box, ball = roi_and_ball(k)
         cls = SMALL[k]
         expected[box & (expected == cls) & ~ball] = 0
         expected[box & ball] = cls
@@ -196,24 +206,19 @@ def test_forced_sol_centres_and_exact_sos_paste():
 def test_small_organs_come_only_from_sos_by_default():
     """Default rule (upstream's separate SOS map): S-Net's small-organ votes are ignored everywhere
     (its best other class is used), found organs are the SOS masks, an organ not found is absent."""
-    centres = [(40.3, 22.6, 9.2), (5.4, 60.2, 1.3), (30.0, 30.0, 8.0)]
-    model = forced_model(centres, [0.9, 0.8, 0.25])
+    model = forced_model(FORCED_CENTRES, FORCED_PEAKS)
     out = predict_focusnet(model, coordinate_image(), patch_size=PATCH, threshold=0.3, return_snet_labels=True)
     x, y, z = grid()
     pattern = _pattern(x, y, z)
     assert torch.equal(out["snet_labels"], pattern.to(torch.uint8))   # still S-Net's full argmax
     small = torch.isin(pattern, torch.tensor(SMALL))
     expected = torch.where(small, _runner_up(x, y, z), pattern).to(torch.uint8)
-    for k in (0, 1):
-        start, stop = roi_box(centres[k], ROIS[k])
-        box = ((x >= start[0]) & (x < stop[0]) & (y >= start[1]) & (y < stop[1])
-               & (z >= start[2]) & (z < stop[2]))
-        cx, cy, cz = centres[k]
-        expected[box & ((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5 ** 2)] = SMALL[k]
+    for k in (0, 1):                                        # each found organ: exactly its SOS ball
+        box, ball = roi_and_ball(k)
+        expected[box & ball] = SMALL[k]
     assert torch.equal(out["labels"], expected)
+    assert all((out["labels"] == SMALL[k]).any() for k in (0, 1))
     assert not (out["labels"] == SMALL[2]).any()           # not found by SOL: absent
-    for k in (0, 1):                                        # each found organ is exactly its SOS ball
-        assert int((out["labels"] == SMALL[k]).sum()) == int((expected == SMALL[k]).sum()) > 0
     with pytest.raises(ValueError, match="small_organs_from"):
         predict_focusnet(model, coordinate_image(), patch_size=PATCH, small_organs_from="snet")
 
