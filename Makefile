@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install test test-slow demo bench bench-loading bench-focusnet bench-cowam clean
+.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -18,14 +18,25 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-test: $(STAMP)
+# ruff (pyproject [tool.ruff]) and the layer contracts (pyproject [tool.importlinter]); part of `make test`
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
+
+# lint + every test not marked `slow`: the everyday run (its pytest part ~2 min on 2 CPU cores)
+test: lint
 	$(BIN)/pytest -m "not slow" -q
 
+# the long integration runs marked `slow` (~14 min on 2 CPU cores): the real SLURM cluster, DDP, `organseg`
+# subprocess fits and config checks (the demo's runs, CLI errors), a 2-stage FocusNetV2 chain, a 2-trial sweep
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow -q
 
+# both: every test (what CI runs, .ci/run)
+test-all: test test-slow
+
 demo: $(STAMP)
-	$(BIN)/python -m organseg.demo
+	$(BIN)/python -m organseg.cli.demo
 
 bench: bench-loading
 

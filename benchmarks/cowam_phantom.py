@@ -193,8 +193,8 @@ def evaluate(model, test_card: str, device: str, repeats: int = 2) -> dict:
 
 
 def load(ckpts: list[str], classes: list[str], device: str):
-    from organseg.evaluation.command import load_module
-    from organseg.modules.cowam_baselines import MultiModel
+    from organseg.methods.checkpoints import load_module
+    from organseg.methods.cowam_baselines import MultiModel
 
     if len(ckpts) > 1:
         return MultiModel.from_checkpoints(ckpts, classes, device=device)

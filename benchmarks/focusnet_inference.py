@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from organseg.inference.focusnet import predict_focusnet, window_starts
-from organseg.models.focusnet import FocusNetV2
+from organseg.inference.locate_zoom_paste import predict_focusnet, window_starts
+from organseg.networks.focusnetv2 import FocusNetV2
 
 
 def rss_mib() -> float:

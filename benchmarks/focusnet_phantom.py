@@ -270,7 +270,7 @@ def time_inference(ckpt: str, device: str, repeats: int = 2) -> dict:
     import torch
 
     from organseg.cache.reader import CacheReader
-    from organseg.evaluation.command import load_module
+    from organseg.methods.checkpoints import load_module
     from organseg.io.card import DatasetCard
 
     model, extra = load_module(ckpt, device)

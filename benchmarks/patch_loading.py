@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
-from organseg.cli import main as organseg
+from organseg.cli.main import main as organseg
 from organseg.data.datasets import CacheSource, PatchStream
 from organseg.io.card import DatasetCard
 
@@ -103,7 +103,7 @@ def main() -> int:
         # steady state: skip the first fill (max_length patches), then time several refills
         tio_rate = rate(tio.SubjectsLoader(queue, batch_size=args.batch_size, num_workers=0), args.tio_patches, warmup=64)
 
-        from organseg.models import build_unet
+        from organseg.networks import build_unet
 
         net = build_unet(1, card.num_classes)
         opt = torch.optim.AdamW(net.parameters(), 1e-3)

@@ -26,7 +26,7 @@ def write_card(card_file: Path, **overrides) -> Path:
 def hn_small(tmp_path_factory) -> dict:
     """5 phantom cases (3 train, 1 val, 1 test), preprocessed: {'card': path, 'cache': path, 'raw': path}."""
     from organseg.cache.build import build_cache
-    from organseg.cli import main
+    from organseg.cli.main import main
     from organseg.io.card import DatasetCard
 
     root = tmp_path_factory.mktemp("hn_small")

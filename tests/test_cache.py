@@ -13,14 +13,13 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers.synthetic_cases import (CLASSES, CountingOpener, make_card, make_nnunet_dataset,
+                                     make_pddca_dataset, phantom, read_patch_in_child, truncate, write)
 from organseg.cache import build as build_mod
 from organseg.cache.build import CHUNKS, FORMAT_VERSION, body_bbox, build_cache, inspect_cache, label_stats
 from organseg.cache.reader import PAD_VALUE, CacheError, CacheReader
 from organseg.io.geometry import image_to_xyz, restore_original_geometry
 from organseg.io.layouts import CaseError, list_cases, read_case
-
-from synthetic_cases import (CLASSES, CountingOpener, make_card, make_nnunet_dataset, make_pddca_dataset,
-                             phantom, read_patch_in_child, truncate, write)
 
 IDS = ("hn_000", "hn_001", "hn_002")
 
@@ -333,7 +332,7 @@ def test_skip_bad_caches_good_cases_and_lists_the_bad(dataset, capsys):
 # ---------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def cli_main(monkeypatch):
-    from organseg import cli
+    from organseg.cli import main as cli
 
     # other subcommands are written in parallel: register only the importable ones
     available = {k: v for k, v in cli.TOOL_SUBCOMMANDS.items() if _importable(v)}

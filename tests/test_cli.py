@@ -14,6 +14,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 ORGANSEG = str(Path(sys.executable).with_name("organseg"))
 
+# every test here starts `organseg` subprocesses (each imports torch and Lightning: 15-20 s on 2 busy CPU
+# cores) and several train: `make test-slow`. tests/test_errors.py checks the one-line errors in process.
+pytestmark = pytest.mark.slow
+
 
 def run(args, cwd, timeout=600, check=True):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
@@ -28,7 +32,8 @@ def tiny_config(tmp: Path, hn_small, record: Path, **trainer) -> Path:
     cfg = {
         "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "accelerator": "cpu", "devices": 1,
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
-                    "callbacks": [{"class_path": "probes.DrawRecorder", "init_args": {"out_dir": str(record)}}],
+                    "callbacks": [{"class_path": "helpers.probes.DrawRecorder",
+                                   "init_args": {"out_dir": str(record)}}],
                     **trainer},
         "model": {"init_args": {"filters": [8, 16, 32], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]],
                                 "hd95_every_n_epochs": 2}},
@@ -63,7 +68,7 @@ def test_fit_writes_checkpoint_config_and_wandb_run(fitted):
     ckpts = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts and any(n.startswith("epoch") for n in ckpts)
     config = yaml.safe_load((run_dir / "config_fit.yaml").read_text())
-    assert config["model"]["class_path"] == "organseg.modules.UNetBaseline"
+    assert config["model"]["class_path"] == "organseg.methods.UNetBaseline"
     ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["num_classes"] == 18               # linked from the card, not configured
     extra = ckpt["organseg"]

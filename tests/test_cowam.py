@@ -1,4 +1,4 @@
-"""Co-training weight-averaged models (organseg.modules.cowam): EMA exactness, region mask and its zero
+"""Co-training weight-averaged models (organseg.methods.cowam): EMA exactness, region mask and its zero
 gradient, different initialisations, frozen averages, checkpoint + selected-model inference, and
 `organseg fit` end to end (1 process and 2-process DDP) on two few-organ abdominal phantom datasets."""
 from __future__ import annotations
@@ -18,8 +18,8 @@ import yaml
 
 from organseg.losses.cotraining import region_mask, sigmoid_rampup, soft_cross_entropy
 from organseg.losses.partial_labels import merge_pseudo_labels
-from organseg.models.averaging import warmup_decay
-from organseg.modules.cowam import CoTrainingWAM
+from organseg.networks.weight_averaging import warmup_decay
+from organseg.methods.cowam import CoTrainingWAM
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANSEG = str(Path(sys.executable).with_name("organseg"))
@@ -118,11 +118,11 @@ def test_two_networks_start_different_and_averages_never_get_grad():
 
 
 def test_network_is_configurable_and_a_bad_class_path_is_one_line():
-    m = tiny_module(network={"class_path": "organseg.models.snet.SNet", "init_args": {"base_channels": 4}})
+    m = tiny_module(network={"class_path": "organseg.networks.snet.SNet", "init_args": {"base_channels": 4}})
     assert type(m.net_a).__name__ == type(m.wam_b.module).__name__ == "SNet" and m.net_a.num_classes == 7
     assert torch.isfinite(m.compute_losses(batch_of())["loss"])
-    with pytest.raises(ValueError, match="organseg.models.nope.X.*cannot be imported"):
-        tiny_module(network={"class_path": "organseg.models.nope.X"})
+    with pytest.raises(ValueError, match="organseg.networks.nope.X.*cannot be imported"):
+        tiny_module(network={"class_path": "organseg.networks.nope.X"})
 
 
 # ---------------------------------------------------------------- region mask + soft loss
@@ -192,10 +192,10 @@ def test_training_terms_per_supervision_mode():
     with pytest.raises(ValueError, match="pseudo"):
         m.compute_losses({k: v for k, v in b.items() if k != "pseudo"})
     # a data config without pseudo-labels is caught at fit start, as a one-line user error
-    from organseg.cli import UserError
+    from organseg.errors import ConfigError
 
     m._trainer = SimpleNamespace(datamodule=SimpleNamespace(pseudo_labels=[None, None]))
-    with pytest.raises(UserError, match="supervision=pseudo but the data config has no pseudo_labels"):
+    with pytest.raises(ConfigError, match="supervision=pseudo but the data config has no pseudo_labels"):
         m.setup("fit")
     m._trainer.datamodule.pseudo_labels = ["a.h5", None]
     m.setup("fit")
@@ -300,7 +300,8 @@ def tiny_fit_config(tmp: Path, record: Path, model: dict | None = None, **traine
     cfg = {
         "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "accelerator": "cpu", "devices": 1,
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
-                    "callbacks": [{"class_path": f"probes.{probe}", "init_args": {"out_dir": str(record)}}
+                    "callbacks": [{"class_path": f"helpers.probes.{probe}",
+                                   "init_args": {"out_dir": str(record)}}
                                   for probe in ("DrawRecorder", "AveragedWeightsRecorder")],
                     **trainer},
         "model": {"init_args": {"filters": [8, 16, 32], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]],
@@ -311,9 +312,10 @@ def tiny_fit_config(tmp: Path, record: Path, model: dict | None = None, **traine
     return path
 
 
+@pytest.mark.slow
 def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selected(fewlabel, tmp_path, capsys):
-    from organseg.evaluation.command import load_module
-    from organseg.models import build_unet
+    from organseg.methods.checkpoints import load_module
+    from organseg.networks import build_unet
 
     record = tmp_path / "record"
     cfg = tiny_fit_config(tmp_path, record, model={"mask_dilation": 2})     # supervision: pseudo (cowam.yaml)
@@ -348,7 +350,7 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
     manual = torch.softmax(_sliding(net.eval(), image, model), 1).argmax(1).to(torch.uint8)
     assert torch.equal(model.predict_case(image), manual)
     out = tmp_path / "eval"
-    from organseg.cli import main
+    from organseg.cli.main import main
 
     assert main(["evaluate", "--ckpt", str(ckpt_path), "--out", str(out), "--overlays", "0"]) == 0
     assert "| organ | Dice |" in capsys.readouterr().out
@@ -365,6 +367,7 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
         assert tested[organ]["dice_mean"] == pytest.approx(summary["per_organ"][organ]["dice_mean"], abs=5e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_two_processes_keep_the_averaged_models_identical(fewlabel, tmp_path):
     record = tmp_path / "record"

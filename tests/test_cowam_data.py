@@ -16,12 +16,12 @@ from torch import nn
 
 from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
-from organseg.cli import main
+from organseg.cli.main import main
 from organseg.data import CTDataModule
 from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader, write_pseudo_file
 from organseg.io.card import DatasetCard
-from organseg.modules.baseline import UNetBaseline
-from organseg.modules.cowam_baselines import MarginalUNet, MultiModel, SelfTrainingUNet
+from organseg.methods.unet_baseline import UNetBaseline
+from organseg.methods.cowam_baselines import MarginalUNet, MultiModel, SelfTrainingUNet
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "liver", "spleen", "kidney_l", "kidney_r", "pancreas", "stomach"]
@@ -67,6 +67,7 @@ def _save_expert(path: Path, card: Path, favour: str, seed: int = 0) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_pseudolabel_tool_writes_unannotated_organs_only_and_detects_staleness(fewlabel, capsys):
     root, cards = fewlabel["root"], fewlabel["cards"]
     ck_ls = _save_expert(root / "ls.ckpt", cards["ls"], favour="spleen")
@@ -195,6 +196,7 @@ def test_multimodel_takes_each_experts_own_organs_and_resolves_conflicts_by_conf
         mm.training_step({}, 0)
 
 
+@pytest.mark.slow
 def test_multimodel_is_tested_by_lightning_on_every_case_of_a_test_only_dataset(fewlabel, tmp_path):
     """`organseg test -c experiments/cowam/multi_model.yaml -c data_modules/abdomen_test.yaml`: the
     Trainer's test loop over ``test_split: all`` (every cached case) with the N-pass ensemble."""
@@ -240,6 +242,7 @@ def _write_msd(root: Path, task: str, prefix: str, labels: dict[str, str], organ
     return folder
 
 
+@pytest.mark.slow
 def test_msd_single_organ_datasets_train_in_one_label_space_by_cards_alone(tmp_path):
     """LiTS-like liver (1 = liver, 2 = tumour) and MSD-spleen-like (1 = spleen) folders in the MSD
     layout become two few-organ datasets of one label space through their cards (`label_values`)."""

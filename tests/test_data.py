@@ -167,7 +167,7 @@ def test_datamodule_hands_float32_images_and_int64_labels_to_the_module_after_tr
 
 def test_heatmap_targets_peak_at_small_organ_centres_and_follow_augmentation(hn_small):
     from organseg.data.augmentation import AugmentationConfig
-    from organseg.models.sol import decode_centres
+    from organseg.spatial.heatmaps import decode_centres
 
     card = DatasetCard.load(hn_small["card"])
     small = card.small_indices

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from organseg.demo import dice_table, load_plan, runs_needed
+from organseg.cli.demo import dice_table, load_plan, runs_needed
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN = REPO / "experiments/demo_plan.yaml"
@@ -35,11 +35,12 @@ def test_plan_rejects_a_run_that_loads_a_later_one(tmp_path):
         load_plan(str(bad))
 
 
+@pytest.mark.slow   # one `organseg fit --print_config` subprocess per run, ~15-20 s each
 @pytest.mark.parametrize("run", [r["name"] for r in yaml.safe_load(PLAN.read_text())["runs"]])
 def test_every_demo_run_config_composes(run):
     """Each run's config stack parses in LightningCLI (catches a stage config drifting from the plan)."""
     spec = next(r for r in yaml.safe_load(PLAN.read_text())["runs"] if r["name"] == run)
-    cmd = [sys.executable, "-m", "organseg.cli", "fit", "--print_config"]
+    cmd = [sys.executable, "-m", "organseg.cli.main", "fit", "--print_config"]
     for cfg in spec["configs"]:
         cmd += ["-c", cfg]
     cmd.append(f"--trainer.max_time={spec['max_time']}")

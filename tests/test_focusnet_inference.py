@@ -1,4 +1,4 @@
-"""FocusNetV2 locate-zoom-paste inference (organseg.inference.focusnet): z-streamed blending equals
+"""FocusNetV2 locate-zoom-paste inference (organseg.inference.locate_zoom_paste): z-streamed blending equals
 MONAI's full-volume sliding window, SOL centres and SOS pastes land where they must, memory is bounded."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from organseg.inference.focusnet import blend_slabs, predict_focusnet
-from organseg.inference.roi import roi_box
-from organseg.models.focusnet import FocusNetV2
-from organseg.models.sol import decode_centres
+from organseg.inference.locate_zoom_paste import blend_slabs, predict_focusnet
+from organseg.spatial.roi import roi_box
+from organseg.networks.focusnetv2 import FocusNetV2
+from organseg.spatial.heatmaps import decode_centres
 
 PATCH = (32, 32, 8)
 SHAPE = (64, 64, 16)
@@ -239,8 +239,8 @@ def test_subvoxel_centre_across_slab_boundaries(cz):
 # ------------------------------------------------------------------ memory
 _RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch
-    from organseg.inference.focusnet import predict_focusnet
-    from organseg.models.focusnet import FocusNetV2
+    from organseg.inference.locate_zoom_paste import predict_focusnet
+    from organseg.networks.focusnetv2 import FocusNetV2
     torch.set_num_threads(1)
     C, shape, patch = {C}, {shape}, {patch}
     model = FocusNetV2(C, [1, 2], [(8, 8, 4), (8, 8, 4)], base_channels=4, sol_hidden=4, sos_base=4,
@@ -258,6 +258,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_peak_rss_growth_is_slab_sized_not_volume_sized():
     """RSS growth of one run in a fresh process (ru_maxrss is a high-water mark, so a fresh process
     is needed) on 256x256x96 with 48 classes. A full-volume float32 buffer per class (what MONAI's

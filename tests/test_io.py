@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from helpers.synthetic_cases import (CLASSES, DIRECTION, ORIGIN, SPACING, make_card, make_nnunet_dataset,
+                                     make_pddca_dataset, phantom, to_sitk, truncate, write)
 from organseg.io.card import DatasetCard
 from organseg.io.geometry import (Geometry, cropped_origin, image_to_xyz, resample_image, resample_label,
                                   resample_to_grid, resampled_size, restore_original_geometry, xyz_to_image)
 from organseg.io.layouts import CaseError, CaseFiles, OverlapWarning, list_cases, read_case
-
-from synthetic_cases import (CLASSES, DIRECTION, ORIGIN, SPACING, make_card, make_nnunet_dataset,
-                             make_pddca_dataset, phantom, to_sitk, truncate, write)
 
 
 def _assert_geometry(geom: Geometry, spacing=SPACING, origin=ORIGIN, direction=DIRECTION, shape=(40, 36, 12)):

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from organseg.cli import main
+from organseg.cli.main import main
 from organseg.phantom import (
     ABDOMEN_CLASSES,
     HN_CLASSES,

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from organseg.cache.build import preprocess_volume
-from organseg.cli import main
+from organseg.cli.main import main
 from organseg.io.card import DatasetCard
 from organseg.io.geometry import Geometry, image_to_xyz, resample_to_grid, resampled_size
 
@@ -92,7 +92,7 @@ def tiny_ckpt(card, tmp_path_factory) -> Path:
     """A real UNetBaseline checkpoint after one training step (its card rides along, as `organseg fit`'s)."""
     import lightning.pytorch as pl
 
-    from organseg.modules import UNetBaseline
+    from organseg.methods import UNetBaseline
 
     torch.manual_seed(0)
     model = UNetBaseline(num_classes=card.num_classes, classes=card.classes, patch_size=(64, 64, 16),
@@ -111,7 +111,7 @@ def tiny_ckpt(card, tmp_path_factory) -> Path:
 def test_predict_preprocessing_is_the_caches(hn_small):
     """No drift: the model input and grid attrs equal what the training cache stored for the same file."""
     from organseg.cache.reader import CacheReader
-    from organseg.inference.predict_command import preprocess_for_model
+    from organseg.inference.raw_images import preprocess_for_model
 
     card = DatasetCard.load(hn_small["card"])
     image = sitk.ReadImage(str(hn_small["raw"] / "imagesTr" / f"{CASE}_0000.nii.gz"), sitk.sitkFloat32)
@@ -128,7 +128,7 @@ def test_predict_preprocessing_is_the_caches(hn_small):
 def test_labels_land_in_the_original_geometry(hn_small, card):
     """Oracle model on an oblique, left-handed, anisotropic grid: the restored map has the input's exact
     grid and equals the original labels up to nearest-neighbour resampling at organ borders."""
-    from organseg.inference.predict_command import predict_image
+    from organseg.inference.raw_images import predict_image
 
     image, label = _case(hn_small)
     assert not np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), np.eye(3))
@@ -144,6 +144,7 @@ def test_labels_land_in_the_original_geometry(hn_small, card):
     assert np.mean(pred[::-1] == truth) < 0.95      # measured 0.89
 
 
+@pytest.mark.slow
 def test_predict_cli_on_nifti_files(hn_small, card, tiny_ckpt, tmp_path):
     """The real command on two files (NIfTI and NRRD): one uint8 map per input with the input's grid,
     labels.json, and no overwrite without --overwrite."""
@@ -176,7 +177,7 @@ def test_dicom_series_gives_rtstruct_that_rasterises_back(hn_small, card, tiny_c
     from rt_utils import RTStructBuilder
 
     from organseg.io.dicom import read_dicom_series, write_dicom_series
-    from organseg.modules import UNetBaseline
+    from organseg.methods import UNetBaseline
 
     # square pixels and Rows == Columns: what rt-utils' *reader* supports (see organseg.io.rtstruct)
     image, label = _case(hn_small, spacing=(1.5, 1.5, 4.5), direction=_rotation(0, 0, 20))

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from organseg.inference.roi import (crop_roi, crop_rois, paste_probabilities, paste_roi, roi_box,
+from organseg.spatial.roi import (crop_roi, crop_rois, paste_probabilities, paste_roi, roi_box,
                                     roi_size_voxels)
 from organseg.losses.shape import (adversarial_losses, discriminator_logits, reconstruction_loss,
                                    shape_loss)
-from organseg.models.shape import ShapeAutoencoder, ShapeDiscriminator
-from organseg.models.sos import SOSNet, SOSNetBank, sos_inputs
+from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
+from organseg.networks.sos import SOSNet, SOSNetBank, sos_inputs
 
 SHAPE = (20, 18, 10)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from slurm_cluster import LocalSlurm, SlurmUnavailable
+from helpers.slurm_cluster import LocalSlurm, SlurmUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "experiments/slurm/fit_single_node.sbatch"
@@ -39,7 +39,7 @@ def wandb_fit_config(**init_args):
 
 
 def test_job_defaults_give_a_run_id_and_folder_that_survive_a_requeue():
-    from organseg import slurm
+    from organseg.runtime import slurm
 
     assert slurm.job_id({}) is None and slurm.job_id({**JOB_ENV, "SLURM_JOB_NAME": "interactive"}) is None
     assert slurm.job_id({**JOB_ENV, "SLURM_ARRAY_JOB_ID": "120", "SLURM_ARRAY_TASK_ID": "3"}) == "120_3"
@@ -61,7 +61,7 @@ def test_job_defaults_give_a_run_id_and_folder_that_survive_a_requeue():
 
 
 def test_resume_picks_the_newest_of_hpc_and_last_checkpoint(tmp_path):
-    from organseg import slurm
+    from organseg.runtime import slurm
 
     assert slurm.resume_checkpoint(tmp_path, tmp_path) is None                 # a fresh job starts from scratch
     (tmp_path / "checkpoints").mkdir()
@@ -92,7 +92,8 @@ def job_folder(tmp: Path, hn_small, max_epochs: int, steps_per_epoch: int, num_w
     cfg = {
         "trainer": {"max_epochs": max_epochs, "check_val_every_n_epoch": 1, "enable_progress_bar": False,
                     "enable_model_summary": False, "log_every_n_steps": 1,
-                    "callbacks": [{"class_path": "slurm_probe.StepRecorder", "init_args": {"out_dir": str(tmp / "steps")}}]},
+                    "callbacks": [{"class_path": "helpers.slurm_probe.StepRecorder",
+                                   "init_args": {"out_dir": str(tmp / "steps")}}]},
         "model": {"init_args": {"filters": [8, 16, 32], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]],
                                 "hd95_every_n_epochs": 1000, "sw_overlap": 0.25}},
         "data": {"init_args": {"cards": [str(hn_small["card"])], "patch_size": [48, 48, 16], "batch_size": 2,
@@ -132,6 +133,7 @@ def finished(cluster, folder, job, timeout, what="COMPLETED"):
         raise AssertionError(f"{exc}\n--- job output\n{job_log(folder, job)[-6000:]}") from None
 
 
+@pytest.mark.slow
 def test_sbatch_template_runs_a_two_task_ddp_fit(cluster, hn_small, tmp_path):
     folder, cfg = job_folder(tmp_path, hn_small, max_epochs=1, steps_per_epoch=2)
     job = submit(cluster, folder, cfg)
@@ -151,6 +153,7 @@ def test_sbatch_template_runs_a_two_task_ddp_fit(cluster, hn_small, tmp_path):
     assert str(config["trainer"]["devices"]) == "2" and config["trainer"]["num_nodes"] == 1   # from the allocation
 
 
+@pytest.mark.slow
 def test_preempted_job_checkpoints_requeues_and_resumes_the_same_run(cluster, hn_small, tmp_path):
     max_epochs, steps_per_epoch = 2, 4
     folder, cfg = job_folder(tmp_path, hn_small, max_epochs, steps_per_epoch, num_workers=1)   # workers get the signal too

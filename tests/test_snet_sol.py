@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from organseg.losses.heatmap import HeatmapMSELoss
-from organseg.models.blocks import DenseASPP3d, ResidualSEBlock3d, SEBlock3d
-from organseg.models.snet import SNet
-from organseg.models.sol import SOLNet, decode_centres, gaussian_heatmaps
+from organseg.networks.blocks import DenseASPP3d, ResidualSEBlock3d, SEBlock3d
+from organseg.networks.snet import SNet
+from organseg.networks.sol import SOLNet
+from organseg.spatial.heatmaps import decode_centres, gaussian_heatmaps
 
 
 def conv_output_sizes(model: nn.Module, x: torch.Tensor) -> set[tuple[int, ...]]:

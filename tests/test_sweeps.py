@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from organseg import sweep
-from organseg.cli import main
-from organseg.wandb_runs import find_run_file, read_run
+from organseg.cli import sweep
+from organseg.cli.main import main
+from organseg.runtime.wandb_runs import find_run_file, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments/sweeps").glob("*.yaml"))
@@ -49,7 +49,7 @@ def test_shipped_sweep_parameters_are_keys_of_their_composed_config(monkeypatch)
     for path in SWEEPS:
         cfg = sweep.load_sweep(path)
         composed = sweep.check_parameters(cfg, sweep.fit_command(cfg, path), path)
-        assert composed["model"]["class_path"].startswith("organseg.modules")
+        assert composed["model"]["class_path"].startswith("organseg.methods")
 
 
 def test_args_are_rendered_as_wandb_agent_renders_them():
@@ -91,6 +91,7 @@ def write_tiny_sweep(tmp: Path, hn_small, parameters: dict, method: str = "rando
     return path
 
 
+@pytest.mark.slow
 def test_two_trial_random_sweep_on_the_phantom_ranks_the_trials(hn_small, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     path = write_tiny_sweep(tmp_path, hn_small, {

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from organseg.wandb_runs import find_run_file, iter_payloads, read_run
+from organseg.runtime.wandb_runs import find_run_file, iter_payloads, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def wandb_run(hn_small, tmp_path_factory):
 
     import wandb
 
-    from organseg.cli import main
+    from organseg.cli.main import main
 
     tmp = tmp_path_factory.mktemp("wandb_fit")
     cwd, mode = os.getcwd(), os.environ.get("WANDB_MODE")
@@ -62,7 +62,7 @@ def test_every_loss_term_and_metric_is_its_own_key(wandb_run, hn_small):
     _, run = wandb_run
     assert run.run_id == "wbtest" and run.exit_code == 0
     keys = run.keys()
-    for term in ("loss", "loss_focal", "loss_dice"):          # UNetBaseline's terms (DESIGN.md names)
+    for term in ("loss", "loss_focal", "loss_dice"):  # UNetBaseline's terms (docs/architecture.md §4.7)
         assert f"train/{term}" in keys and f"train/{term}_epoch" in keys, sorted(keys)
     organs = yaml.safe_load(Path(hn_small["card"]).read_text())["classes"][1:]
     for organ in organs:
@@ -94,7 +94,7 @@ def test_contour_images_are_logged_each_validation(wandb_run):
 def test_resolved_config_is_the_run_config(wandb_run):
     _, run = wandb_run
     cli = run.config["cli"]                                     # RunConfigCallback: the whole composed config
-    assert cli["model"]["class_path"] == "organseg.modules.UNetBaseline"
+    assert cli["model"]["class_path"] == "organseg.methods.UNetBaseline"
     assert cli["model"]["init_args"]["filters"] == [8, 16, 32] and cli["val_images"]["n_slices"] == 2
     assert cli["data"]["init_args"]["patch_size"] == [48, 48, 16] and cli["trainer"]["max_epochs"] == 2
     assert run.config["lr"] == pytest.approx(0.002) and run.config["num_classes"] == 18   # module hparams

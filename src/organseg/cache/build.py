@@ -1,7 +1,6 @@
 """Build the per-dataset HDF5 preprocessing cache (``organseg preprocess <card.yaml>``).
 
 One file per dataset at ``card.cache``::
-
     /                      attrs: format_version, fingerprint, fingerprint_inputs (JSON), complete,
                                   card (JSON), classes (JSON), hu_window, norm (JSON), axis_order="xyz",
                                   created (ISO time), case_ids (JSON), skipped (JSON), skipped_errors (JSON),
@@ -25,21 +24,32 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import sys
 import warnings
 import zlib
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
+import SimpleITK as sitk
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from scipy import ndimage
 
 from organseg.cache.reader import FORMAT_VERSION
-from organseg.io.card import DatasetCard
-from organseg.io.layouts import CaseError, CaseFiles, OverlapWarning, list_cases
+from organseg.errors import ConfigError, OutputError
+from organseg.io.atomic import make_dirs
+from organseg.io.card import CardError, DatasetCard
+from organseg.io.geometry import Geometry, cropped_origin, image_to_xyz, resample_image, resample_label
+from organseg.io.layouts import CaseError, CaseFiles, OverlapWarning, list_cases, read_case_sitk
 
 # HDF5 reads and decompresses whole chunks. A 96x96x48 training patch at a random offset overlaps
 # (96/32+1)^2 * (48/16+1) = 64 chunks of 32x32x16 int16 (32 KiB raw, ~10-20 KiB lzf): ~2 MiB read for a
@@ -79,7 +89,6 @@ def body_bbox(image_hu: np.ndarray, label: np.ndarray | None = None, threshold: 
               margin: int = BODY_MARGIN) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """[start, stop) of the body: the largest connected component of ``image > threshold`` plus
     ``margin`` voxels, extended to include every labelled voxel. The full volume if nothing is found."""
-    from scipy import ndimage
 
     shape = np.asarray(image_hu.shape)
     mask = image_hu > threshold
@@ -153,8 +162,6 @@ def preprocess_volume(card: DatasetCard, image, label=None, interpolation: str =
     kept), crop to the body, clip HU to the window: ``(image int16 (x, y, z), label uint8 or None, grid
     attrs)``. The grid attrs are what :func:`organseg.io.geometry.restore_original_geometry` needs to
     undo it. Shared by the cache and ``organseg predict`` so training and inference cannot drift."""
-    from organseg.io.geometry import (Geometry, cropped_origin, image_to_xyz, resample_image,
-                                      resample_label)
 
     geom = Geometry.of(image)
     target = tuple(float(v) for v in card.target_spacing)
@@ -191,7 +198,6 @@ def preprocess_volume(card: DatasetCard, image, label=None, interpolation: str =
 def preprocess_case(card: DatasetCard, case: CaseFiles, fg_samples: int = 10000,
                     interpolation: str = "linear") -> CaseResult:
     """Read, validate, resample, crop and clip one case (raises CaseError for a bad case)."""
-    from organseg.io.layouts import read_case_sitk
 
     image, label, _ = read_case_sitk(card, case)
     img, lab, attrs = preprocess_volume(card, image, label, interpolation)
@@ -228,8 +234,6 @@ def _run_case(card: DatasetCard, case: CaseFiles, fg_samples: int, interpolation
 
 
 def _init_worker(threads: int) -> None:
-    import SimpleITK as sitk
-
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
 
 
@@ -251,9 +255,6 @@ def _iter_results(card: DatasetCard, cases: list[CaseFiles], workers: int, fg_sa
         for case in cases:
             yield _run_case(card, case, fg_samples, interpolation)
         return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
     workers = min(workers, len(cases))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -363,11 +364,17 @@ def _describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------- inspection
 def open_h5(path: str | os.PathLike, mode: str = "r", **kw) -> h5py.File:
-    """h5py.File without HDF5 file locking where supported (NFS/Lustre)."""
+    """h5py.File without HDF5 file locking where supported (NFS/Lustre). A file that cannot be created
+    (mode "w": a folder without write permission) is an :class:`OutputError`."""
     try:
-        return h5py.File(path, mode, locking=False, **kw)
-    except TypeError:  # pragma: no cover - old h5py/HDF5
-        return h5py.File(path, mode, **kw)
+        try:
+            return h5py.File(path, mode, locking=False, **kw)
+        except TypeError:  # pragma: no cover - old h5py/HDF5
+            return h5py.File(path, mode, **kw)
+    except OSError as exc:
+        if mode != "w":
+            raise
+        raise OutputError.from_os_error(exc) from exc
 
 
 def inspect_cache(path: str | os.PathLike) -> tuple[str | None, dict[str, Any]]:
@@ -458,103 +465,71 @@ def build_cache(card: DatasetCard, workers: int = 2, skip_bad: bool = False, for
     :class:`CaseError` (nothing is written, an existing cache stays untouched) unless ``skip_bad``, which
     skips it with a warning and records it in the root attr ``skipped``.
     """
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if int(fg_samples) < 1:
-        raise ValueError(f"fg_samples must be >= 1, got {fg_samples}")
-    lo, hi = (float(v) for v in card.hu_window)
-    if lo < -32768 or hi > 32767:
-        raise ValueError(f"{card.source or card.name}: hu_window {card.hu_window} does not fit int16")
+    _check_options(card, compression, interpolation, fg_samples)
     cache = Path(card.cache).expanduser()
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(cache.parent)   # a folder that cannot be made is the user's to fix: one line
     remove_stale_temps(cache)
 
     cases = list_cases(card)
     inputs = fingerprint_inputs(card, cases, fg_samples, compression, interpolation)
-    fp = fingerprint(inputs)
+    reason = _rebuild_reason(cache, inputs, force)
+    if reason is None:
+        return cache
+
+    _info(f"preprocessing {len(cases)} case(s) of {card.name} -> {cache} ({reason})")
+    with (_written_atomically(cache) as tmp, open_h5(tmp, "w") as h5,
+          _progress_bar(card.name, len(cases), progress) as advance):
+        _write_root_attrs(h5, card, inputs)
+        tally = _write_cases(h5, card, cases, inputs, workers, skip_bad, advance)
+        _mark_complete(h5, card, tally)
+    note = f", {len(tally.skipped)} bad case(s) skipped" if tally.skipped else ""
+    _info(f"wrote {cache}: {len(tally.written)} case(s){note}")
+    return cache
+
+
+def _check_options(card: DatasetCard, compression: str, interpolation: str, fg_samples: int) -> None:
+    """Refuse bad build options before anything is read or written (one-line user errors)."""
+    if compression not in COMPRESSIONS:
+        raise ConfigError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if int(fg_samples) < 1:
+        raise ConfigError(f"fg_samples must be >= 1, got {fg_samples}")
+    lo, hi = (float(v) for v in card.hu_window)
+    if lo < -32768 or hi > 32767:
+        raise CardError(f"{card.source or card.name}: hu_window {card.hu_window} does not fit int16")
+
+
+def _rebuild_reason(cache: Path, inputs: dict[str, Any], force: bool) -> str | None:
+    """Why ``cache`` must be (re)built, or None when it is complete and of these inputs (said on stdout)."""
     problem, attrs = inspect_cache(cache)
-    reason = ""
     if problem == "missing":
-        reason = "new cache"
-    elif problem is not None:
+        return "new cache"
+    if problem is not None:
         _info(f"{cache}: cache is corrupt/incomplete ({problem}), rebuilding")
-        reason = "rebuilding a corrupt cache"
-    elif attrs.get("fingerprint") != fp:
+        return "rebuilding a corrupt cache"
+    if attrs.get("fingerprint") != fingerprint(inputs):
         try:
             old = json.loads(attrs.get("fingerprint_inputs", "{}"))
         except ValueError:
             old = {}
         reason = _describe_change(old, inputs)
         _info(f"{cache}: inputs or parameters changed ({reason}), rebuilding")
-    elif force:
-        reason = "--force"
-    else:
-        skipped = json.loads(attrs.get("skipped", "[]"))
-        note = f" ({len(skipped)} bad case(s) skipped: {', '.join(skipped[:5])})" if skipped else ""
-        _info(f"cache up to date: {cache}{note}")
-        return cache
+        return reason
+    if force:
+        return "--force"
+    skipped = json.loads(attrs.get("skipped", "[]"))
+    note = f" ({len(skipped)} bad case(s) skipped: {', '.join(skipped[:5])})" if skipped else ""
+    _info(f"cache up to date: {cache}{note}")
+    return None
 
-    _info(f"preprocessing {len(cases)} case(s) of {card.name} -> {cache} ({reason})")
+
+@contextmanager
+def _written_atomically(cache: Path) -> Iterator[Path]:
+    """Yield ``<cache>.tmp-<pid>``; then fsync it and move it over ``cache``, or on any error delete it."""
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-    written: list[str] = []
-    skipped: list[str] = []
-    errors: dict[str, str] = {}
-    shown_once: set[str] = set()
-    bar = None
     try:
-        with open_h5(tmp, "w") as h5:
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["complete"] = False
-            h5.attrs["fingerprint"] = fp
-            h5.attrs["fingerprint_inputs"] = json.dumps(inputs, sort_keys=True, default=str)
-            h5.attrs["card"] = json.dumps(card.to_dict(), default=str)
-            h5.attrs["classes"] = json.dumps(list(card.classes))
-            h5.attrs["hu_window"] = np.asarray([lo, hi], dtype=np.float64)
-            h5.attrs["norm"] = json.dumps(norm_description(card.hu_window))
-            h5.attrs["axis_order"] = "xyz"
-            h5.attrs["interpolation"] = interpolation
-            h5.attrs["compression"] = compression
-            h5.attrs["fg_samples"] = int(fg_samples)
-            h5.attrs["chunks"] = np.asarray(CHUNKS, dtype=np.int64)
-            h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            h5.create_group("cases")
-            if progress:
-                from rich.console import Console
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                           TimeRemainingColumn)
-
-                bar = Progress(TextColumn("[bold]preprocess[/] {task.description}"), BarColumn(),
-                               MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                               transient=False)
-                bar.start()
-                task = bar.add_task(card.name, total=len(cases))
-            for result in _iter_results(card, cases, workers, fg_samples, interpolation):
-                for category, message in result.warnings:
-                    if category == OverlapWarning.__name__:
-                        if "overlap" in shown_once:
-                            continue
-                        shown_once.add("overlap")
-                    _warn(message)
-                if result.error is not None:
-                    if not skip_bad:
-                        raise CaseError(f"{result.error} (use --skip-bad to skip bad cases)", result.case_id)
-                    _warn(f"skipping bad case {result.error}")
-                    skipped.append(result.case_id)
-                    errors[result.case_id] = result.error
-                else:
-                    _write_case(h5, result, compression)
-                    written.append(result.case_id)
-                if bar is not None:
-                    bar.advance(task)
-            if not written:
-                raise CaseError(f"{card.path}: no usable cases ({len(skipped)} bad case(s) skipped)")
-            h5.attrs["case_ids"] = json.dumps(written)
-            h5.attrs["skipped"] = json.dumps(skipped)
-            h5.attrs["skipped_errors"] = json.dumps(errors)
-            h5.attrs["complete"] = True
-            h5.flush()
+        yield tmp
         _fsync(tmp)
         os.replace(tmp, cache)
         _fsync_dir(cache.parent)
@@ -564,9 +539,93 @@ def build_cache(card: DatasetCard, workers: int = 2, skip_bad: bool = False, for
         except FileNotFoundError:
             pass
         raise
+
+
+@contextmanager
+def _progress_bar(name: str, total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    """Yield a function that advances a per-case progress bar on stderr (a no-op when not ``enabled``)."""
+    if not enabled:
+        yield lambda: None
+        return
+    bar = Progress(TextColumn("[bold]preprocess[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    try:
+        bar.start()
+        task = bar.add_task(name, total=total)
+        yield lambda: bar.advance(task)
     finally:
-        if bar is not None:
-            bar.stop()
-    note = f", {len(skipped)} bad case(s) skipped" if skipped else ""
-    _info(f"wrote {cache}: {len(written)} case(s){note}")
-    return cache
+        bar.stop()
+
+
+def _write_root_attrs(h5: h5py.File, card: DatasetCard, inputs: dict[str, Any]) -> None:
+    """Describe the cache in its root attrs (``complete`` still False); ``inputs`` holds the build options."""
+    lo, hi = (float(v) for v in card.hu_window)
+    h5.attrs["format_version"] = FORMAT_VERSION
+    h5.attrs["complete"] = False
+    h5.attrs["fingerprint"] = fingerprint(inputs)
+    h5.attrs["fingerprint_inputs"] = json.dumps(inputs, sort_keys=True, default=str)
+    h5.attrs["card"] = json.dumps(card.to_dict(), default=str)
+    h5.attrs["classes"] = json.dumps(list(card.classes))
+    h5.attrs["hu_window"] = np.asarray([lo, hi], dtype=np.float64)
+    h5.attrs["norm"] = json.dumps(norm_description(card.hu_window))
+    h5.attrs["axis_order"] = "xyz"
+    h5.attrs["interpolation"] = inputs["interpolation"]
+    h5.attrs["compression"] = inputs["compression"]
+    h5.attrs["fg_samples"] = inputs["fg_samples"]
+    h5.attrs["chunks"] = np.asarray(CHUNKS, dtype=np.int64)
+    h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    h5.create_group("cases")
+
+
+@dataclass
+class _Tally:
+    """The cases a build wrote, and the bad ones it skipped with their errors."""
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _write_cases(h5: h5py.File, card: DatasetCard, cases: list[CaseFiles], inputs: dict[str, Any],
+                 workers: int, skip_bad: bool, advance: Callable[[], None]) -> _Tally:
+    """Preprocess the cases (a pool when ``workers > 1``); write each good one as it comes, in case order."""
+    tally = _Tally()
+    shown_once: set[str] = set()
+    for result in _iter_results(card, cases, workers, inputs["fg_samples"], inputs["interpolation"]):
+        _relay_warnings(result, shown_once)
+        if result.error is not None:
+            _skip_bad_case(result, skip_bad, tally)
+        else:
+            _write_case(h5, result, inputs["compression"])
+            tally.written.append(result.case_id)
+        advance()
+    return tally
+
+
+def _relay_warnings(result: CaseResult, shown_once: set[str]) -> None:
+    """Print a case's warnings on stderr; the overlap warning only once per build (it repeats per case)."""
+    for category, message in result.warnings:
+        if category == OverlapWarning.__name__:
+            if "overlap" in shown_once:
+                continue
+            shown_once.add("overlap")
+        _warn(message)
+
+
+def _skip_bad_case(result: CaseResult, skip_bad: bool, tally: _Tally) -> None:
+    """Stop the build at a bad case (nothing is written), or with ``skip_bad`` warn and record it."""
+    if not skip_bad:
+        raise CaseError(f"{result.error} (use --skip-bad to skip bad cases)", result.case_id)
+    _warn(f"skipping bad case {result.error}")
+    tally.skipped.append(result.case_id)
+    tally.errors[result.case_id] = result.error
+
+
+def _mark_complete(h5: h5py.File, card: DatasetCard, tally: _Tally) -> None:
+    """List the written and skipped cases, then set ``complete``: only a whole cache is ever complete."""
+    if not tally.written:
+        raise CaseError(f"{card.path}: no usable cases ({len(tally.skipped)} bad case(s) skipped)")
+    h5.attrs["case_ids"] = json.dumps(tally.written)
+    h5.attrs["skipped"] = json.dumps(tally.skipped)
+    h5.attrs["skipped_errors"] = json.dumps(tally.errors)
+    h5.attrs["complete"] = True
+    h5.flush()

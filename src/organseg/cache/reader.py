@@ -18,6 +18,8 @@ from typing import IO, Any, Callable, Sequence
 import h5py
 import numpy as np
 
+from organseg.errors import ConfigError, OrgansegError
+
 #: version of the cache layout (bump when build.py changes what it writes)
 FORMAT_VERSION = 1
 
@@ -28,7 +30,7 @@ _GEOMETRY_KEYS = ("spacing", "shape", "origin", "direction", "orig_spacing", "or
                   "orig_shape", "resampled_origin", "resampled_shape", "crop_start", "crop_stop")
 
 
-class CacheError(ValueError):
+class CacheError(OrgansegError, ValueError):
     """The cache file is missing, incomplete or corrupt (one-line message naming the file)."""
 
 
@@ -251,8 +253,8 @@ class CacheReader:
         """
         start = np.asarray(start, dtype=np.int64).reshape(3)
         size = np.asarray(size, dtype=np.int64).reshape(3)
-        if np.any(size <= 0):
-            raise ValueError(f"read_patch: size must be positive, got {tuple(size)}")
+        if np.any(size <= 0):   # the config's patch_size
+            raise ConfigError(f"read_patch: size must be positive, got {tuple(size)}")
         shape = np.asarray(self.shape(case_id), dtype=np.int64)
         lo = np.clip(start, 0, shape)
         hi = np.clip(start + size, 0, shape)

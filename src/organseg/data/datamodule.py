@@ -13,10 +13,13 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader
 
+from organseg.cache.build import build_cache
+from organseg.cache.reader import CacheReader
 from organseg.data.augmentation import AugmentationConfig
 from organseg.data.datasets import CacheSource, CaseStream, PatchStream
+from organseg.data.pseudo_labels import PseudoLabelReader
+from organseg.data.workers import init_worker
 from organseg.io.card import CardError, DatasetCard
-from organseg.slurm import ignore_requeue_signal   # SLURM signals workers too
 
 
 class CTDataModule(pl.LightningDataModule):
@@ -99,15 +102,11 @@ class CTDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         # Lightning calls this on one process per node before setup(): the place to build caches.
         if self.hparams.preprocess:
-            from organseg.cache.build import build_cache
-
             for card in self.cards:
                 build_cache(card, workers=max(1, self.hparams.num_workers))
 
     def readers(self) -> list:
         if self._readers is None:
-            from organseg.cache.reader import CacheReader
-
             self._readers = [CacheReader(card.cache) for card in self.cards]
             self._splits = [card.split_cases(r.case_ids) for card, r in zip(self.cards, self._readers)]
         return self._readers
@@ -115,8 +114,6 @@ class CTDataModule(pl.LightningDataModule):
     def pseudo_readers(self) -> list:
         """One PseudoLabelReader (or None) per card, validated against the card's cache."""
         if self._pseudo_readers is None:
-            from organseg.data.pseudo_labels import PseudoLabelReader
-
             self._pseudo_readers = [
                 None if p is None else PseudoLabelReader(p, cache_fingerprint=r.fingerprint, case_ids=r.case_ids)
                 for p, r in zip(self.pseudo_labels, self.readers())]
@@ -176,7 +173,7 @@ class CTDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         self.train_stream.epoch_offset = trainer.current_epoch if trainer is not None else 0
         return DataLoader(self.train_stream, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0, worker_init_fn=ignore_requeue_signal,
+                          persistent_workers=hp.num_workers > 0, worker_init_fn=init_worker,
                           multiprocessing_context="spawn" if hp.num_workers > 0 else None)
 
     def _case_loader(self, split: str, max_cases: int | None = None) -> DataLoader:
@@ -188,7 +185,7 @@ class CTDataModule(pl.LightningDataModule):
         workers = min(1, self.hparams.num_workers)
         return DataLoader(CaseStream(sources, rank=rank, world_size=world), batch_size=1, num_workers=workers,
                           persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None,
-                          worker_init_fn=ignore_requeue_signal)
+                          worker_init_fn=init_worker)
 
     def val_dataloader(self) -> DataLoader:
         return self._case_loader(self.hparams.val_split, self.hparams.val_max_cases)

@@ -3,7 +3,7 @@
 Both shard themselves by (DDP rank, DataLoader worker), so Lightning never wraps them in a
 DistributedSampler (it does not for IterableDatasets) and no case or patch stream is duplicated.
 
-Sample dict (DESIGN.md): ``image`` float32 [1,X,Y,Z], ``label`` [X,Y,Z], ``labeled`` bool [C],
+Sample dict (docs/architecture.md §4.4): ``image`` float32 [1,X,Y,Z], ``label`` [X,Y,Z], ``labeled`` bool [C],
 ``case_id`` str, ``location`` int64 [6] (start xyz, stop xyz in the cached case), ``dataset`` int;
 with ``heatmap_classes`` set (FocusNetV2's small organs), ``heatmap`` [K,X,Y,Z]: a Gaussian
 (sigma in mm) at each organ's cached centre, transformed with the patch so it follows augmentation;
@@ -11,7 +11,8 @@ with pseudo-labels (``CacheSource.pseudo``), ``pseudo`` [X,Y,Z]: hard pseudo-lab
 dataset does not annotate, read from the same box and moved by the same spatial transform as ``label``.
 Between processes the sample is compact: ``image`` float16 (exact to ~0.1 HU in a 400 HU window, half
 the bytes of float32) and ``label`` uint8 (an eighth of int64); ``CTDataModule.on_after_batch_transfer``
-restores float32 (image, heatmap) / int64 (label, pseudo) on the training device, so modules see the DESIGN.md dtypes.
+restores float32 (image, heatmap) / int64 (label, pseudo) on the training device, so modules see the
+batch dtypes of docs/architecture.md §4.4.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from torch.utils.data import IterableDataset
 
 from organseg.data.sampling import draw_centre, patch_start
 from organseg.data.sharding import current_shard, split_evenly
+from organseg.errors import ConfigError
+from organseg.spatial.heatmaps import gaussian_heatmaps
 
 
 @dataclass
@@ -35,6 +38,10 @@ class CacheSource:
     case_ids: list[str]
     labeled: np.ndarray        # bool [C] in the unified class list
     pseudo: "object | None" = None  # organseg.data.pseudo_labels.PseudoLabelReader (hard pseudo-labels) or None
+
+
+# volumes moved as label maps (nearest neighbour) by the augmentation; the others are scalar images
+_LABEL_MAPS = frozenset({"label", "pseudo"})
 
 
 def _affine(spacing) -> np.ndarray:
@@ -57,7 +64,7 @@ class PatchStream(IterableDataset):
                  heatmap_classes: Sequence[int] = (), heatmap_sigma_mm: float = 5.0):
         self.sources = list(sources)
         if not self.sources or not any(s.case_ids for s in self.sources):
-            raise ValueError("PatchStream: no training cases")
+            raise ConfigError("PatchStream: no training cases")
         self.patch_size = np.asarray(patch_size, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.patches_per_epoch = int(patches_per_epoch)
@@ -98,55 +105,84 @@ class PatchStream(IterableDataset):
             yield self.sample(rng)
 
     def sample(self, rng: np.random.Generator) -> dict:
-        d = int(rng.choice(len(self.sources), p=self.dataset_p))
+        """One training patch: draw a case, then its box (the ``rng`` order), read, augment, crop, pack."""
+        d, case_id = self._draw_case(rng)
         src = self.sources[d]
-        case_id = src.case_ids[int(rng.integers(len(src.case_ids)))]
-        reader = src.reader
+        start = self._draw_patch_start(rng, src.reader, case_id)
+        spacing = src.reader.spacing(case_id)
+        region = self._read_region(src, case_id, start - self.margin, spacing)
+        patch = self._crop_margin(self._augment(region, spacing))
+        return self._pack(patch, src, d, case_id, start)
+
+    def _draw_case(self, rng: np.random.Generator) -> tuple[int, str]:
+        """(dataset index, case id): a dataset by ``dataset_p``, then one of its cases uniformly."""
+        d = int(rng.choice(len(self.sources), p=self.dataset_p))
+        case_ids = self.sources[d].case_ids
+        return d, case_ids[int(rng.integers(len(case_ids)))]
+
+    def _draw_patch_start(self, rng: np.random.Generator, reader, case_id: str) -> np.ndarray:
+        """Patch origin around a class-balanced centre (from the cached foreground coordinates, no scan)."""
         centre, _ = draw_centre(rng, reader.shape(case_id), reader.class_counts(case_id),
                                 lambda c: reader.fg_coords(case_id, c), self.foreground_probability,
                                 self.organ_weights)
-        start = patch_start(rng, centre, self.patch_size, self.jitter)
-        region_start, region_size = start - self.margin, self.patch_size + 2 * self.margin
-        image, label = reader.read_patch(case_id, region_start, region_size)
-        spacing = reader.spacing(case_id)
-        heatmap = None
-        if self.heatmap_classes:
-            from organseg.models.sol import gaussian_heatmaps
+        return patch_start(rng, centre, self.patch_size, self.jitter)
 
-            centres = torch.as_tensor(reader.centres(case_id)[self.heatmap_classes] - region_start, dtype=torch.float32)
-            heatmap = gaussian_heatmaps(centres, region_size.tolist(), spacing, self.heatmap_sigma_mm)
-        pseudo = None
+    def _read_region(self, src: CacheSource, case_id: str, region_start: np.ndarray,
+                     spacing) -> dict[str, torch.Tensor]:
+        """Patch + augmentation margin (the transform pulls in real voxels) as [channel, X, Y, Z] tensors."""
+        region_size = self.patch_size + 2 * self.margin
+        image, label = src.reader.read_patch(case_id, region_start, region_size)
+        region = {"image": torch.from_numpy(image)[None], "label": torch.from_numpy(label)[None]}
+        if self.heatmap_classes:
+            region["heatmap"] = self._heatmaps(src.reader, case_id, region_start, region_size, spacing)
         if self.with_pseudo:
-            pseudo = (src.pseudo.read_patch(case_id, region_start, region_size) if src.pseudo is not None
-                      else np.zeros(label.shape, dtype=np.uint8))
-        if self.transform is not None:
-            images = {"image": tio.ScalarImage(tensor=torch.from_numpy(image)[None], affine=_affine(spacing)),
-                      "label": tio.LabelMap(tensor=torch.from_numpy(label)[None], affine=_affine(spacing))}
-            if heatmap is not None:
-                images["heatmap"] = tio.ScalarImage(tensor=heatmap, affine=_affine(spacing))
-            if pseudo is not None:   # a LabelMap: moved with the label (nearest neighbour)
-                images["pseudo"] = tio.LabelMap(tensor=torch.from_numpy(pseudo)[None], affine=_affine(spacing))
-            subject = self.transform(tio.Subject(**images))
-            image_t, label_t = subject["image"].data[0], subject["label"].data[0]
-            heatmap = subject["heatmap"].data if heatmap is not None else None
-            pseudo_t = subject["pseudo"].data[0] if pseudo is not None else None
-        else:
-            image_t, label_t = torch.from_numpy(image), torch.from_numpy(label)
-            pseudo_t = torch.from_numpy(pseudo) if pseudo is not None else None
-        m, p = self.margin, self.patch_size
-        crop = tuple(slice(int(a), int(a + b)) for a, b in zip(m, p))
-        extra = {} if heatmap is None else {"heatmap": heatmap[(slice(None), *crop)].to(torch.float16).contiguous()}
-        if pseudo_t is not None:
-            extra["pseudo"] = pseudo_t[crop].to(torch.uint8).contiguous()
+            region["pseudo"] = torch.from_numpy(self._read_pseudo(src, case_id, region_start, region_size,
+                                                                  label.shape))[None]
+        return region
+
+    def _heatmaps(self, reader, case_id: str, region_start: np.ndarray, region_size: np.ndarray,
+                  spacing) -> torch.Tensor:
+        """[K, X, Y, Z] Gaussians at the small organs' cached centres: FocusNetV2's localisation target."""
+        centres = reader.centres(case_id)[self.heatmap_classes] - region_start
+        return gaussian_heatmaps(torch.as_tensor(centres, dtype=torch.float32), region_size.tolist(), spacing,
+                                 self.heatmap_sigma_mm)
+
+    @staticmethod
+    def _read_pseudo(src: CacheSource, case_id: str, region_start: np.ndarray, region_size: np.ndarray,
+                     shape: tuple[int, ...]) -> np.ndarray:
+        """The region's hard pseudo-labels; zeros for a source without a file, so mixed batches collate."""
+        if src.pseudo is None:
+            return np.zeros(shape, dtype=np.uint8)
+        return src.pseudo.read_patch(case_id, region_start, region_size)
+
+    def _augment(self, region: dict[str, torch.Tensor], spacing) -> dict[str, torch.Tensor]:
+        """One draw of the transform moves every volume alike (label maps by nearest neighbour)."""
+        if self.transform is None:
+            return region
+        subject = tio.Subject(**{name: (tio.LabelMap if name in _LABEL_MAPS else tio.ScalarImage)(
+            tensor=volume, affine=_affine(spacing)) for name, volume in region.items()})
+        moved = self.transform(subject)
+        return {name: moved[name].data for name in region}
+
+    def _crop_margin(self, region: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Cut the augmentation margin off: what is left is the patch itself."""
+        crop = (slice(None), *(slice(int(m), int(m + p)) for m, p in zip(self.margin, self.patch_size)))
+        return {name: volume[crop] for name, volume in region.items()}
+
+    def _pack(self, patch: dict[str, torch.Tensor], src: CacheSource, d: int, case_id: str,
+              start: np.ndarray) -> dict:
+        """The sample dict in its compact inter-process dtypes (float16 image/heatmap, uint8 label/pseudo)."""
+        extra = {} if "heatmap" not in patch else {"heatmap": patch["heatmap"].to(torch.float16).contiguous()}
+        if "pseudo" in patch:
+            extra["pseudo"] = patch["pseudo"][0].to(torch.uint8).contiguous()
         return {**extra,
-            "image": image_t[crop].to(torch.float16).unsqueeze(0).contiguous(),
-            "label": label_t[crop].to(torch.uint8).contiguous(),
+            "image": patch["image"].to(torch.float16).contiguous(),
+            "label": patch["label"][0].to(torch.uint8).contiguous(),
             "labeled": torch.from_numpy(src.labeled.copy()),
             "case_id": case_id,
-            "location": torch.as_tensor(np.concatenate([start, start + p]), dtype=torch.int64),
+            "location": torch.as_tensor(np.concatenate([start, start + self.patch_size]), dtype=torch.int64),
             "dataset": d,
         }
-
 
 class CaseStream(IterableDataset):
     """Whole cached cases (for sliding-window validation/testing), each case exactly once across

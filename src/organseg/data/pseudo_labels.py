@@ -1,10 +1,9 @@
 """Offline hard pseudo-labels for few-organ datasets (the self-training base of co-training WAM).
 
 ``organseg pseudolabel --ckpt A.ckpt B.ckpt --card CARD --out FILE.h5`` runs first-stage
-single-dataset models (experts) on every case of CARD's cache and stores one uint8 label map per case,
-in the cache geometry, for the organs CARD does *not* annotate (each expert contributes only the organs
-its own training cards annotate; overlaps go to the more confident expert, see
-:class:`organseg.modules.cowam_baselines.MultiModel`). ``CTDataModule(pseudo_labels=[...])`` then reads
+single-dataset models (experts) on every case of CARD's cache (:mod:`organseg.methods.pseudo_labelling`)
+and stores one uint8 label map per case, in the cache geometry, for the organs CARD does *not* annotate.
+This module reads and writes those files. ``CTDataModule(pseudo_labels=[...])`` then reads
 the pseudo-label patch alongside the image patch (same box, same torchio spatial augmentation) and
 puts it in the batch as ``pseudo``.
 
@@ -28,10 +27,14 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
+from organseg.cache.build import CHUNKS
+from organseg.errors import OrgansegError
+from organseg.io.atomic import atomic_open
+
 FORMAT_VERSION = 1
 
 
-class PseudoLabelError(ValueError):
+class PseudoLabelError(OrgansegError, ValueError):
     """A pseudo-label file is missing, incomplete, stale or inconsistent with its cache."""
 
 
@@ -135,8 +138,6 @@ def write_pseudo_file(out: str | os.PathLike, labels: Iterable[tuple[str, np.nda
                       checkpoints: Sequence[dict], card_name: str) -> Path:
     """Write (case id, uint8 label map in the cache geometry) pairs as a pseudo-label file, atomically
     (readers see the old file or the complete new one; an error leaves nothing behind)."""
-    from organseg.cache.build import CHUNKS
-    from organseg.io.atomic import atomic_open
 
     out = Path(out)
     ids = []
@@ -161,83 +162,3 @@ def write_pseudo_file(out: str | os.PathLike, labels: Iterable[tuple[str, np.nda
         h5.attrs["case_ids"] = json.dumps(ids)
         h5.attrs["complete"] = True
     return out
-
-
-def write_pseudo_labels(card, checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike,
-                        device: str = "cpu", force: bool = False, progress: bool = True) -> Path:
-    """Run the experts on every cached case of ``card`` and write ``out`` atomically.
-
-    A no-op (returns ``out``) when ``out`` exists with the same fingerprint, unless ``force``.
-    """
-    import torch
-
-    from organseg.cache.build import build_cache
-    from organseg.cache.reader import CacheReader
-    from organseg.modules.cowam_baselines import MultiModel
-
-    out = Path(out)
-    build_cache(card, progress=False)   # a no-op when up to date
-    reader = CacheReader(card.cache)
-    if list(reader.classes) != list(card.classes):
-        raise PseudoLabelError(f"{card.source or card.name}: classes differ from its cache {card.cache}")
-    # experts restricted to the organs this dataset does NOT annotate (its ground truth covers the rest)
-    own = set(card.labeled)
-    model = MultiModel.from_checkpoints(checkpoints, classes=card.classes, exclude_organs=own, device=device)
-    if not model.expert_checkpoints:
-        raise PseudoLabelError(f"{card.source or card.name}: the checkpoints annotate no organ that this dataset "
-                               f"lacks ({sorted(own)} are its own); nothing to pseudo-label")
-    entries = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p), "organs": organs}
-               for p, organs in zip(model.expert_checkpoints, model.expert_organ_names)]
-    fp = pseudo_fingerprint(reader.fingerprint, entries, card.classes)
-    if out.is_file() and not force:
-        try:
-            old = PseudoLabelReader(out, check_checkpoints=False)
-        except PseudoLabelError:
-            old = None
-        if old is not None and old.fingerprint == fp and set(reader.case_ids) <= set(old.case_ids):
-            print(f"{out}: pseudo-labels up to date ({len(old.case_ids)} cases)")
-            return out
-    ids = list(reader.case_ids)
-    it = ids
-    if progress:
-        from rich.progress import track
-
-        it = track(ids, description=f"pseudo-labelling {card.name}")
-
-    def labels():
-        for cid in it:
-            image, _ = reader.read_case(cid)
-            with torch.no_grad():
-                pred = model.predict_case(torch.from_numpy(image)[None, None].to(device))[0]
-            yield cid, pred.cpu().numpy().astype(np.uint8)
-
-    write_pseudo_file(out, labels(), fingerprint=fp, cache=card.cache, cache_fingerprint=reader.fingerprint,
-                      classes=card.classes, checkpoints=entries, card_name=card.name)
-    print(f"wrote {out}: pseudo-labels of {len(ids)} cases for organs "
-          f"{sorted({o for e in entries for o in e['organs']})}")
-    return out
-
-
-# ----------------------------------------------------------------------------------- CLI
-def register(subparsers) -> None:
-    import argparse
-
-    p = subparsers.add_parser(
-        "pseudolabel", help="hard pseudo-labels of a few-organ dataset from single-dataset models (HDF5)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints of first-stage single-dataset models")
-    p.add_argument("--card", required=True, help="dataset card whose cached cases are pseudo-labelled")
-    p.add_argument("--out", required=True, help="output HDF5 file (e.g. data/pseudo/<dataset>.h5)")
-    p.add_argument("--device", default="cpu", help="torch device for inference, e.g. cuda:0")
-    p.add_argument("--force", action="store_true", help="rewrite even if the file is up to date")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from organseg.io.card import DatasetCard
-
-    card = DatasetCard.load(args.card)
-    write_pseudo_labels(card, args.ckpt, args.out, device=args.device, force=args.force,
-                        progress=not args.no_progress)
-    return 0

@@ -1,6 +1,6 @@
 """Evaluation: per-organ Dice / HD95 / ASSD (MONAI), reports and contour overlays.
 
-``organseg.evaluation.command`` (the ``organseg evaluate`` entry point) builds on this API::
+``organseg.cli.evaluate`` (the ``organseg evaluate`` entry point) builds on this API::
 
     rows = case_metrics(pred, label, spacing, classes, labeled, case_id="case_001")
     paths = write_report(all_rows, out_dir, title="...", extra={"checkpoint": ...})

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 from scipy import ndimage
 
 __all__ = [
@@ -160,11 +161,6 @@ def binary_metrics(
     p = torch.from_numpy(np.ascontiguousarray(pred_mask, dtype=bool))
     g = torch.from_numpy(np.ascontiguousarray(ref_mask, dtype=bool))
     sp = [float(s) for s in spacing]
-    from monai.metrics import (
-        compute_average_surface_distance,
-        compute_dice,
-        compute_hausdorff_distance,
-    )
 
     # (batch, channel, *spatial): two channels (background, organ) for Dice, organ only for distances
     # (the reference in float64 so that Dice is not rounded to float32)

@@ -8,14 +8,18 @@ y upwards, in mm when ``spacing`` is given (so anisotropic voxels keep the right
 """
 from __future__ import annotations
 
-from organseg.io.atomic import atomic_open
-
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from organseg.io.atomic import atomic_open
 
 __all__ = ["choose_slices", "organ_colors", "save_overlays", "slice_areas", "slice_contours"]
 
@@ -78,7 +82,6 @@ def choose_slices(areas: np.ndarray, n_slices: int = 3, min_fraction: float = 0.
 
 def organ_colors(n_classes: int) -> list[tuple[float, float, float, float]]:
     """One distinct RGBA colour per class index (index 0 unused)."""
-    import matplotlib
 
     # tab20 reordered: its 10 saturated colours first, then their light partners, then repeat
     cmap = matplotlib.colormaps["tab20"]
@@ -154,9 +157,6 @@ def save_overlays(
     Returns:
         The written path.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     label = _np(label)
     if label.ndim != 3:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from organseg.io.atomic import atomic_open
+from organseg.io.atomic import atomic_open, make_dirs
 
 from .metrics import EMPTY_MASK_POLICY, ROW_KEYS, STATUS_OK, SUMMARY_KEYS, summarize
 
@@ -132,7 +132,7 @@ def write_report(
     if clash:
         raise ValueError(f"extra must not override {sorted(clash)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     summary = summarize(rows)
     organ_rows, mean_row = summary[:-1], summary[-1]
 

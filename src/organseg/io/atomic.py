@@ -7,11 +7,24 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from organseg.errors import OutputError
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p path`` for an output folder: one that cannot be created (a file in the way, no permission)
+    is an :class:`OutputError` with the OSError's own one-line message, not a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc) from exc
+    return path
 
 
 @contextlib.contextmanager
@@ -20,8 +33,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     h5py). ``tmp`` lies beside ``p`` (same file system) with ``suffix`` (a format-picking ending); when the
     block ends it is fsynced and ``os.replace``d onto ``p``; on any error it is removed and ``p`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc) from exc
     os.close(fd)
     try:
         yield Path(tmp)

@@ -23,13 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from organseg.errors import OrgansegError
+from organseg.io.yaml_files import read_yaml_mapping
 
 
-class CardError(ValueError):
+class CardError(OrgansegError, ValueError):
     """A dataset card is missing, malformed or inconsistent."""
 
 
@@ -52,8 +54,6 @@ class DatasetCard:
     # ----------------------------------------------------------------- construction
     @classmethod
     def load(cls, path: str | Path) -> "DatasetCard":
-        from organseg.io.yaml_files import read_yaml_mapping
-
         raw = read_yaml_mapping(path, CardError, missing="dataset card not found",
                                 not_mapping="a dataset card must be a mapping")
         return cls.from_dict(raw, source=str(path))

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from organseg.errors import OrgansegError, OutputError
+from organseg.io.atomic import make_dirs
+from organseg.io.geometry import image_to_xyz
 
 #: CT Image Storage
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -23,7 +30,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RESCALE_INTERCEPT = -1024.0
 
 
-class DicomError(ValueError):
+class DicomError(OrgansegError, ValueError):
     """A folder is not exactly one readable DICOM series (one-line message naming the folder)."""
 
 
@@ -58,7 +65,6 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[sitk.Image, list[Path]
 
     Rescale slope/intercept are applied by GDCM; the image carries the series' full geometry. A non-CT
     modality or a series whose slices do not form a 3D grid is a :class:`DicomError`."""
-    import pydicom
 
     folder = Path(folder)
     files = series_files(folder)
@@ -85,7 +91,6 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[sitk.Image, list[Path]
 
 def read_headers(files: Sequence[str | os.PathLike]) -> list:
     """pydicom datasets of ``files`` without pixel data (what the RTSTRUCT writer references)."""
-    import pydicom
 
     return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
 
@@ -101,15 +106,10 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, *, patient_
     direction cosines), HU stored as ``HU - RESCALE_INTERCEPT`` with RescaleSlope 1. The folder is filled
     atomically (written beside it, then renamed); it must not exist yet. Returns the files in z order.
     """
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
-
-    from organseg.io.geometry import image_to_xyz
 
     folder = Path(folder)
     if folder.exists():
-        raise FileExistsError(f"{folder}: already exists; not overwriting a DICOM folder")
+        raise OutputError(f"{folder}: already exists; not overwriting a DICOM folder")
     if image.GetDimension() != 3:
         raise ValueError(f"expected a 3D image, got {image.GetDimension()}D")
     hu = image_to_xyz(image).astype(np.float64)
@@ -122,8 +122,11 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, *, patient_
     iop = [f"{v:.10g}" for v in (*direction[:, 0], *direction[:, 1])]
     date, time = "20260101", "120000"
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    make_dirs(folder.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:   # e.g. no write permission: the user's to fix, one line
+        raise OutputError.from_os_error(exc) from exc
     try:
         names = []
         for k in range(stored.shape[2]):

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from organseg.errors import ConfigError
+
 INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
     "linear": sitk.sitkLinear,
@@ -117,7 +119,7 @@ def resample_to_grid(image: sitk.Image, size: Sequence[int], spacing: Sequence[f
                      default_value: float = 0.0) -> sitk.Image:
     """Resample ``image`` onto an explicit physical grid (SimpleITK ResampleImageFilter)."""
     if interpolation not in INTERPOLATORS:
-        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATORS)}, got {interpolation!r}")
+        raise ConfigError(f"interpolation must be one of {sorted(INTERPOLATORS)}, got {interpolation!r}")
     f = sitk.ResampleImageFilter()
     f.SetSize([int(v) for v in size])
     f.SetOutputSpacing([float(v) for v in spacing])
@@ -139,7 +141,7 @@ def resample_image(image: sitk.Image, target_spacing: Sequence[float], interpola
     """Resample an intensity image to ``target_spacing`` keeping its origin and direction
     (``linear`` or ``bspline``). Voxels outside the input get ``default_value`` (air)."""
     if interpolation not in ("linear", "bspline", "nearest"):
-        raise ValueError(f"interpolation must be linear or bspline, got {interpolation!r}")
+        raise ConfigError(f"interpolation must be linear or bspline, got {interpolation!r}")
     if _same_spacing(image.GetSpacing(), target_spacing):
         return image
     size = resampled_size(image.GetSize(), image.GetSpacing(), target_spacing)

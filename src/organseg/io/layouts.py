@@ -23,9 +23,11 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from organseg.errors import OrgansegError
 from organseg.io.card import DatasetCard
 from organseg.io.geometry import Geometry, image_to_xyz
 
@@ -33,7 +35,7 @@ IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-class CaseError(ValueError):
+class CaseError(OrgansegError, ValueError):
     """A case (or the dataset folder) cannot be used; the message is one line naming it and the problem."""
 
     def __init__(self, message: str, case_id: str | None = None):
@@ -185,7 +187,6 @@ def _check_nifti(path: Path) -> str | None:
 
     Returns a problem description, or None. Integer files cost O(1) (the gzip trailer's size field is
     compared with the header); float files are decoded once more to look for non-finite voxels."""
-    import nibabel as nib
 
     problem = _check_nifti_complete(path)
     if problem:
@@ -221,7 +222,6 @@ def _gzip_length(path: Path) -> tuple[int, str | None]:
 
 def _check_nifti_complete(path: Path) -> str | None:
     """Truncation check; None if the file is whole."""
-    import nibabel as nib
 
     gz = str(path).lower().endswith(".gz")
     try:
@@ -257,7 +257,9 @@ def _check_nifti_complete(path: Path) -> str | None:
     return None
 
 
-def _read(path: Path, case_id: str, what: str) -> sitk.Image:
+def read_validated_image(path: Path, case_id: str, what: str) -> sitk.Image:
+    """One scalar 3-D image, checked the way every layout reads its files (complete NIfTI, finite voxels,
+    one component, 3-D): any problem is a :class:`CaseError` naming the case, ``what`` and the file."""
     if path is None or not Path(path).is_file():
         raise CaseError(f"{case_id}: {what} file missing ({path})", case_id)
     low = str(path).lower()
@@ -339,7 +341,7 @@ def read_case_sitk(card: DatasetCard, case: CaseFiles) -> tuple[sitk.Image, sitk
     if case.image is None:
         expected = "img.nrrd" if card.layout == "pddca" else f"imagesTr/{cid}_0000.*"
         raise CaseError(f"{cid}: no image file (expected {expected} in {card.path})", cid)
-    image = _read(case.image, cid, "image")
+    image = read_validated_image(case.image, cid, "image")
     image = sitk.Cast(image, sitk.sitkFloat32)
     geom = Geometry.of(image)
     view = sitk.GetArrayViewFromImage(image)
@@ -353,7 +355,7 @@ def read_case_sitk(card: DatasetCard, case: CaseFiles) -> tuple[sitk.Image, sitk
         if case.label is None:
             raise CaseError(f"{cid}: no label file (expected labelsTr/{cid}{_ending_of(case.image)}) "
                             f"({case.image})", cid)
-        raw = _read(case.label, cid, "label")
+        raw = read_validated_image(case.label, cid, "label")
         _check_grid(cid, image, raw, "label", case.label)
         label_zyx = _map_labels(cid, sitk.GetArrayFromImage(raw), card.raw_to_class(), case.label)
     label = sitk.GetImageFromArray(np.ascontiguousarray(label_zyx))
@@ -375,7 +377,7 @@ def _merge_structures(card: DatasetCard, case: CaseFiles, image: sitk.Image) -> 
     size = image.GetSize()
     label = np.zeros((size[2], size[1], size[0]), dtype=np.uint8)
     for stem, path in by_index:
-        mask_img = _read(path, cid, f"structure {stem}")
+        mask_img = read_validated_image(path, cid, f"structure {stem}")
         _check_grid(cid, image, mask_img, f"structure {stem}", path)
         mask = sitk.GetArrayViewFromImage(mask_img)
         if mask.dtype.kind == "f" and not np.all(np.isfinite(mask)):

@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from organseg.io.atomic import atomic_open
+from organseg.io.geometry import image_to_xyz
+
 
 def rt_utils_slice_order(headers: Sequence) -> list[int]:
     """Indices of ``headers`` in rt-utils' slice order (ascending position along the slice normal)."""
-    from rt_utils.image_helper import get_slice_position
+    from rt_utils.image_helper import get_slice_position  # noqa: PLC0415 - lazy: OpenCV/libGL (build_rtstruct)
 
     return sorted(range(len(headers)), key=lambda i: float(get_slice_position(headers[i])))
 
@@ -70,10 +75,8 @@ def build_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence,
     ``label`` is a class-index map on exactly the series' grid (as read by
     :func:`organseg.io.dicom.read_dicom_series`), ``headers`` the series' pydicom datasets in any order,
     ``classes`` the class names (index 0, background, gets no ROI)."""
-    from rt_utils import RTStruct
-    from rt_utils import ds_helper
-
-    from organseg.io.geometry import image_to_xyz
+    # lazy: rt-utils imports OpenCV, which needs libGL; only RTSTRUCT output should need it
+    from rt_utils import RTStruct, ds_helper  # noqa: PLC0415
 
     headers = list(headers)
     if len(headers) != label.GetSize()[2]:
@@ -121,7 +124,6 @@ def _tidy_contours(ds, label: sitk.Image) -> None:
 def write_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence, path: str | os.PathLike, *,
                    description: str = "organseg prediction") -> list[str]:
     """Write the RTSTRUCT of ``label`` to ``path`` atomically; returns the ROI names written."""
-    from organseg.io.atomic import atomic_open
 
     rt = build_rtstruct(label, classes, headers, description=description)
     with _quiet_pydicom(), atomic_open(Path(path), "wb") as f:
@@ -133,8 +135,6 @@ def write_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence,
 def _quiet_pydicom():
     """Silence pydicom 3's deprecation notices about the attributes rt-utils 1.2.7 sets (it both warns
     and logs them); anything else still gets through."""
-    import logging
-    import warnings
 
     logger = logging.getLogger("pydicom")
     level = logger.level

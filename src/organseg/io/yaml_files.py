@@ -5,8 +5,10 @@ from pathlib import Path
 
 import yaml
 
+from organseg.errors import InputError
 
-def read_yaml_mapping(path: str | Path, error: type[Exception] = ValueError, prefix: str = "",
+
+def read_yaml_mapping(path: str | Path, error: type[Exception] = InputError, prefix: str = "",
                       missing: str = "file not found", not_mapping: str = "expected a mapping") -> dict:
     """The YAML mapping in ``path``; a missing file, invalid YAML or a non-mapping raises
     ``error(f"{prefix}{path}: <problem>")``, one line."""

@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from monai.transforms.utils_morphological_ops import dilate
 
+from organseg.errors import ConfigError
+
 
 def region_mask(label: torch.Tensor, labeled: torch.Tensor | None = None, pseudo: torch.Tensor | None = None,
                 dilation: int | Sequence[int] | None = None) -> torch.Tensor:
@@ -51,7 +53,7 @@ def region_mask(label: torch.Tensor, labeled: torch.Tensor | None = None, pseudo
     else:
         radius = [int(r) for r in dilation]
     if len(radius) != label.ndim - 1 or min(radius) < 0:
-        raise ValueError(f"mask_dilation must be one non-negative int or one per axis, got {dilation}")
+        raise ConfigError(f"mask_dilation must be one non-negative int or one per axis, got {dilation}")
     pseudo = pseudo.long()
     unannotated = ~labeled.bool()
     unannotated[:, 0] = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from organseg.errors import ConfigError
+
 
 class HeatmapMSELoss(nn.Module):
     """``mean((1 + alpha * target) * (pred - target)^2)`` over all elements -> scalar.
@@ -20,7 +22,7 @@ class HeatmapMSELoss(nn.Module):
     def __init__(self, alpha: float = 0.0):
         super().__init__()
         if alpha < 0:
-            raise ValueError(f"HeatmapMSELoss alpha must be >= 0, got {alpha}")
+            raise ConfigError(f"HeatmapMSELoss alpha must be >= 0, got {alpha}")
         self.alpha = alpha
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

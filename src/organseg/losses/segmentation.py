@@ -13,6 +13,8 @@ import torch
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
+from organseg.errors import ConfigError
+
 
 def class_weights_from_counts(counts: Sequence[float], mode: str = "inverse_sqrt_frequency") -> list[float]:
     """Per-class focal weights from voxel counts, normalised to mean 1.
@@ -26,7 +28,8 @@ def class_weights_from_counts(counts: Sequence[float], mode: str = "inverse_sqrt
         return [1.0] * len(counts)
     power = {"inverse_frequency": 1.0, "inverse_sqrt_frequency": 0.5}.get(mode)
     if power is None:
-        raise ValueError(f"class_weights: unknown mode {mode!r} (uniform, inverse_frequency, inverse_sqrt_frequency)")
+        raise ConfigError(f"class_weights: unknown mode {mode!r} "
+                          "(uniform, inverse_frequency, inverse_sqrt_frequency)")
     freq = counts / max(counts.sum(), 1.0)
     w = np.zeros_like(freq)
     w[freq > 0] = freq[freq > 0] ** -power
@@ -40,7 +43,8 @@ def class_weights_from_counts(counts: Sequence[float], mode: str = "inverse_sqrt
 class FocalDiceLoss(nn.Module):
     """``focal_weight * FocalLoss(softmax, class weights) + dice_weight * DiceLoss(softmax)``.
 
-    ``forward`` returns a dict with ``loss``, ``loss_focal`` and ``loss_dice`` (DESIGN.md names).
+    ``forward`` returns a dict with ``loss``, ``loss_focal`` and ``loss_dice`` (the logged names,
+    docs/architecture.md §4.7).
     Dice is pooled over the batch (``batch=True``): tiny organs absent from one patch do not
     produce a 0/0 term, which stabilises training on rare classes.
     """
@@ -53,7 +57,7 @@ class FocalDiceLoss(nn.Module):
         self.dice_weight = dice_weight
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         if weight is not None and weight.numel() != num_classes:
-            raise ValueError(f"class_weights has {weight.numel()} entries, expected {num_classes}")
+            raise ConfigError(f"class_weights has {weight.numel()} entries, expected {num_classes}")
         self.focal = FocalLoss(include_background=True, to_onehot_y=True, gamma=gamma, weight=weight,
                                use_softmax=True)
         self.dice = DiceLoss(include_background=dice_include_background, to_onehot_y=True, softmax=True,

@@ -1,4 +1,4 @@
-"""Adversarial shape constraint losses (FocusNetV2 §5): shape-code distance and GAN losses.
+"""Adversarial shape constraint losses (FocusNetV2, Gao et al. 2021): shape-code distance and GAN losses.
 
 Training loop this is written for (two optimisers, manual optimisation):
 
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from organseg.errors import ConfigError
 
 
 class _Method(nn.Module):
@@ -80,7 +82,7 @@ def shape_loss(ae: nn.Module, pred_probs: torch.Tensor, true_onehot: torch.Tenso
     "push apart" term is ``-shape_loss(ae, pred.detach(), true, "features", detach_ae=False)``.
     """
     if kind not in ("code_l2", "features", "recon"):
-        raise ValueError(f"shape_loss: unknown kind {kind!r} (code_l2, features, recon)")
+        raise ConfigError(f"shape_loss: unknown kind {kind!r} (code_l2, features, recon)")
     if pred_probs.shape != true_onehot.shape:
         raise ValueError(f"pred {tuple(pred_probs.shape)} and true {tuple(true_onehot.shape)} "
                          "differ in shape")
@@ -100,7 +102,7 @@ def shape_loss(ae: nn.Module, pred_probs: torch.Tensor, true_onehot: torch.Tenso
 
 def reconstruction_loss(ae: nn.Module, masks: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits between ``ae(masks)`` and the masks themselves (soft targets allowed): AE
-    pretraining on true ROI masks (recipe not released upstream, reference §5) and the
+    pretraining on true ROI masks (upstream's README names only a reconstruction loss; no recipe) and the
     reconstruction part of the discriminator step."""
     x = _ae_input(masks, ae.in_channels)
     recon, _ = ae(x)

@@ -3,8 +3,9 @@
 * :mod:`.hn`: head and neck, 17 organs at risk (``HN_CLASSES``), nnU-Net or PDDCA layout;
 * :mod:`.abdomen`: liver, spleen, kidneys, pancreas, stomach (``ABDOMEN_CLASSES``), with
   few-organ ``keep`` datasets drawn from disjoint random streams;
-* :mod:`.common`: seeding, pose + elastic deformation, primitives and writers;
-* :mod:`.command`: the ``organseg phantom`` subcommand.
+* :mod:`.common`: seeding, pose + elastic deformation, primitives and writers.
+
+The ``organseg phantom`` subcommand is :mod:`organseg.cli.phantom`.
 """
 from .abdomen import (
     ABDOMEN_CLASSES,

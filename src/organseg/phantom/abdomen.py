@@ -31,13 +31,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from organseg.errors import ConfigError
+from organseg.io.atomic import make_dirs
+from organseg.phantom.common import default_workers, remove_stale_cases, run_cases, write_dataset_json
+
 from .common import (
     Canvas,
     CaseResult,
     ElasticField,
-    PhantomCase,
     Ellipsoid,
     Grid,
+    PhantomCase,
     Pose,
     Tissue,
     Tube,
@@ -65,7 +69,7 @@ def normalize_keep(keep: Iterable[str] | None) -> list[str] | None:
     names = sorted(set(keep))
     bad = [n for n in names if n not in ABDOMEN_CLASSES[1:]]
     if bad:
-        raise ValueError(f"--keep: unknown organ(s) {bad}; choose from {ABDOMEN_CLASSES[1:]}")
+        raise ConfigError(f"--keep: unknown organ(s) {bad}; choose from {ABDOMEN_CLASSES[1:]}")
     return None if len(names) == len(ABDOMEN_CLASSES) - 1 else names
 
 
@@ -264,12 +268,10 @@ def write_abdomen_dataset(out: str | Path, cases: int, seed: int, keep: Iterable
                           workers: int | None = None, quiet: bool = False) -> list[CaseResult]:
     """Write ``cases`` abdominal cases to ``out`` in the nnU-Net raw layout.  With ``keep``,
     ``dataset.json`` lists background plus the kept organs (unified indices) only."""
-    from .common import default_workers, remove_stale_cases, run_cases, write_dataset_json
 
     check_args(cases, shape, spacing)
     names = normalize_keep(keep)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out)
     workers = default_workers() if workers is None else max(1, int(workers))
     tag = keep_tag(names)
     jobs = [(str(out), int(seed), i, names, tuple(int(n) for n in shape), tuple(float(s) for s in spacing))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,7 +38,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import ndimage
+
+from organseg.errors import ConfigError
+from organseg.io.atomic import make_dirs
 
 AIR_HU = -1000.0
 HU_MIN, HU_MAX = -1024, 3071
@@ -412,7 +418,6 @@ def smooth_texture(rng: np.random.Generator, amp: float, wavelength_mm: float, n
 # ----------------------------------------------------------------------------- writing
 def sitk_image(arr: np.ndarray, grid: Grid):
     """A SimpleITK image from an (x, y, z) array with the grid's geometry (identity direction)."""
-    import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
     img.SetSpacing(tuple(float(s) for s in grid.spacing))
@@ -424,9 +429,8 @@ def sitk_image(arr: np.ndarray, grid: Grid):
 def write_image(arr: np.ndarray, grid: Grid, path: Path) -> None:
     """Write an (x, y, z) array with gzip compression.  SimpleITK's gzip streams carry no
     timestamp (mtime 0), so equal arrays give byte-identical files (tested)."""
-    import SimpleITK as sitk
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     sitk.WriteImage(sitk_image(arr, grid), str(path), True)
 
 
@@ -444,11 +448,11 @@ class PhantomCase:
 
 def check_args(cases: int, shape, spacing) -> None:
     if int(cases) < 1:
-        raise ValueError(f"--cases must be at least 1, got {cases}")
+        raise ConfigError(f"--cases must be at least 1, got {cases}")
     if len(shape) != 3 or min(int(n) for n in shape) < 1:
-        raise ValueError(f"--shape must be three positive integers, got {list(shape)}")
+        raise ConfigError(f"--shape must be three positive integers, got {list(shape)}")
     if len(spacing) != 3 or min(float(s) for s in spacing) <= 0 or not all(map(math.isfinite, spacing)):
-        raise ValueError(f"--spacing must be three positive numbers (mm), got {list(spacing)}")
+        raise ConfigError(f"--spacing must be three positive numbers (mm), got {list(spacing)}")
 
 
 @dataclass
@@ -501,7 +505,6 @@ def run_cases(worker: Callable, jobs: list[tuple], workers: int, description: st
               quiet: bool = False) -> list:
     """Run ``worker(*job)`` for every job (in a spawn process pool when workers > 1) with a rich
     progress bar; results come back in job order.  Results never depend on ``workers``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results: list = [None] * len(jobs)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -512,8 +515,6 @@ def run_cases(worker: Callable, jobs: list[tuple], workers: int, description: st
                 results[i] = worker(*job)
                 progress.advance(task)
         else:
-            import multiprocessing as mp
-
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
                                      mp_context=mp.get_context("spawn"),
                                      initializer=_worker_init) as pool:
@@ -526,8 +527,6 @@ def run_cases(worker: Callable, jobs: list[tuple], workers: int, description: st
 
 def _worker_init() -> None:
     try:
-        import SimpleITK as sitk
-
         sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
     except Exception:  # pragma: no cover - best effort
         pass

@@ -30,13 +30,17 @@ from typing import Sequence
 
 import numpy as np
 
+from organseg.errors import ConfigError
+from organseg.io.atomic import make_dirs
+from organseg.phantom.common import default_workers, remove_stale_cases, run_cases, write_dataset_json
+
 from .common import (
     Canvas,
     CaseResult,
     ElasticField,
-    PhantomCase,
     Ellipsoid,
     Grid,
+    PhantomCase,
     Pose,
     Tissue,
     Tube,
@@ -320,7 +324,7 @@ def _write_hn_case(out: str, seed: int, index: int, shape, spacing, layout: str)
             write_image((case.label == _C[cls]).astype(np.uint8), case.grid, p)
             files.append(str(p))
     else:
-        raise ValueError(f"unknown layout {layout!r} (nnunet or pddca)")
+        raise ConfigError(f"unknown layout {layout!r} (nnunet or pddca)")
     return CaseResult(case.case_id, label_counts(case.label, HN_CLASSES), case.missing, files)
 
 
@@ -330,13 +334,11 @@ def write_hn_dataset(out: str | Path, cases: int, seed: int, shape: Sequence[int
     """Write ``cases`` head-and-neck cases to ``out`` in the nnU-Net raw layout
     (``imagesTr/hn_000_0000.nii.gz``, ``labelsTr/hn_000.nii.gz``, ``dataset.json``) or the PDDCA
     layout (``hn_000/img.nrrd``, ``hn_000/structures/<PDDCA name>.nrrd``, see ``PDDCA_NAMES``)."""
-    from .common import default_workers, remove_stale_cases, run_cases, write_dataset_json
 
     check_args(cases, shape, spacing)
     if layout not in ("nnunet", "pddca"):
-        raise ValueError(f"unknown layout {layout!r} (nnunet or pddca)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"unknown layout {layout!r} (nnunet or pddca)")
+    out = make_dirs(out)
     workers = default_workers() if workers is None else max(1, int(workers))
     jobs = [(str(out), int(seed), i, tuple(int(n) for n in shape), tuple(float(s) for s in spacing), layout)
             for i in range(cases)]

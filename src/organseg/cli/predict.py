@@ -1,0 +1,122 @@
+"""``organseg predict --ckpt X --input <files or folders> --out DIR``: label maps in each input's ORIGINAL
+geometry (same size, spacing, origin and direction) as NIfTI, plus a DICOM RTSTRUCT for a DICOM CT series.
+
+Inputs: NIfTI/NRRD/MHA files, folders of them, a folder holding one DICOM CT series, or a folder whose
+sub-folders each hold one series. Each input is preprocessed exactly as the checkpoint's dataset card
+preprocessed its training cache (``organseg.cache.build.preprocess_volume``: resample to the target
+spacing, crop to the body, clip and scale the HU window), segmented with the model's whole-case
+``predict_case`` (sliding window; the locate-zoom-paste pipeline for FocusNetV2), then the crop and the
+resampling are undone (``organseg.io.geometry.restore_original_geometry``).
+
+Writes ``<out>/<case>_seg.nii.gz`` (uint8 class indices), ``<out>/labels.json`` (class name -> value)
+and, for a DICOM series, ``<out>/<case>_rtstruct.dcm`` (one ROI per organ present, via rt-utils).
+Existing outputs are never replaced without ``--overwrite``; every file is written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import track
+
+from organseg.cache.build import inspect_cache
+from organseg.errors import InputError, OutputError
+from organseg.io.atomic import make_dirs
+from organseg.io.dicom import read_headers
+from organseg.io.rtstruct import write_rtstruct
+from organseg.io.writers import write_image, write_json
+
+if TYPE_CHECKING:   # imports torch: loaded by run(), not by `organseg --help`
+    from organseg.inference.raw_images import PredictInput
+
+SEG_SUFFIX = "_seg.nii.gz"
+RTSTRUCT_SUFFIX = "_rtstruct.dcm"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="label maps (NIfTI + DICOM RTSTRUCT) in the inputs' original geometry",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `organseg fit` (carries its dataset card)")
+    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
+                   help="NIfTI/NRRD/MHA files, folders of them, or DICOM series folders")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--device", default="cpu", help="torch device for inference, e.g. cuda:0 (default cpu)")
+    p.add_argument("--rtstruct", choices=("auto", "always", "never"), default="auto",
+                   help="DICOM RTSTRUCT: auto = for DICOM inputs; always = every input must be a DICOM series; "
+                        "never")
+    p.add_argument("--data", default=None,
+                   help="dataset card whose preprocessing to use (default: the first card in the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------------- the command
+def _check_outputs(items: list[PredictInput], out: Path, rtstruct: str, overwrite: bool) -> None:
+    for item in items:
+        if rtstruct == "always" and item.kind != "dicom":
+            raise InputError(f"--rtstruct always: input {item.path} is not a DICOM series")
+        targets = [out / f"{item.case}{SEG_SUFFIX}"]
+        if item.kind == "dicom" and rtstruct != "never":
+            targets.append(out / f"{item.case}{RTSTRUCT_SUFFIX}")
+        for t in targets:
+            if t.exists() and not overwrite:
+                raise OutputError(f"{t}: output exists (use --overwrite to replace it)")
+
+
+def _labels_json(card, ckpt: str, out: Path, overwrite: bool) -> dict | None:
+    """The sidecar to write, or None when ``out`` already has one with these labels (kept as it is)."""
+    labels = {name: i for i, name in enumerate(card.classes)}
+    path = out / "labels.json"
+    if path.exists() and not overwrite:
+        try:
+            old = json.loads(path.read_text()).get("labels")
+        except (ValueError, AttributeError, OSError):
+            old = None
+        if old != labels:
+            raise OutputError(f"{path}: exists with other labels (use --overwrite or another --out)")
+        return None
+    return {"labels": labels, "dataset": card.name, "checkpoint": str(Path(ckpt).resolve())}
+
+
+def _interpolation(card) -> str:
+    """The image interpolation the card's training cache was built with (it is not part of the card)."""
+    problem, attrs = inspect_cache(Path(card.cache).expanduser())
+    return str(attrs.get("interpolation", "linear")) if problem is None else "linear"
+
+
+def run(args) -> int:
+    # lazy: torch and the models are imported when the command runs, not by `organseg --help`
+    from organseg.inference.raw_images import collect_inputs, predict_image, read_input  # noqa: PLC0415
+    from organseg.methods.checkpoints import load_segmenter  # noqa: PLC0415
+
+    console = Console()
+    items = collect_inputs(args.input)          # cheap checks first: nothing is loaded or written on bad input
+    out = Path(args.out)
+    _check_outputs(items, out, args.rtstruct, args.overwrite)
+    model, card, extra = load_segmenter(args.ckpt, args.device, args.data)
+    interpolation = _interpolation(card)
+    sidecar = _labels_json(card, args.ckpt, out, args.overwrite)
+    make_dirs(out)
+    if sidecar is not None:
+        write_json(sidecar, out / "labels.json")
+    written = []
+    for item in track(items, description=f"predicting {len(items)} case(s)", console=Console(stderr=True)):
+        image, files = read_input(item)
+        label = predict_image(model, image, card, interpolation, args.device)
+        seg = write_image(label, out / f"{item.case}{SEG_SUFFIX}")
+        line = f"{item.case}: {seg}"
+        if item.kind == "dicom" and args.rtstruct != "never":
+            rs = out / f"{item.case}{RTSTRUCT_SUFFIX}"
+            rois = write_rtstruct(label, card.classes, read_headers(files), rs,
+                                  description=f"organseg {extra.get('module', '').rsplit('.', 1)[-1]} "
+                                              f"{Path(args.ckpt).name}")
+            line += f", {rs} ({len(rois)} ROI(s))"
+        written.append(line)
+    for line in written:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"predict: {len(items)} case(s) -> {out} (label names in {out / 'labels.json'})",
+                  highlight=False, soft_wrap=True)
+    return 0

@@ -1,0 +1,310 @@
+"""FocusNetV2 whole-volume inference: locate (S-Net + SOL-Net), zoom (SOS-Net ROIs), paste.
+
+``predict_focusnet(model, image)`` runs, on one CT ``image`` [1, 1, X, Y, Z] of any size:
+
+1. **S-Net + SOL-Net over the whole volume** by Gaussian-blended sliding windows on exactly MONAI's
+   window grid and weights (``dense_patch_slices``, ``compute_importance_map(mode="gaussian",
+   sigma_scale=0.125)``), but streamed in z (``blend_slabs``): the windows are run one z-start at a
+   time, and their weighted logits + heatmaps are summed into a buffer only ``patch_z`` slices deep.
+   When the next z-start is reached, the slices before it can receive no more windows; they are
+   normalised (``/ sum of weights``), their S-Net argmax is written into the uint8 label map, each
+   small organ's heatmap maximum (value, voxel, and the six neighbours needed for sub-voxel
+   refinement) is updated, and the buffer is shifted. No full-resolution float volume per class
+   (nor per heatmap) is ever held; the result equals MONAI's ``sliding_window_inference`` on the full
+   volume up to float summation order (the windows covering a voxel are added in another order).
+2. **SOL centres**: each organ's peak of the *blended* heatmap, refined per axis by the three-point
+   log-parabola (Gaussian) estimator of ``decode_centres`` (same rule: no refinement on the volume
+   border), so the centres equal ``decode_centres`` on the full blended heatmap. Absent (NaN,
+   ``found=False``) unless ``peak > threshold``.
+3. **SOS**: for each found organ k, S-Net + SOL-Net are re-run on ONE window around the centre
+   (``patch_size``, enlarged to hold organ k's ROI, shifted to lie inside the volume), and
+   ``model.sos_logits`` crops the ROI from concat(features, heatmap k, CT) at the centre in window
+   coordinates; ``sigmoid > 0.5`` is pasted with ``paste_roi`` at the ROI start in volume coordinates
+   (the SOS result replaces S-Net's for that organ inside the ROI, ROI parts outside the volume are
+   dropped). Organs are pasted in ``small_classes`` order, so where two ROIs overlap the later organ's
+   mask wins.
+4. **Where small organs come from** (``small_organs_from``): ``"sos"`` (default) takes them from the
+   SOS-Nets only, as upstream (which writes the SOS result into a separate map): the S-Net label map
+   is the argmax over the other classes (the small-organ channels are ignored), so S-Net's small-organ
+   votes elsewhere in the volume -- early in training, whole organs labelled "lens" -- cannot survive,
+   and an organ SOL does not find is absent. ``"snet_and_sos"`` keeps S-Net's small-organ labels
+   outside the ROIs (the SOS result still replaces them inside).
+
+Peak memory (float32, ``C`` classes, ``K`` small organs, volume ``X x Y x Z``, patch ``px x py x pz``):
+    the input image (4 XYZ bytes; plus one padded copy only if the volume is smaller than the patch)
+    + the uint8 label map (XYZ bytes)
+    + the slab buffer (C + K + 1) * X * Y * pz * 4 bytes (blended sums + weight sum)
+    + the int64 argmax of one finalised slab, 8 * X * Y * stride_z bytes (the slab itself is
+      normalised in place inside the buffer; with return_snet_labels, a second uint8 label map)
+    + the activations of ``sw_batch_size`` windows (and of one SOS window).
+For 512 x 512 x 150, C = 18, K = 4, pz = 32 (stride 16): buffer 0.77 GB + labels 0.04 GB + argmax
+0.03 GB, versus 2.8 GB for one full-resolution float32 volume per class (MONAI's full-volume blend
+holds that plus a count map, and the softmax in ``predict_probabilities`` makes a second copy).
+The buffer scales with X * Y * pz, not with Z.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices
+
+from organseg.errors import ConfigError
+from organseg.spatial.roi import paste_roi, roi_box
+from organseg.spatial.heatmaps import log_parabola_offset
+
+__all__ = ["predict_focusnet", "blend_slabs", "window_starts"]
+
+_EPS = 1e-6  # decode_centres' log clamp
+SMALL_ORGANS_FROM = ("sos", "snet_and_sos")
+
+
+def check_small_organs_from(value: str) -> str:
+    """``value`` if it is a known small-organ merge rule (module doc, step 4), else a one-line ConfigError."""
+    if value not in SMALL_ORGANS_FROM:
+        raise ConfigError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {value!r}")
+    return value
+
+
+def scan_interval(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
+    """The window step per axis that ``sliding_window_inference`` uses: ``int(patch * (1 - overlap))``, at
+    least 1, and one whole patch where the patch spans the axis. Written out because MONAI keeps this rule in
+    a private helper, and importing a dependency's private name would break silently on its next release."""
+    return tuple(int(p) if p == s else max(int(p * (1 - overlap)), 1) for s, p in zip(image_size, patch_size))
+
+
+def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[list[int]]:
+    """Per axis, the sorted window starts of MONAI's grid (``sliding_window_inference`` on a volume
+    already at least ``patch_size``): ``dense_patch_slices`` with :func:`scan_interval`."""
+    interval = scan_interval(image_size, patch_size, overlap)
+    slices = dense_patch_slices(tuple(image_size), tuple(patch_size), interval)
+    return [sorted({s[a].start for s in slices}) for a in range(3)]
+
+
+@torch.no_grad()
+def blend_slabs(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                patch_size: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 1,
+                device: torch.device | str | None = None, progress: bool = False,
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Gaussian-blended sliding window streamed in z: yields ``(z0, z1, blended [C, X, Y, z1 - z0])``
+    for consecutive z ranges covering the volume, each final (no later window touches it).
+
+    ``image`` [1, 1, X, Y, Z] with every size >= ``patch_size`` (callers pad smaller volumes);
+    ``predictor`` maps windows [B, 1, *patch] on ``device`` to [B, C, *patch]. Windows and weights are
+    MONAI's (see module doc); only a ``[C + 1, X, Y, patch_z]`` buffer lives on ``device``. The yielded
+    tensor is a view of that buffer, valid until the generator is resumed.
+    """
+    if image.dim() != 5 or image.shape[:2] != (1, 1):
+        raise ValueError(f"blend_slabs needs an image [1, 1, X, Y, Z], got {tuple(image.shape)}")
+    size = tuple(int(s) for s in image.shape[2:])
+    patch = tuple(int(p) for p in patch_size)
+    if any(s < p for s, p in zip(size, patch)):
+        raise ValueError(f"volume {size} is smaller than the patch {patch}; pad it first")
+    device = torch.device(device) if device is not None else image.device
+    xs, ys, zs = window_starts(size, patch, overlap)
+    px, py, pz = patch
+    weight = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device=device,
+                                    dtype=torch.float32)
+    acc = wsum = None
+    origin = zs[0]  # = 0
+    total = len(xs) * len(ys) * len(zs)
+    done = 0
+
+    def finalise(upto: int) -> torch.Tensor:
+        n = upto - origin
+        return acc[..., :n].div_(wsum[..., :n])  # in place: these slices are final
+
+    xy = [(x, y) for x in xs for y in ys]
+    for z0 in zs:
+        if acc is not None and z0 > origin:
+            shift = z0 - origin
+            yield origin, z0, finalise(z0)
+            # shift the pending slices [shift, pz) to the front, slice by slice (no overlapping copy)
+            for j in range(pz - shift):
+                acc[..., j].copy_(acc[..., j + shift])
+                wsum[..., j].copy_(wsum[..., j + shift])
+            acc[..., pz - shift:] = 0
+            wsum[..., pz - shift:] = 0
+            origin = z0
+        for i in range(0, len(xy), sw_batch_size):
+            batch = xy[i:i + sw_batch_size]
+            win = torch.cat([image[:, :, x:x + px, y:y + py, z0:z0 + pz] for x, y in batch]).to(device)
+            out = predictor(win).float()
+            if acc is None:
+                acc = torch.zeros((out.shape[1], *size[:2], pz), dtype=torch.float32, device=device)
+                wsum = torch.zeros((*size[:2], pz), dtype=torch.float32, device=device)
+            for b, (x, y) in enumerate(batch):
+                acc[:, x:x + px, y:y + py, :] += out[b] * weight
+                wsum[x:x + px, y:y + py, :] += weight
+            done += len(batch)
+            if progress:
+                print(f"\rS-Net+SOL windows {done}/{total}", end="" if done < total else "\n", flush=True)
+    yield origin, size[2], finalise(size[2])
+
+
+class _PeakTracker:
+    """Running per-organ maximum of the blended heatmaps over finalised slabs, with the log values of
+    its six neighbours (``decode_centres``' sub-voxel rule). A neighbour in the next, not yet final
+    slice is filled in when that slice arrives."""
+
+    def __init__(self, k: int, size: Sequence[int]):
+        self.size = tuple(size)
+        self.peak = [-math.inf] * k
+        self.idx = [None] * k
+        self.nb = [[[None, None] for _ in range(3)] for _ in range(k)]  # [organ][axis][-1, +1] log h
+        self.pending = [False] * k
+        self.prev_last: torch.Tensor | None = None  # heatmaps [K, X, Y] of the last finalised slice
+
+    @staticmethod
+    def _log(v) -> float:
+        return math.log(max(float(v), _EPS))
+
+    def update(self, z0: int, heat: torch.Tensor) -> None:
+        """heat [K, X, Y, L]: final blended heatmaps of slices z0 .. z0 + L - 1."""
+        heat = heat.detach().float().cpu() if heat.device.type != "cpu" else heat
+        _, X, Y, L = heat.shape
+        for k in range(heat.shape[0]):
+            if self.pending[k]:
+                x, y, _ = self.idx[k]
+                self.nb[k][2][1] = self._log(heat[k, x, y, 0])
+                self.pending[k] = False
+            m, flat = heat[k].reshape(-1).max(dim=0)
+            m, flat = float(m), int(flat)
+            if not m > self.peak[k]:
+                continue
+            x, y, zl = flat // (Y * L), (flat // L) % Y, flat % L
+            self.peak[k], self.idx[k] = m, (x, y, z0 + zl)
+            nb = self.nb[k]
+            nb[0] = [self._log(heat[k, x - 1, y, zl]) if x > 0 else None,
+                     self._log(heat[k, x + 1, y, zl]) if x < X - 1 else None]
+            nb[1] = [self._log(heat[k, x, y - 1, zl]) if y > 0 else None,
+                     self._log(heat[k, x, y + 1, zl]) if y < Y - 1 else None]
+            below = (self._log(heat[k, x, y, zl - 1]) if zl > 0 else
+                     self._log(self.prev_last[k, x, y]) if self.prev_last is not None else None)
+            above = self._log(heat[k, x, y, zl + 1]) if zl < L - 1 else None
+            self.pending[k] = zl == L - 1 and z0 + L < self.size[2]
+            nb[2] = [below, above]
+        self.prev_last = heat[..., -1].clone()
+
+    def centre(self, k: int, subvoxel: bool = True) -> torch.Tensor:
+        """Organ k's peak voxel, refined per axis where the peak is not on the volume border."""
+        c = torch.tensor(self.idx[k], dtype=torch.float32)
+        if not subvoxel:
+            return c
+        l0 = torch.tensor(self._log(self.peak[k]))
+        for axis in range(3):
+            lo, hi = self.nb[k][axis]
+            if 0 < self.idx[k][axis] < self.size[axis] - 1 and lo is not None and hi is not None:
+                c[axis] += log_parabola_offset(torch.tensor(lo), l0, torch.tensor(hi))
+        return c
+
+
+def _ceil_to(v: int, d: int) -> int:
+    return -(-v // d) * d
+
+
+@torch.no_grad()
+def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96, 96, 32),
+                     overlap: float = 0.5, threshold: float = 0.3, device: torch.device | str = "cpu",
+                     progress: bool = False, sw_batch_size: int = 1, subvoxel: bool = True,
+                     return_snet_labels: bool = False, small_organs_from: str = "sos") -> dict:
+    """Locate-zoom-paste FocusNetV2 inference on one CT ``image`` [1, 1, X, Y, Z] (normalised like
+    training); see the module doc for the steps and the memory bound.
+
+    ``patch_size`` must be divisible by ``model.snet.divisor``; the volume may be any size (it is
+    padded with its minimum to at least ``patch_size``, MONAI's rule, and cropped back). The model is
+    moved to ``device`` and put in eval mode (its previous train/eval mode is restored afterwards);
+    the image and outputs stay on the CPU, windows run on ``device``.
+
+    Returns a dict:
+        ``labels``  uint8 [X, Y, Z]: S-Net's argmax (over the non-small classes unless
+                    ``small_organs_from="snet_and_sos"``), with each found small organ's SOS mask pasted;
+        ``centres`` float32 [K, 3] voxel (x, y, z) centres from SOL-Net, NaN where not found;
+        ``found``   bool [K]: heatmap peak > ``threshold``;
+        ``peaks``   float32 [K]: the blended heatmap peaks;
+        ``roi_starts`` int64 [K, 3]: where each SOS ROI was pasted (volume coordinates; -1 rows when
+                    not found); ROI k spans ``roi_starts[k] + model.roi_sizes[k]``;
+        ``snet_labels`` (only with ``return_snet_labels``) uint8 [X, Y, Z]: S-Net's argmax over all
+                    classes, before any paste.
+    """
+    if image.dim() != 5 or image.shape[:2] != (1, 1):
+        raise ValueError(f"predict_focusnet needs an image [1, 1, X, Y, Z], got {tuple(image.shape)}")
+    check_small_organs_from(small_organs_from)
+    patch = tuple(int(p) for p in patch_size)
+    divisor = tuple(model.snet.divisor)
+    if len(patch) != 3 or any(p % d for p, d in zip(patch, divisor)):
+        raise ConfigError(f"patch_size {patch} must be divisible by S-Net's divisor {divisor}")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        return _predict(model, image.detach().float().cpu(), patch, overlap, threshold, device, progress,
+                        sw_batch_size, subvoxel, return_snet_labels, small_organs_from == "sos")
+    finally:
+        model.train(was_training)
+
+
+def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch_size, subvoxel,
+             return_snet_labels, small_only_from_sos) -> dict:
+    size = tuple(int(s) for s in image.shape[2:])
+    num_classes, k_small = int(model.num_classes), int(model.num_small)
+    # MONAI's padding for volumes smaller than the patch: half before, the rest after, with the minimum
+    before = [max(p - s, 0) // 2 for s, p in zip(size, patch)]
+    after = [max(p - s, 0) - b for s, p, b in zip(size, patch, before)]
+    if any(before) or any(after):
+        pads = [v for a in (2, 1, 0) for v in (before[a], after[a])]
+        image = F.pad(image, pads, mode="constant", value=float(image.min()))
+    psize = tuple(int(s) for s in image.shape[2:])
+
+    def predictor(win: torch.Tensor) -> torch.Tensor:
+        logits, _, heat = model.snet_sol(win)
+        return torch.cat([logits.float(), heat.float()], dim=1)
+
+    labels = torch.zeros(psize, dtype=torch.uint8)
+    snet_labels = torch.zeros(psize, dtype=torch.uint8) if return_snet_labels else None
+    small = [int(c) for c in model.small_classes]
+    tracker = _PeakTracker(k_small, size)  # peaks over the real volume only, in its coordinates
+    for z0, z1, slab in blend_slabs(predictor, image, patch, overlap, sw_batch_size, device, progress):
+        if snet_labels is not None:
+            snet_labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
+        if small_only_from_sos and small:
+            slab[small] = -math.inf   # these slices are final: the buffer is free to overwrite here
+        labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
+        lo, hi = max(z0, before[2]), min(z1, before[2] + size[2])
+        if k_small and hi > lo:
+            tracker.update(lo - before[2], slab[num_classes:num_classes + k_small,
+                                                before[0]:before[0] + size[0], before[1]:before[1] + size[1],
+                                                lo - z0:hi - z0])
+    crop = tuple(slice(b, b + s) for b, s in zip(before, size))
+    if any(before) or any(after):
+        labels = labels[crop].clone()
+        snet_labels = snet_labels[crop].clone() if snet_labels is not None else None
+
+    peaks = torch.tensor(tracker.peak, dtype=torch.float32)
+    found = peaks > threshold
+    centres = torch.full((k_small, 3), float("nan"))
+    roi_starts = torch.full((k_small, 3), -1, dtype=torch.int64)
+    for k in range(k_small):
+        if not bool(found[k]):
+            continue
+        centres[k] = tracker.centre(k, subvoxel)
+        c_pad = centres[k] + torch.tensor(before, dtype=torch.float32)  # padded-volume coordinates
+        # one window around the centre, big enough for the ROI, shifted inside the (padded) volume
+        roi = model.roi_sizes[k]
+        wsize = [min(max(p, _ceil_to(r, d)), (s // d) * d)
+                 for p, r, d, s in zip(patch, roi, model.snet.divisor, psize)]
+        wstart, _ = roi_box(c_pad, wsize, fit_within=psize)
+        win = image[(slice(None), slice(None), *(slice(a, a + w) for a, w in zip(wstart, wsize)))].to(device)
+        _, features, heat = model.snet_sol(win)
+        local = (c_pad - torch.tensor(wstart, dtype=torch.float32)).to(device)[None]
+        roi_logits, starts = model.sos_logits(features, heat, win, local, k)
+        mask = (roi_logits[0, 0] > 0).cpu()  # sigmoid > 0.5
+        start = [int(s) + w - b for s, w, b in zip(starts[0].tolist(), wstart, before)]
+        roi_starts[k] = torch.tensor(start)
+        paste_roi(labels, mask, start, model.small_classes[k], inplace=True)
+    out = {"labels": labels, "centres": centres, "found": found, "peaks": peaks, "roi_starts": roi_starts}
+    if return_snet_labels:
+        out["snet_labels"] = snet_labels
+    return out

@@ -1,0 +1,143 @@
+"""Segment raw images (NIfTI/NRRD/MHA files or DICOM CT series) in their ORIGINAL geometry: find the
+cases named on the command line, read and validate them, preprocess them exactly as the dataset card
+preprocessed its training cache (:func:`organseg.cache.build.preprocess_volume`), run the model's
+whole-case ``predict_case`` and undo the crop and the resampling
+(:func:`organseg.io.geometry.restore_original_geometry`). ``organseg predict`` (:mod:`organseg.cli.predict`)
+adds the checkpoint, the outputs and RTSTRUCT writing around it.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from pydicom.misc import is_dicom
+
+from organseg.cache.build import preprocess_volume
+from organseg.errors import InputError
+from organseg.io.dicom import DicomError, read_dicom_series, series_ids
+from organseg.io.geometry import restore_original_geometry
+from organseg.io.layouts import IMAGE_ENDINGS, CaseError, read_validated_image
+
+_CHANNEL = re.compile(r"_\d{4}$")   # nnU-Net's channel suffix: imagesTs/<case>_0000.nii.gz -> <case>
+
+
+# ---------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class PredictInput:
+    """One case to segment: an image file, or a folder holding one DICOM series (``kind`` "dicom")."""
+    case: str
+    kind: str   # "image" | "dicom"
+    path: Path
+
+
+def case_name(path: Path) -> str:
+    """``case_0000.nii.gz`` -> ``case`` (file ending and nnU-Net channel suffix dropped); a folder's name."""
+    name = path.name
+    for ending in IMAGE_ENDINGS:
+        if name.lower().endswith(ending):
+            name = name[: -len(ending)]
+            break
+    return _CHANNEL.sub("", name) or name
+
+
+def _image_files(folder: Path) -> list[Path]:
+
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name.lower().endswith(IMAGE_ENDINGS))
+
+
+def collect_inputs(paths: list[str]) -> list[PredictInput]:
+    """The cases named by ``--input`` (one-line InputError for a missing path, an unsupported file, a
+    folder with no images, or a folder with several DICOM series)."""
+
+
+    found: list[PredictInput] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise InputError(f"input {path}: no such file or folder")
+        if path.is_file():
+            if path.name.lower().endswith(IMAGE_ENDINGS):
+                found.append(PredictInput(case_name(path), "image", path))
+            elif path.suffix.lower() in (".dcm", ".ima") or is_dicom(str(path)):
+                raise InputError(f"input {path}: a single DICOM file; pass the folder of its series")
+            else:
+                raise InputError(f"input {path}: not a NIfTI/NRRD/MHA image ({', '.join(IMAGE_ENDINGS)})")
+            continue
+        images = _image_files(path)
+        if images:
+            found += [PredictInput(case_name(p), "image", p) for p in images]
+            continue
+        ids = series_ids(path)
+        if len(ids) == 1:
+            found.append(PredictInput(path.name, "dicom", path))
+            continue
+        if len(ids) > 1:
+            raise DicomError(f"{path}: {len(ids)} DICOM series in one folder ({', '.join(ids)}); "
+                             f"put each series in its own folder")
+        subs = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        series_dirs = [(d, series_ids(d)) for d in subs]
+        series_dirs = [(d, s) for d, s in series_dirs if s]
+        if not series_dirs:
+            raise InputError(f"input {path}: no readable images in this folder (NIfTI/NRRD/MHA files or one "
+                             f"DICOM series per folder)")
+        for d, s in series_dirs:
+            if len(s) > 1:
+                raise DicomError(f"{d}: {len(s)} DICOM series in one folder ({', '.join(s)}); "
+                                 f"put each series in its own folder")
+            found.append(PredictInput(d.name, "dicom", d))
+    seen: dict[str, Path] = {}
+    for item in found:
+        if item.case in seen:
+            raise InputError(f"input {item.path}: case name {item.case!r} also comes from {seen[item.case]}; "
+                             f"outputs would collide")
+        seen[item.case] = item.path
+    return found
+
+
+def read_input(item: PredictInput) -> tuple[Any, list[Path]]:
+    """``(float32 HU SimpleITK image, DICOM files in slice order or [])`` of one input."""
+
+
+    if item.kind == "dicom":
+        return read_dicom_series(item.path)
+    image = sitk.Cast(read_validated_image(item.path, item.case, "image"), sitk.sitkFloat32)   # validated, one-line errors
+    view = sitk.GetArrayViewFromImage(image)
+    if not np.all(np.isfinite(view)):
+        raise CaseError(f"{item.case}: image has non-finite voxels (NaN/inf) ({item.path})", item.case)
+    return image, []
+
+
+# ---------------------------------------------------------------------------------- one case
+def normalise(hu, hu_window) -> np.ndarray:
+    """HU -> [-1, 1] with the same float32 operations as ``CacheReader.normalise`` (training's input)."""
+    lo, hi = np.float32(hu_window[0]), np.float32(hu_window[1])
+    out = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
+    out -= lo
+    out *= np.float32(2.0) / (hi - lo)
+    out -= np.float32(1.0)
+    return out
+
+
+def preprocess_for_model(image, card, interpolation: str = "linear") -> tuple[np.ndarray, dict[str, Any]]:
+    """``(normalised float32 (x, y, z) on the cache's grid, grid attrs to undo it)`` for one image."""
+    hu, _, attrs = preprocess_volume(card, image, None, interpolation)
+    return normalise(hu, card.hu_window), attrs
+
+
+def predict_image(model, image, card, interpolation: str = "linear", device: str = "cpu"):
+    """A uint8 label map with exactly ``image``'s size, spacing, origin and direction."""
+
+
+    x, attrs = preprocess_for_model(image, card, interpolation)
+    with torch.inference_mode():
+        labels = model.predict_case(torch.from_numpy(x)[None, None].to(device))
+    labels = labels[0].cpu().numpy().astype(np.uint8)
+    out = sitk.Cast(restore_original_geometry(labels, attrs, "nearest"), sitk.sitkUInt8)
+    out.CopyInformation(image)   # restore_original_geometry built exactly this grid; make it bit-identical
+    return out

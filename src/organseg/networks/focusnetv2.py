@@ -1,0 +1,158 @@
+"""FocusNetV2 as one container, so every stage's checkpoint has the same parameter names, and the one
+architecture value that builds it.
+
+Stage 1 trains ``snet``; stage 2 ``sol`` (S-Net frozen); stage 3 ``sos`` (both frozen); stage 4
+pre-trains ``shape_ae`` (+ ``disc``); stage 5 fine-tunes all with the shape constraint. A later stage
+loads the earlier stage's container state and trains its part; inference uses all of it.
+
+``FocusNetArchitecture`` is what the five stages must agree on (widths, ``roi_mm``). It is given once,
+in ``experiments/focusnetv2/architecture.yaml``, which every stage config composes
+(``architecture: architecture.yaml``); with the data's small organs and voxel spacing it builds the
+container (``build``) and is stored in, and checked against, every stage checkpoint (``record``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from organseg.errors import ConfigError
+from organseg.spatial.roi import crop_rois, roi_size_voxels
+from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
+from organseg.networks.snet import SNet
+from organseg.networks.sol import SOLNet
+from organseg.networks.sos import SOSNetBank, sos_inputs
+
+
+class FocusNetV2(nn.Module):
+    """S-Net (all organs) + SOL-Net (small-organ heatmaps) + one SOS-Net per small organ + shape AE.
+
+    Args:
+        num_classes: classes incl. background (S-Net's outputs).
+        small_classes: class indices of the small organs, in the card's ``small`` order (K of them).
+        roi_sizes: per small organ, the SOS ROI in voxels (x, y, z) (x, y divisible by 2).
+    """
+
+    def __init__(self, num_classes: int, small_classes: Sequence[int], roi_sizes: Sequence[Sequence[int]],
+                 base_channels: int = 16, aspp_rates: Sequence[int] = (1, 2, 3, 5), sol_hidden: int = 32,
+                 sos_base: int = 16, ae_code_channels: int = 32, ae_base: int = 16):
+        super().__init__()
+        if len(small_classes) != len(roi_sizes):
+            raise ConfigError(f"{len(small_classes)} small organs but {len(roi_sizes)} ROI sizes")
+        self.num_classes = num_classes
+        self.small_classes = [int(c) for c in small_classes]
+        self.roi_sizes = [tuple(int(v) for v in r) for r in roi_sizes]
+        self.snet = SNet(1, num_classes=num_classes, base_channels=base_channels, aspp_rates=tuple(aspp_rates))
+        k = len(self.small_classes)
+        self.sol = SOLNet(self.snet.feature_channels, k, hidden=sol_hidden)
+        self.sos = SOSNetBank(k, in_channels=self.snet.feature_channels + 2, base_channels=sos_base)
+        self.shape_ae = ShapeAutoencoder(1, ae_code_channels, ae_base)
+        self.disc = ShapeDiscriminator(ae_code_channels)
+
+    @property
+    def num_small(self) -> int:
+        return len(self.small_classes)
+
+    def snet_sol(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image [B,1,*S] -> (S-Net logits [B,C,*S], features [B,F,*S], SOL heatmaps [B,K,*S])."""
+        logits, features = self.snet.forward_features(image)
+        return logits, features, self.sol(features)
+
+    def sos_logits(self, features: torch.Tensor, heatmaps: torch.Tensor, image: torch.Tensor,
+                   centres: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Organ k's SOS-Net on ROIs around ``centres`` [B,3] (voxels, finite) cropped from
+        concat(features, heatmap k, CT) -> (logits [B,1,*roi_k], ROI starts [B,3])."""
+        x = sos_inputs(features, heatmaps[:, k:k + 1], image)
+        rois, starts = crop_rois(x, centres, self.roi_sizes[k], return_starts=True)
+        # CT pads with its air value, not 0 (0 is soft tissue after normalisation)
+        if image.numel():
+            outside = crop_rois(torch.ones_like(image[:, :1]), centres, self.roi_sizes[k]) == 0
+            rois[:, -1:] = torch.where(outside, image.min().detach(), rois[:, -1:])
+        return self.sos(rois, k), starts
+
+
+@dataclass(frozen=True)
+class FocusNetArchitecture:
+    """The FocusNetV2 architecture every training stage must share (the container's shapes depend on
+    it). Given once (``experiments/focusnetv2/architecture.yaml``); the data's small organs and voxel
+    spacing complete it (they come from the dataset card, linked by the CLI, so they are not fields).
+
+    Args:
+        base_channels: S-Net width (channels of its first level).
+        aspp_rates: S-Net DenseASPP in-plane dilation rates.
+        sol_hidden: SOL-Net hidden channels.
+        sos_base: SOS-Net width (one SOS-Net per small organ).
+        ae_code_channels: shape autoencoder code channels (the discriminator's input).
+        ae_base: shape autoencoder width.
+        roi_mm: SOS ROI in mm, one [x, y, z] for all small organs or {organ: [x, y, z]}; converted to
+            voxels with the data's spacing (``roi_size_voxels``).
+    """
+
+    base_channels: int = 16
+    aspp_rates: tuple[int, ...] = (1, 2, 3, 5)
+    sol_hidden: int = 32
+    sos_base: int = 16
+    ae_code_channels: int = 32
+    ae_base: int = 16
+    roi_mm: tuple[float, float, float] | dict[str, tuple[float, float, float]] = (32.0, 32.0, 15.0)
+
+    def __post_init__(self) -> None:
+        # the same plain values however it was given (YAML lists, a checkpoint's dict, Python tuples)
+        for f in ("base_channels", "sol_hidden", "sos_base", "ae_code_channels", "ae_base"):
+            object.__setattr__(self, f, int(getattr(self, f)))
+        object.__setattr__(self, "aspp_rates", tuple(int(r) for r in self.aspp_rates))
+        roi = self.roi_mm
+        object.__setattr__(self, "roi_mm", {str(o): _floats(v) for o, v in roi.items()}
+                           if isinstance(roi, Mapping) else _floats(roi))
+
+    @classmethod
+    def of(cls, value: FocusNetArchitecture | Mapping) -> FocusNetArchitecture:
+        """``value`` itself, or the architecture its fields describe (a checkpoint's hparams hold a dict)."""
+        if isinstance(value, cls):
+            return value
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"architecture: unknown field(s) {unknown} (fields: {names})")
+        return cls(**value)
+
+    def as_dict(self) -> dict:
+        """The fields as plain YAML/JSON values (lists, not tuples)."""
+        out = asdict(self)
+        out["aspp_rates"] = list(self.aspp_rates)
+        out["roi_mm"] = ({o: list(v) for o, v in self.roi_mm.items()} if isinstance(self.roi_mm, dict)
+                         else list(self.roi_mm))
+        return out
+
+    def record(self, small_organs: Sequence[str], spacing: Sequence[float]) -> dict:
+        """What stage checkpoints store and compare: the fields plus the small organs and the spacing."""
+        return {**self.as_dict(), "small_organs": [str(o) for o in small_organs],
+                "spacing": [float(s) for s in spacing]}
+
+    def roi_mm_for(self, organ: str) -> tuple[float, float, float]:
+        if isinstance(self.roi_mm, dict):
+            if organ not in self.roi_mm:
+                raise ConfigError(f"roi_mm has no entry for small organ {organ!r} "
+                                  f"(has {sorted(self.roi_mm)})")
+            return self.roi_mm[organ]
+        return self.roi_mm
+
+    def roi_sizes(self, small_organs: Sequence[str], spacing: Sequence[float]) -> list[tuple[int, int, int]]:
+        """Per small organ, the SOS ROI in voxels (x, y, z) at ``spacing`` (mm)."""
+        return [roi_size_voxels(self.roi_mm_for(o), spacing) for o in small_organs]
+
+    def build(self, classes: Sequence[str], small_organs: Sequence[str],
+              spacing: Sequence[float]) -> FocusNetV2:
+        """The container for the label space ``classes`` (background first) with ``small_organs`` (names
+        in ``classes``, SOL/SOS order) at voxel ``spacing`` (mm, x y z)."""
+        classes = list(classes)
+        return FocusNetV2(len(classes), [classes.index(o) for o in small_organs],
+                          self.roi_sizes(small_organs, spacing), base_channels=self.base_channels,
+                          aspp_rates=self.aspp_rates, sol_hidden=self.sol_hidden, sos_base=self.sos_base,
+                          ae_code_channels=self.ae_code_channels, ae_base=self.ae_base)
+
+
+def _floats(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)

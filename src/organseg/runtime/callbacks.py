@@ -1,0 +1,57 @@
+"""Lightning callbacks the ``organseg`` CLI adds to every run."""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from organseg.errors import ConfigError
+from organseg.evaluation.overlays import save_overlays
+from organseg.runs import run_dir
+
+
+class ValidationImages(Callback):
+    """After every validation (rank 0), a few axial CT slices of the first validation case with the
+    reference (solid) and predicted (dashed) contours, drawn by ``evaluation.overlays.save_overlays``,
+    logged as a W&B image under ``key`` and kept as ``<run folder>/val_images/epochNNN.png``.
+
+    Only active when a ``WandbLogger`` is attached; the module (a ``SegmentationModuleBase``) keeps
+    just the chosen 2D slices of that case, not volumes.
+
+    Args:
+        n_slices: slices per image (chosen to show the most organs); 0 turns the images off.
+        key: the W&B key.
+    """
+
+    def __init__(self, n_slices: int = 3, key: str = "val/contours"):
+        if n_slices < 0:
+            raise ConfigError(f"val_images.n_slices must be >= 0, got {n_slices}")
+        self.n_slices = int(n_slices)
+        self.key = key
+
+    def _active(self, trainer, pl_module) -> bool:
+        return (self.n_slices > 0 and hasattr(pl_module, "val_image_slices")
+                and any(isinstance(lg, WandbLogger) for lg in trainer.loggers))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self._active(trainer, pl_module):
+            pl_module.val_image_slices = self.n_slices
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if hasattr(pl_module, "val_images"):
+            pl_module.val_images = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        sample = getattr(pl_module, "val_images", None)
+        if sample is None or not trainer.is_global_zero or not self._active(trainer, pl_module):
+            return
+        pl_module.val_images = None
+
+        zs = sample["slices"]
+        caption = f"{sample['case_id']} epoch {trainer.current_epoch} step {trainer.global_step}: solid reference, dashed prediction"
+        png = save_overlays(sample["image"], sample["label"], sample["pred"], pl_module.classes,
+                            run_dir(trainer) / "val_images" / f"epoch{trainer.current_epoch:03d}.png",
+                            spacing=sample["spacing"], title=caption, slices=range(len(zs)),
+                            slice_labels=[f"z={z}" for z in zs])
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=self.key, images=[str(png)], caption=[caption], step=trainer.global_step)

@@ -1,0 +1,259 @@
+"""Typed errors: a user error (bad option, file, checkpoint, card) is ONE line on stderr with exit status 2,
+for the LightningCLI commands and the tool commands alike; anything else (a bug, an error inside torch)
+propagates with its traceback. No path heuristics: what counts is the class (``organseg.errors``)."""
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import organseg
+from organseg.cli.main import main
+from organseg.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    OrgansegError,
+    OutputError,
+    UsageError,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src/organseg"
+
+
+def one_line(capsys, command: str) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("Seed set")]
+    assert len(err) == 1, err
+    assert err[0].startswith(f"organseg {command}: error: "), err[0]
+    return err[0]
+
+
+# ------------------------------------------------------------------------------------ the classes
+def all_modules() -> list:
+    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(organseg.__path__, "organseg.")]
+
+
+def test_every_error_class_in_the_package_is_an_organseg_error():
+    """Every exception class organseg defines is one a user can cause and fix, so each derives from
+    OrgansegError; the ones that replaced a ValueError still are one (``pytest.raises(ValueError)``)."""
+    defined = {cls for module in all_modules() for _, cls in inspect.getmembers(module, inspect.isclass)
+               if issubclass(cls, BaseException) and not issubclass(cls, Warning)
+               and cls.__module__.startswith("organseg")}
+    assert {c.__name__ for c in defined} >= {
+        "OrgansegError", "ConfigError", "InputError", "CheckpointError", "OutputError", "UsageError",
+        "CardError", "CaseError", "DicomError", "CacheError", "PseudoLabelError"}
+    assert [c for c in defined if not issubclass(c, OrgansegError)] == []
+    assert [c.__name__ for c in defined if c is not OrgansegError and c not in (OutputError, UsageError)
+            and not issubclass(c, ValueError)] == []
+    assert issubclass(OutputError, OSError) and not issubclass(UsageError, ValueError)
+
+
+def test_domain_errors_keep_their_place_and_are_user_errors():
+    from organseg.cache.reader import CacheError
+    from organseg.data.pseudo_labels import PseudoLabelError
+    from organseg.io.card import CardError
+    from organseg.io.dicom import DicomError
+    from organseg.io.layouts import CaseError
+
+    for cls in (CardError, CaseError, DicomError, CacheError, PseudoLabelError,
+                ConfigError, InputError, CheckpointError):
+        assert issubclass(cls, OrgansegError) and issubclass(cls, ValueError), cls
+
+
+def test_no_user_error_class_or_path_heuristic_in_the_cli():
+    import organseg.cli.lightning as lightning
+    import organseg.cli.main as cli_main
+
+    assert not hasattr(cli_main, "UserError") and not hasattr(lightning, "user_error_in")
+    tree = ast.parse((SRC / "cli/lightning.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "organseg.cli.main" not in imported                  # the main <-> lightning cycle is gone
+    for path in (SRC / "cli").glob("*.py"):                    # no telling errors apart by file path
+        assert "co_filename" not in path.read_text() and "tb_frame" not in path.read_text(), path
+
+
+def test_user_error_is_found_along_the_chain():
+    from organseg.cli.main import user_error
+
+    cause = ConfigError("model x: bad")
+    try:
+        try:
+            raise cause
+        except ConfigError as exc:
+            raise TypeError("Parser key \"model\": wrapped") from exc   # as jsonargparse wraps it
+    except TypeError as wrapped:
+        assert user_error(wrapped) is cause
+    assert user_error(ValueError("from torch")) is None
+
+
+# ------------------------------------------------------------------------------ tool commands
+def test_tool_user_errors_are_one_line_exit_2(hn_small, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cases = [
+        (["phantom", "hn", "--out", str(tmp_path / "p"), "--cases", "0"], "--cases must be at least 1"),
+        (["phantom", "hn", "--out", str(blocker / "sub"), "--cases", "1"], "Not a directory"),   # bad --out
+        (["preprocess", str(hn_small["card"]), "--workers", "0"], "--workers must be >= 1"),
+        (["preprocess", str(tmp_path / "nope.yaml")], "dataset card not found"),
+        (["evaluate", "--ckpt", str(tmp_path / "nope.ckpt")], "file not found"),
+        (["predict", "--ckpt", "x.ckpt", "--input", str(tmp_path / "nope.nii.gz"),
+          "--out", str(tmp_path / "o")], "no such file or folder"),
+        (["sweep", str(tmp_path / "nope.yaml")], "file not found"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        assert expected in one_line(capsys, argv[0]), argv
+
+
+def test_existing_dicom_folder_is_a_one_line_error(tmp_path, capsys):
+    dicom = tmp_path / "dicom"
+    (dicom / "hn_000").mkdir(parents=True)
+    argv = ["phantom", "hn", "--out", str(tmp_path / "raw"), "--cases", "1", "--quiet", "--workers", "1",
+            "--shape", "64", "64", "16", "--spacing", "3", "3", "9", "--dicom", str(dicom)]
+    assert main(argv) == 2
+    assert "already exists; not overwriting a DICOM folder" in one_line(capsys, "phantom")
+
+
+def test_organseg_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORGANSEG_DEBUG", "1")
+    with pytest.raises(ConfigError, match="--cases must be at least 1"):
+        main(["phantom", "hn", "--out", str(tmp_path / "p"), "--cases", "0"])
+
+
+def test_a_plain_value_error_in_a_tool_command_keeps_its_traceback(hn_small, monkeypatch):
+    """The old blanket ``except (ValueError, OSError)`` would have printed this as a user error."""
+    import organseg.cli.preprocess
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal precondition failed")
+
+    monkeypatch.setattr(organseg.cli.preprocess, "build_cache", broken)
+    with pytest.raises(ValueError, match="an internal precondition failed"):
+        main(["preprocess", str(hn_small["card"])])
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(hn_small, tmp_path_factory) -> Path:
+    """A UNetBaseline checkpoint after one training step, its card riding along (as `organseg fit`'s)."""
+    import lightning.pytorch as pl
+
+    from organseg.io.card import DatasetCard
+    from organseg.methods import UNetBaseline
+
+    card = DatasetCard.load(hn_small["card"])
+    torch.manual_seed(0)
+    model = UNetBaseline(num_classes=card.num_classes, classes=card.classes, patch_size=(64, 64, 16),
+                         filters=[4, 8, 8], strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
+                         class_weights=[1.0] * card.num_classes)
+    model.cards = [card.to_dict()]
+    batch = {"image": torch.randn(1, 32, 32, 16), "label": torch.randint(0, card.num_classes, (32, 32, 16))}
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=1))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+TORCH_SAYS = {"ValueError": (ValueError, "same number of spatial dimensions"),
+              "RuntimeError": (RuntimeError, "input to conv3d")}
+
+
+def raised_in_torch(info) -> bool:
+    return "/torch/" in str(info.traceback[-1].path)
+
+
+def _internal_check_fails(self, x):
+    """A plain ValueError from organseg's own code (an internal precondition, no user error): the old
+    rule (\"raised in a file under /organseg/\") printed this as one line and hid the traceback."""
+    from organseg.spatial.roi import crop_rois
+
+    return crop_rois(x[0], torch.zeros(1, 3), (8, 8, 8))
+
+
+def _wrong_shape_forward(kind: str):
+    """A forward that feeds the network a wrong-shaped tensor: torch raises (a bug, not a user error)."""
+    def forward(self, x):
+        if kind == "ValueError":
+            return self.net(F.interpolate(x, size=(8, 8)))   # 2 sizes for 3 spatial dims: torch's ValueError
+        return self.net(x[0, 0])                             # a 3-D tensor into Conv3d: torch's RuntimeError
+    return forward
+
+
+@pytest.mark.parametrize("kind", ["ValueError", "RuntimeError"])
+def test_a_torch_error_in_predict_keeps_its_traceback(hn_small, tiny_ckpt, tmp_path, monkeypatch, kind):
+    from organseg.methods import UNetBaseline
+
+    image = hn_small["raw"] / "imagesTr/hn_000_0000.nii.gz"
+    monkeypatch.setattr(UNetBaseline, "forward", _wrong_shape_forward(kind))
+    error, message = TORCH_SAYS[kind]
+    with pytest.raises(error, match=message) as info:
+        main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(image), "--out", str(tmp_path / "out")])
+    assert not isinstance(info.value, OrgansegError) and raised_in_torch(info)
+
+
+# ----------------------------------------------------------------------------- fit (LightningCLI)
+def fit_args(hn_small, tmp_path: Path, **model) -> list[str]:
+    cfg = {
+        "trainer": {"max_steps": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0, "accelerator": "cpu",
+                    "devices": 1, "logger": False, "enable_progress_bar": False,
+                    "enable_model_summary": False},
+        "model": {"init_args": {"filters": [4, 8, 8], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]], **model}},
+        "data": {"init_args": {"cards": [str(hn_small["card"])], "patch_size": [48, 48, 16], "batch_size": 1,
+                               "patches_per_epoch": 2, "num_workers": 0, "augmentation": None}},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return ["fit", "-c", str(REPO / "experiments/baseline/unet.yaml"),
+            "-c", str(REPO / "data_modules/hn_phantom.yaml"), "-c", str(path)]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--data.init_args.cards=[/nonexistent/card.yaml]"], "/nonexistent/card.yaml: dataset card not found"),
+    (["--model.init_args.filters=[8, 16]"], "filters (2) and strides (3) must have one entry per level"),
+    (["--model.init_args.class_weights=[1.0, 2.0]"], "class_weights has 2 entries, expected 18"),
+    (["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
+])
+def test_fit_user_errors_are_one_line_exit_2(hn_small, tmp_path, monkeypatch, capsys, extra, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main([*fit_args(hn_small, tmp_path), *extra]) == 2
+    assert expected in one_line(capsys, "fit")
+
+
+def test_fit_usage_error_is_typed(hn_small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ORGANSEG_DEBUG", "1")
+    with pytest.raises(UsageError, match="max_epochz"):
+        main([*fit_args(hn_small, tmp_path), "--trainer.max_epochz=3"])
+
+
+@pytest.mark.parametrize("kind", ["ValueError", "RuntimeError"])
+def test_a_torch_error_during_fit_keeps_its_traceback(hn_small, tmp_path, monkeypatch, kind):
+    from organseg.methods import UNetBaseline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(UNetBaseline, "forward", _wrong_shape_forward(kind))
+    error, message = TORCH_SAYS[kind]
+    with pytest.raises(error, match=message) as info:
+        main(fit_args(hn_small, tmp_path, class_weights=[1.0] * 18))
+    assert not isinstance(info.value, OrgansegError) and raised_in_torch(info)
+
+
+def test_a_plain_value_error_of_organseg_during_fit_keeps_its_traceback(hn_small, tmp_path, monkeypatch):
+    from organseg.methods import UNetBaseline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(UNetBaseline, "forward", _internal_check_fails)
+    with pytest.raises(ValueError, match=r"crop_rois needs \[B,C,X,Y,Z\]") as info:
+        main(fit_args(hn_small, tmp_path, class_weights=[1.0] * 18))
+    assert not isinstance(info.value, OrgansegError)
+    assert str(info.traceback[-1].path).endswith("organseg/spatial/roi.py")
