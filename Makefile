@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 
 install: $(STAMP)
 
-# ruff (pyproject [tool.ruff]) and the layer contracts (pyproject [tool.importlinter]); part of `make test`
+# ruff lint + format check (pyproject [tool.ruff]) and the layer contracts (pyproject [tool.importlinter]); part of `make test`
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 
 # lint + every test not marked `slow`: the everyday run (its pytest part ~2 min on 2 CPU cores)

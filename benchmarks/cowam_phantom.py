@@ -34,6 +34,7 @@ stderr tail; the others still run.
     .venv/bin/python benchmarks/cowam_phantom.py [--steps 300] [--cases 6] [--test-cases 6] [--work DIR]
     .venv/bin/python benchmarks/cowam_phantom.py --steps 10 --cases 3 --test-cases 2    # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,13 +54,25 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from focusnet_phantom import clean, run_logged, tail  # noqa: E402  (shared benchmark helpers)
 
-GROUPS = {"liver_spleen": ["liver", "spleen"], "kidneys": ["kidney_l", "kidney_r"],
-          "pancreas_stomach": ["pancreas", "stomach"]}
+GROUPS = {
+    "liver_spleen": ["liver", "spleen"],
+    "kidneys": ["kidney_l", "kidney_r"],
+    "pancreas_stomach": ["pancreas", "stomach"],
+}
 METHODS = ["multi-model", "naive union", "self-training", "marginal loss", "co-training WAM"]
-CONFIGS = {"single": "experiments/cowam/single_dataset.yaml", "naive union": "experiments/cowam/naive_union.yaml",
-           "self-training": "experiments/cowam/self_training.yaml", "marginal loss": "experiments/cowam/marginal.yaml",
-           "co-training WAM": "experiments/cowam/cowam.yaml"}
-SLUG = {"naive union": "naive", "self-training": "selftrain", "marginal loss": "marginal", "co-training WAM": "cowam"}
+CONFIGS = {
+    "single": "experiments/cowam/single_dataset.yaml",
+    "naive union": "experiments/cowam/naive_union.yaml",
+    "self-training": "experiments/cowam/self_training.yaml",
+    "marginal loss": "experiments/cowam/marginal.yaml",
+    "co-training WAM": "experiments/cowam/cowam.yaml",
+}
+SLUG = {
+    "naive union": "naive",
+    "self-training": "selftrain",
+    "marginal loss": "marginal",
+    "co-training WAM": "cowam",
+}
 
 
 def say(cmd: list[str]) -> None:
@@ -67,8 +80,17 @@ def say(cmd: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- data
-def prepare_data(exe: str, work: Path, cases: int, test_cases: int, spacing: list[float], patch: list[int],
-                 batch: int, steps: int, workers: int) -> dict:
+def prepare_data(
+    exe: str,
+    work: Path,
+    cases: int,
+    test_cases: int,
+    spacing: list[float],
+    patch: list[int],
+    batch: int,
+    steps: int,
+    workers: int,
+) -> dict:
     """Raw phantoms, derived cards (coarser spacing, caches under ``work``) and data configs."""
     work.mkdir(parents=True, exist_ok=True)
     cfg = work / "configs"
@@ -76,10 +98,17 @@ def prepare_data(exe: str, work: Path, cases: int, test_cases: int, spacing: lis
 
     def card(src: str, name: str, raw: Path, split: dict) -> str:
         spec = yaml.safe_load((ROOT / src).read_text())
-        spec.update(name=name, path=str(raw), cache=str(work / "cache" / f"{name}.h5"),
-                    target_spacing=list(spacing), split=split)
+        spec.update(
+            name=name,
+            path=str(raw),
+            cache=str(work / "cache" / f"{name}.h5"),
+            target_spacing=list(spacing),
+            split=split,
+        )
         dst = cfg / f"{name}.yaml"
-        dst.write_text(f"# derived from {src} by benchmarks/cowam_phantom.py\n" + yaml.safe_dump(spec, sort_keys=False))
+        dst.write_text(
+            f"# derived from {src} by benchmarks/cowam_phantom.py\n" + yaml.safe_dump(spec, sort_keys=False)
+        )
         return str(dst)
 
     def phantom(raw: Path, n: int, keep: list[str] | None) -> None:
@@ -94,11 +123,17 @@ def prepare_data(exe: str, work: Path, cases: int, test_cases: int, spacing: lis
     for tag, keep in GROUPS.items():
         raw = work / "raw" / f"abdomen_few_{tag}" / f"n{cases}"
         phantom(raw, cases, keep)
-        cards[tag] = card(f"data_modules/cards/abdomen_few_{tag}.yaml", f"bench_few_{tag}", raw,
-                          {"val": 1, "test": 0, "seed": 0})
+        cards[tag] = card(
+            f"data_modules/cards/abdomen_few_{tag}.yaml",
+            f"bench_few_{tag}",
+            raw,
+            {"val": 1, "test": 0, "seed": 0},
+        )
     raw_test = work / "raw" / "abdomen_test" / f"n{test_cases}"
     phantom(raw_test, test_cases, None)
-    test_card = card("data_modules/cards/abdomen_test.yaml", "bench_test", raw_test, {"val": 0, "test": 0, "seed": 0})
+    test_card = card(
+        "data_modules/cards/abdomen_test.yaml", "bench_test", raw_test, {"val": 0, "test": 0, "seed": 0}
+    )
     cmd = [exe, "preprocess", *cards.values(), test_card, "--no-progress"]
     say(cmd)
     subprocess.run(cmd, check=True)
@@ -107,43 +142,84 @@ def prepare_data(exe: str, work: Path, cases: int, test_cases: int, spacing: lis
         spec = yaml.safe_load((ROOT / src).read_text())
         ia = spec["data"]["init_args"]
         # one epoch = the whole budget: patches_per_epoch = steps x batch
-        ia.update(cards=cards_, patch_size=list(patch), batch_size=batch, patches_per_epoch=steps * batch,
-                  num_workers=workers, val_max_cases=1)
+        ia.update(
+            cards=cards_,
+            patch_size=list(patch),
+            batch_size=batch,
+            patches_per_epoch=steps * batch,
+            num_workers=workers,
+            val_max_cases=1,
+        )
         if pseudo is not None:
             ia["pseudo_labels"] = pseudo
         dst = cfg / f"data_{name}.yaml"
-        dst.write_text(f"# derived from {src} by benchmarks/cowam_phantom.py\n" + yaml.safe_dump(spec, sort_keys=False))
+        dst.write_text(
+            f"# derived from {src} by benchmarks/cowam_phantom.py\n" + yaml.safe_dump(spec, sort_keys=False)
+        )
         return str(dst)
 
     pseudo = {tag: str(work / "pseudo" / f"bench_few_{tag}.h5") for tag in GROUPS}
     return {
-        "cards": cards, "test_card": test_card, "pseudo": pseudo,
+        "cards": cards,
+        "test_card": test_card,
+        "pseudo": pseudo,
         "union": data_config("data_modules/abdomen_fewlabel.yaml", "union", list(cards.values())),
-        "union_pseudo": data_config("data_modules/abdomen_fewlabel_pseudo.yaml", "union_pseudo",
-                                    list(cards.values()), [pseudo[t] for t in GROUPS]),
-        "single": {tag: data_config("data_modules/abdomen_fewlabel.yaml", f"single_{tag}", [c])
-                   for tag, c in cards.items()},
+        "union_pseudo": data_config(
+            "data_modules/abdomen_fewlabel_pseudo.yaml",
+            "union_pseudo",
+            list(cards.values()),
+            [pseudo[t] for t in GROUPS],
+        ),
+        "single": {
+            tag: data_config("data_modules/abdomen_fewlabel.yaml", f"single_{tag}", [c])
+            for tag, c in cards.items()
+        },
     }
 
 
 # ------------------------------------------------------------------------------------------- training
-def fit(exe: str, name: str, model_cfg: str, data_cfg: str, run_id: str, steps: int, out: Path,
-        validate: bool = False, extra: list[str] = ()) -> dict:
+def fit(
+    exe: str,
+    name: str,
+    model_cfg: str,
+    data_cfg: str,
+    run_id: str,
+    steps: int,
+    out: Path,
+    validate: bool = False,
+    extra: list[str] = (),
+) -> dict:
     """One ``organseg fit`` of ``steps`` optimiser steps (one epoch); its run folder is ``out/<run_id>``
     (no W&B run: a benchmark needs only the checkpoint). Only a method that uses validation (co-training:
     it selects the better weight-averaged model) validates, once, at the end."""
     root = out / run_id
-    args = [exe, "fit", "-c", model_cfg, "-c", data_cfg, f"--trainer.max_steps={steps}", "--trainer.max_epochs=1",
-            "--trainer.check_val_every_n_epoch=1", "--trainer.log_every_n_steps=5", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
-            *([] if validate else ["--trainer.limit_val_batches=0"]), *extra]
+    args = [
+        exe,
+        "fit",
+        "-c",
+        model_cfg,
+        "-c",
+        data_cfg,
+        f"--trainer.max_steps={steps}",
+        "--trainer.max_epochs=1",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.log_every_n_steps=5",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+        *([] if validate else ["--trainer.limit_val_batches=0"]),
+        *extra,
+    ]
     print(f"\n[{name}] {steps} optimiser steps", flush=True)
     rc, wall = run_logged(args, out / "logs" / run_id, timeout=3600)
     ckpt = root / "checkpoints" / "last.ckpt"
     run = {"run_id": run_id, "command": " ".join(shlex.quote(a) for a in args), "wall_s": wall}
     if rc != 0 or not ckpt.is_file():
-        run.update(status="failed", error=f"organseg fit exited with {rc}" if rc else "no last.ckpt written",
-                   stderr_tail=tail(out / "logs" / f"{run_id}.err"))
+        run.update(
+            status="failed",
+            error=f"organseg fit exited with {rc}" if rc else "no last.ckpt written",
+            stderr_tail=tail(out / "logs" / f"{run_id}.err"),
+        )
         print(f"  FAILED ({run['error']}); stderr tail:\n{run['stderr_tail']}", flush=True)
     else:
         run.update(status="ok", checkpoint=str(ckpt))
@@ -154,7 +230,11 @@ def fit(exe: str, name: str, model_cfg: str, data_cfg: str, run_id: str, steps: 
 def pseudolabel(exe: str, ckpts: list[str], card: str, dst: str, out: Path, tag: str) -> dict:
     args = [exe, "pseudolabel", "--ckpt", *ckpts, "--card", card, "--out", dst, "--no-progress", "--force"]
     rc, wall = run_logged(args, out / "logs" / f"pseudolabel-{tag}", timeout=3600)
-    res = {"command": " ".join(shlex.quote(a) for a in args), "wall_s": wall, "status": "ok" if rc == 0 else "failed"}
+    res = {
+        "command": " ".join(shlex.quote(a) for a in args),
+        "wall_s": wall,
+        "status": "ok" if rc == 0 else "failed",
+    }
     if rc:
         res["stderr_tail"] = tail(out / "logs" / f"pseudolabel-{tag}.err")
         print(f"  FAILED pseudolabel {tag}:\n{res['stderr_tail']}", flush=True)
@@ -179,15 +259,22 @@ def evaluate(model, test_card: str, device: str, repeats: int = 2) -> dict:
         image, label = reader.read_case(cid)
         x = torch.from_numpy(image)[None, None].to(device)
         if i == 0:
-            model.predict_case(x)   # warm-up (allocator, MONAI window cache), untimed
+            model.predict_case(x)  # warm-up (allocator, MONAI window cache), untimed
         best = math.inf
-        for _ in range(repeats):   # the fastest of a few runs: the least disturbed by other processes
+        for _ in range(repeats):  # the fastest of a few runs: the least disturbed by other processes
             t0 = time.perf_counter()
             pred = model.predict_case(x)[0].cpu().numpy()
             best = min(best, time.perf_counter() - t0)
         seconds.append(best)
-        rows += case_metrics(pred, label, reader.spacing(cid), card.classes, labeled=card.labeled_mask,
-                             case_id=cid, distances=False)
+        rows += case_metrics(
+            pred,
+            label,
+            reader.spacing(cid),
+            card.classes,
+            labeled=card.labeled_mask,
+            case_id=cid,
+            distances=False,
+        )
     summary = {s["organ"]: s["dice_mean"] for s in summarize(rows)}
     return {"dice": summary, "seconds_per_case": statistics.median(seconds), "cases": len(reader.case_ids)}
 
@@ -208,18 +295,30 @@ def report(meta: dict, results: dict, classes: list[str]) -> str:
     def cell(name: str, organ: str) -> str:
         r = results.get(name, {})
         v = r.get("eval", {}).get("dice", {}).get(organ)
-        return "failed" if r.get("status") == "failed" else ("n/a" if v is None or not math.isfinite(v) else f"{v:.3f}")
+        return (
+            "failed"
+            if r.get("status") == "failed"
+            else ("n/a" if v is None or not math.isfinite(v) else f"{v:.3f}")
+        )
 
     names = [m for m in METHODS if m in results]
-    lines = ["# Co-training WAM vs baselines on the few-organ abdominal phantom", "",
-             f"Generated by `{meta['command']}` on {meta['date']} ({meta['host']}).", "",
-             f"Budget: **{meta['steps']} optimiser steps per network** (batch {meta['batch']}, patch "
-             f"{'x'.join(map(str, meta['patch']))} voxels at {'x'.join(map(str, meta['spacing']))} mm, constant LR), "
-             f"the same for every network; the multi-model and the first self-training stage train 3 networks, "
-             f"co-training trains 2 in each step. Training sets: 3 few-organ datasets x {meta['cases']} cases "
-             f"(1 of each for validation); test: {meta['test_cases']} fully labelled cases, disjoint.", "",
-             "Dice per organ on the fully labelled test set (mean over cases):", "",
-             "| organ | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = [
+        "# Co-training WAM vs baselines on the few-organ abdominal phantom",
+        "",
+        f"Generated by `{meta['command']}` on {meta['date']} ({meta['host']}).",
+        "",
+        f"Budget: **{meta['steps']} optimiser steps per network** (batch {meta['batch']}, patch "
+        f"{'x'.join(map(str, meta['patch']))} voxels at {'x'.join(map(str, meta['spacing']))} mm, "
+        "constant LR), "
+        f"the same for every network; the multi-model and the first self-training stage train 3 networks, "
+        f"co-training trains 2 in each step. Training sets: 3 few-organ datasets x {meta['cases']} cases "
+        f"(1 of each for validation); test: {meta['test_cases']} fully labelled cases, disjoint.",
+        "",
+        "Dice per organ on the fully labelled test set (mean over cases):",
+        "",
+        "| organ | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     for organ in organs:
         lines.append(f"| {organ} | " + " | ".join(cell(n, organ) for n in names) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{cell(n, 'mean')}**" for n in names) + " |")
@@ -230,15 +329,25 @@ def report(meta: dict, results: dict, classes: list[str]) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
 
     lines.append("| inference s/case | " + " | ".join(fmt(n, "seconds_per_case") for n in names) + " |")
-    lines.append("| forward passes at inference | " + " | ".join(str(results[n].get("passes", "-")) for n in names) + " |")
-    lines.append("| training wall s (this machine) | " + " | ".join(
-        f"{results[n].get('train_wall_s', float('nan')):.0f}" for n in names) + " |")
+    lines.append(
+        "| forward passes at inference | "
+        + " | ".join(str(results[n].get("passes", "-")) for n in names)
+        + " |"
+    )
+    lines.append(
+        "| training wall s (this machine) | "
+        + " | ".join(f"{results[n].get('train_wall_s', float('nan')):.0f}" for n in names)
+        + " |"
+    )
     lines += ["", "Runs (each `organseg fit` command is in the .json next to this file):", ""]
     for n in names:
         r = results[n]
         status = r.get("status", "?")
-        lines.append(f"- {n}: {status}" + (f" ({r.get('error')})" if status != "ok" else "")
-                     + (f"; checkpoints {', '.join(r.get('checkpoints', []))}" if r.get("checkpoints") else ""))
+        lines.append(
+            f"- {n}: {status}"
+            + (f" ({r.get('error')})" if status != "ok" else "")
+            + (f"; checkpoints {', '.join(r.get('checkpoints', []))}" if r.get("checkpoints") else "")
+        )
     if meta.get("notes"):
         lines += ["", *meta["notes"]]
     return "\n".join(lines) + "\n"
@@ -255,12 +364,21 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers per run")
     ap.add_argument("--work", default="data/bench_cowam", help="data, caches, pseudo-labels and configs")
     ap.add_argument("--out", default="benchmarks/results", help="where cowam_phantom.md/.json go")
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
-                    help=f"subset of {METHODS}")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=METHODS,
+        choices=METHODS,
+        metavar="METHOD",
+        help=f"subset of {METHODS}",
+    )
     ap.add_argument("--device", default="cpu", help="torch device for scoring, e.g. cuda:0")
-    ap.add_argument("--cowam-scale-schedule", action="store_true",
-                    help="scale co-training's schedule to the budget: soft-loss ramp-up = steps/2, weight-average "
-                         "decay = 1 - 10/steps within [0.9, 0.999] (default: experiments/cowam/cowam.yaml as is)")
+    ap.add_argument(
+        "--cowam-scale-schedule",
+        action="store_true",
+        help="scale co-training's schedule to the budget: soft-loss ramp-up = steps/2, weight-average "
+        "decay = 1 - 10/steps within [0.9, 0.999] (default: experiments/cowam/cowam.yaml as is)",
+    )
     args = ap.parse_args()
     os.chdir(ROOT)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -270,8 +388,9 @@ def main() -> int:
     logs = work / "runs"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t_start = time.time()
-    data = prepare_data(exe, work, args.cases, args.test_cases, args.spacing, args.patch, args.batch, args.steps,
-                        args.workers)
+    data = prepare_data(
+        exe, work, args.cases, args.test_cases, args.spacing, args.patch, args.batch, args.steps, args.workers
+    )
     from organseg.io.card import DatasetCard
 
     classes = DatasetCard.load(data["test_card"]).classes
@@ -281,22 +400,36 @@ def main() -> int:
     cowam_overrides = []
     if args.cowam_scale_schedule:
         ema = min(0.999, max(0.9, 1.0 - 10.0 / args.steps))
-        cowam_overrides = [f"--model.init_args.ema_decay={ema:g}",
-                           f"--model.init_args.soft_rampup_steps={max(1, args.steps // 2)}"]
+        cowam_overrides = [
+            f"--model.init_args.ema_decay={ema:g}",
+            f"--model.init_args.soft_rampup_steps={max(1, args.steps // 2)}",
+        ]
     results: dict[str, dict] = {}
     singles: dict[str, dict] = {}
     need_single = {"multi-model", "self-training", "co-training WAM"} & set(args.methods)
     if need_single:
         for tag in GROUPS:
-            singles[tag] = fit(exe, f"single-dataset {tag}", CONFIGS["single"], data["single"][tag],
-                               f"bench-cowam-{stamp}-single-{tag}", args.steps, logs)
+            singles[tag] = fit(
+                exe,
+                f"single-dataset {tag}",
+                CONFIGS["single"],
+                data["single"][tag],
+                f"bench-cowam-{stamp}-single-{tag}",
+                args.steps,
+                logs,
+            )
     single_ok = bool(singles) and all(r["status"] == "ok" for r in singles.values())
     single_ckpts = [singles[t]["checkpoint"] for t in GROUPS] if single_ok else []
     single_wall = sum(r["wall_s"] for r in singles.values())
     if "multi-model" in args.methods:
-        results["multi-model"] = {"status": "ok" if single_ok else "failed", "checkpoints": single_ckpts,
-                                  "runs": list(singles.values()), "passes": len(GROUPS), "train_wall_s": single_wall,
-                                  **({} if single_ok else {"error": "a single-dataset run failed"})}
+        results["multi-model"] = {
+            "status": "ok" if single_ok else "failed",
+            "checkpoints": single_ckpts,
+            "runs": list(singles.values()),
+            "passes": len(GROUPS),
+            "train_wall_s": single_wall,
+            **({} if single_ok else {"error": "a single-dataset run failed"}),
+        }
     pseudo_ok, pseudo_runs = False, []
     if single_ok and ({"self-training", "co-training WAM"} & set(args.methods)):
         for tag, card in data["cards"].items():
@@ -307,15 +440,33 @@ def main() -> int:
             continue
         pseudo_method = name in ("self-training", "co-training WAM")
         if pseudo_method and not pseudo_ok:
-            results[name] = {"status": "failed", "error": "no pseudo-labels (a single-dataset or pseudolabel run failed)"}
+            results[name] = {
+                "status": "failed",
+                "error": "no pseudo-labels (a single-dataset or pseudolabel run failed)",
+            }
             continue
-        run = fit(exe, name, CONFIGS[name], data["union_pseudo" if pseudo_method else "union"],
-                  f"bench-cowam-{stamp}-{SLUG[name]}", args.steps, logs, validate=name == "co-training WAM",
-                  extra=cowam_overrides if name == "co-training WAM" else [])
-        results[name] = {"status": run["status"], "runs": [run], "passes": 1, "train_wall_s": run["wall_s"]
-                         + (single_wall if pseudo_method else 0.0),
-                         **({"checkpoints": [run["checkpoint"]]} if run["status"] == "ok" else
-                            {"error": run["error"], "stderr_tail": run.get("stderr_tail", "")})}
+        run = fit(
+            exe,
+            name,
+            CONFIGS[name],
+            data["union_pseudo" if pseudo_method else "union"],
+            f"bench-cowam-{stamp}-{SLUG[name]}",
+            args.steps,
+            logs,
+            validate=name == "co-training WAM",
+            extra=cowam_overrides if name == "co-training WAM" else [],
+        )
+        results[name] = {
+            "status": run["status"],
+            "runs": [run],
+            "passes": 1,
+            "train_wall_s": run["wall_s"] + (single_wall if pseudo_method else 0.0),
+            **(
+                {"checkpoints": [run["checkpoint"]]}
+                if run["status"] == "ok"
+                else {"error": run["error"], "stderr_tail": run.get("stderr_tail", "")}
+            ),
+        }
         if pseudo_method:
             results[name]["pseudolabel_runs"] = pseudo_runs
     for name, res in results.items():
@@ -323,32 +474,51 @@ def main() -> int:
             continue
         print(f"\n[{name}] scoring on {args.test_cases} test cases", flush=True)
         try:
-            res["eval"] = evaluate(load(res["checkpoints"], classes, args.device), data["test_card"], args.device)
-            print(f"  mean Dice {res['eval']['dice'].get('mean', float('nan')):.3f}, "
-                  f"{res['eval']['seconds_per_case']:.2f} s/case", flush=True)
+            res["eval"] = evaluate(
+                load(res["checkpoints"], classes, args.device), data["test_card"], args.device
+            )
+            print(
+                f"  mean Dice {res['eval']['dice'].get('mean', float('nan')):.3f}, "
+                f"{res['eval']['seconds_per_case']:.2f} s/case",
+                flush=True,
+            )
         except Exception as exc:  # noqa: BLE001 - one failed method must not lose the others' results
             res.update(status="failed", error=f"scoring failed: {type(exc).__name__}: {exc}")
             print(f"  FAILED {res['error']}", flush=True)
     argv = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    meta = {"command": f"python benchmarks/cowam_phantom.py {argv}".strip(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "host": f"{os.cpu_count()} CPU cores" + (f", {args.device}" if args.device != "cpu" else ""),
-            "steps": args.steps, "batch": args.batch, "patch": args.patch, "spacing": args.spacing,
-            "cases": args.cases, "test_cases": args.test_cases, "total_wall_s": time.time() - t_start,
-            "cowam_overrides": cowam_overrides,
-            "notes": [f"Total wall time {(time.time() - t_start) / 60:.1f} min. Inference time: median over the test "
-                      f"cases of the fastest of 2 `predict_case` runs (sliding window, Gaussian blending, overlap "
-                      f"0.5) on {args.device}; the machine is shared by several jobs, so the seconds are noisy: "
-                      f"compare forward passes and ratios rather than absolute values. Training wall time of "
-                      f"self-training and co-training includes the 3 first-stage single-dataset runs "
-                      f"(their pseudo-labels); it is wall time on a shared machine, not the budget.",
-                      "",
-                      (f"Co-training ran experiments/cowam/cowam.yaml with its schedule scaled to the budget: "
-                       f"`{' '.join(cowam_overrides)}`." if cowam_overrides else
-                       "Co-training ran experiments/cowam/cowam.yaml as committed (soft-loss ramp-up over 1000 "
-                       "steps, weight-average decay 0.999 with warm-up): with fewer steps than the ramp-up, its "
-                       "soft-label loss is still weak at the end (`--cowam-scale-schedule` scales both to the budget)."),
-                      "Every baseline ran its experiments/cowam config as committed; all use the same DynUNet, "
-                      "patch, batch and constant learning rate."]}
+    meta = {
+        "command": f"python benchmarks/cowam_phantom.py {argv}".strip(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "host": f"{os.cpu_count()} CPU cores" + (f", {args.device}" if args.device != "cpu" else ""),
+        "steps": args.steps,
+        "batch": args.batch,
+        "patch": args.patch,
+        "spacing": args.spacing,
+        "cases": args.cases,
+        "test_cases": args.test_cases,
+        "total_wall_s": time.time() - t_start,
+        "cowam_overrides": cowam_overrides,
+        "notes": [
+            f"Total wall time {(time.time() - t_start) / 60:.1f} min. Inference time: median over the test "
+            f"cases of the fastest of 2 `predict_case` runs (sliding window, Gaussian blending, overlap "
+            f"0.5) on {args.device}; the machine is shared by several jobs, so the seconds are noisy: "
+            f"compare forward passes and ratios rather than absolute values. Training wall time of "
+            f"self-training and co-training includes the 3 first-stage single-dataset runs "
+            f"(their pseudo-labels); it is wall time on a shared machine, not the budget.",
+            "",
+            (
+                f"Co-training ran experiments/cowam/cowam.yaml with its schedule scaled to the budget: "
+                f"`{' '.join(cowam_overrides)}`."
+                if cowam_overrides
+                else "Co-training ran experiments/cowam/cowam.yaml as committed (soft-loss ramp-up over 1000 "
+                "steps, weight-average decay 0.999 with warm-up): with fewer steps than the ramp-up, its "
+                "soft-label loss is still weak at the end (`--cowam-scale-schedule` scales both to the "
+                "budget)."
+            ),
+            "Every baseline ran its experiments/cowam config as committed; all use the same DynUNet, "
+            "patch, batch and constant learning rate.",
+        ],
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "cowam_phantom.md").write_text(report(meta, results, classes))
     (out / "cowam_phantom.json").write_text(json.dumps(clean({"meta": meta, "results": results}), indent=2))

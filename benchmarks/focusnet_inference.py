@@ -12,6 +12,7 @@ and for comparison one full-resolution float32 tensor per class (what a full-vol
 
 Time scales with the number of windows (printed); the slab buffer with X * Y * patch_z, not with Z.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
 
     c, k, shape, patch = args.classes, args.small, tuple(args.shape), tuple(args.patch)
-    model = FocusNetV2(c, list(range(1, k + 1)), [tuple(args.roi)] * k,
-                       base_channels=args.base_channels).eval()
+    model = FocusNetV2(
+        c, list(range(1, k + 1)), [tuple(args.roi)] * k, base_channels=args.base_channels
+    ).eval()
     image = torch.randn(1, 1, *shape)  # zero mean, unit variance like z-scored CT
     # warm-up on one patch (allocator, kernels) so 'before' includes the model's steady state
     predict_focusnet(model, torch.randn(1, 1, *patch), patch_size=patch, threshold=0.0, device=args.device)
@@ -57,22 +59,29 @@ def main(argv=None) -> None:
     voxels = math.prod(shape)
     full = c * voxels * 4
     slab = (c + k + 1) * shape[0] * shape[1] * patch[2] * 4
-    print(f"volume {shape} ({voxels / 1e6:.1f} M voxels), patch {patch}, overlap {args.overlap}: "
-          f"{n_win} windows; {c} classes, {k} small organs; S-Net params "
-          f"{sum(p.numel() for p in model.snet.parameters()) / 1e6:.2f} M (random weights); "
-          f"threads {torch.get_num_threads()}, device {args.device}")
-    print(f"one full-resolution float32 tensor per class: {full / 2**20:.0f} MiB; "
-          f"slab buffer (C+K+1) x X x Y x pz x 4 B: {slab / 2**20:.0f} MiB; "
-          f"input image {voxels * 4 / 2**20:.0f} MiB")
+    print(
+        f"volume {shape} ({voxels / 1e6:.1f} M voxels), patch {patch}, overlap {args.overlap}: "
+        f"{n_win} windows; {c} classes, {k} small organs; S-Net params "
+        f"{sum(p.numel() for p in model.snet.parameters()) / 1e6:.2f} M (random weights); "
+        f"threads {torch.get_num_threads()}, device {args.device}"
+    )
+    print(
+        f"one full-resolution float32 tensor per class: {full / 2**20:.0f} MiB; "
+        f"slab buffer (C+K+1) x X x Y x pz x 4 B: {slab / 2**20:.0f} MiB; "
+        f"input image {voxels * 4 / 2**20:.0f} MiB"
+    )
     before = rss_mib()
     t0 = time.perf_counter()
-    out = predict_focusnet(model, image, patch_size=patch, overlap=args.overlap, threshold=0.0,
-                           device=args.device, progress=True)
+    out = predict_focusnet(
+        model, image, patch_size=patch, overlap=args.overlap, threshold=0.0, device=args.device, progress=True
+    )
     wall = time.perf_counter() - t0
     after = rss_mib()
     print(f"wall {wall:.1f} s ({wall / n_win:.2f} s/window incl. SOS); found {int(out['found'].sum())}/{k}")
-    print(f"peak RSS before {before:.0f} MiB, after {after:.0f} MiB, growth {after - before:.0f} MiB "
-          f"({(after - before) * 2**20 / full:.2f} x one float32 volume per class)")
+    print(
+        f"peak RSS before {before:.0f} MiB, after {after:.0f} MiB, growth {after - before:.0f} MiB "
+        f"({(after - before) * 2**20 / full:.2f} x one float32 volume per class)"
+    )
 
 
 if __name__ == "__main__":

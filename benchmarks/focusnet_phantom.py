@@ -27,8 +27,9 @@ one untimed warm-up case, then the fastest of ``--timing-repeats`` runs per case
 A failed method is reported with its stderr tail; the others still run.
 
     .venv/bin/python benchmarks/focusnet_phantom.py [--minutes 8] [--cases 20] [--out DIR]
-    .venv/bin/python benchmarks/focusnet_phantom.py --minutes 0.5 --cases 6    # smoke test (~6 min on 2 cores)
+    .venv/bin/python benchmarks/focusnet_phantom.py --minutes 0.5 --cases 6  # smoke test (~6 min, 2 cores)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,30 @@ LOGS = Path("lightning_logs/organseg")
 STAGES = {
     "unet": ("experiments/baseline/unet.yaml", "unet", "experiments/demo.yaml", {}),
     "snet": ("experiments/focusnetv2/snet.yaml", "fn", "experiments/focusnetv2/demo.yaml", {}),
-    "sol": ("experiments/focusnetv2/sol.yaml", "fn", "experiments/focusnetv2/demo.yaml", {"init_from": "snet"}),
-    "sos": ("experiments/focusnetv2/sos.yaml", "fn", "experiments/focusnetv2/demo.yaml", {"init_from": "sol"}),
-    "shape_ae": ("experiments/focusnetv2/shape_ae.yaml", "fn", "experiments/focusnetv2/demo.yaml",
-                 {"init_from": "sos"}),
-    "joint": ("experiments/focusnetv2/joint.yaml", "fn", "experiments/focusnetv2/demo.yaml",
-              {"init_from": "sos", "shape_from": "shape_ae"}),
+    "sol": (
+        "experiments/focusnetv2/sol.yaml",
+        "fn",
+        "experiments/focusnetv2/demo.yaml",
+        {"init_from": "snet"},
+    ),
+    "sos": (
+        "experiments/focusnetv2/sos.yaml",
+        "fn",
+        "experiments/focusnetv2/demo.yaml",
+        {"init_from": "sol"},
+    ),
+    "shape_ae": (
+        "experiments/focusnetv2/shape_ae.yaml",
+        "fn",
+        "experiments/focusnetv2/demo.yaml",
+        {"init_from": "sos"},
+    ),
+    "joint": (
+        "experiments/focusnetv2/joint.yaml",
+        "fn",
+        "experiments/focusnetv2/demo.yaml",
+        {"init_from": "sos", "shape_from": "shape_ae"},
+    ),
 }
 # (name, run-id slug, [(stage, share of the budget)]); shares sum to 1 per method
 VARIANTS = [
@@ -128,7 +147,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def pick_checkpoint(run_id: str) -> Path | None:
-    """The run's best checkpoint by its validation monitor (epoch*.ckpt, newest if several), else last.ckpt."""
+    """The run's best checkpoint by its validation monitor (epoch*.ckpt, newest if several), else
+    last.ckpt."""
     folder = LOGS / run_id / "checkpoints"
     best = sorted(folder.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
     if best:
@@ -166,15 +186,19 @@ def prepare_data(exe: str, cases: int, out: Path) -> tuple[str, dict[str, str]]:
     have = count_cases(raw)
     if have == cases or (have == 0 and cases == DEFAULT_CASES):
         card, configs = CARD, {"unet": UNET_DATA, "fn": FN_DATA}
-    else:   # another case count: its own raw folder, card and cache; data configs pointing at that card
+    else:  # another case count: its own raw folder, card and cache; data configs pointing at that card
         raw = Path(f"{RAW}_n{cases}")
         spec = yaml.safe_load(Path(CARD).read_text())
-        spec.update(name=f"{spec['name']}_n{cases}", path=str(raw), cache=f"data/cache/{spec['name']}_n{cases}.h5")
+        spec.update(
+            name=f"{spec['name']}_n{cases}", path=str(raw), cache=f"data/cache/{spec['name']}_n{cases}.h5"
+        )
         cfg_dir = out / "configs"
         cfg_dir.mkdir(parents=True, exist_ok=True)
         card = str(cfg_dir / f"{spec['name']}.yaml")
-        Path(card).write_text(f"# derived from {CARD} by benchmarks/focusnet_phantom.py\n"
-                              + yaml.safe_dump(spec, sort_keys=False))
+        Path(card).write_text(
+            f"# derived from {CARD} by benchmarks/focusnet_phantom.py\n"
+            + yaml.safe_dump(spec, sort_keys=False)
+        )
         configs = {}
         for key, src in (("unet", UNET_DATA), ("fn", FN_DATA)):
             data = yaml.safe_load(Path(src).read_text())
@@ -203,11 +227,17 @@ def plan_runs(variants, minutes: float, stamp: str, share: bool) -> tuple[dict, 
             prefix = prefix + ((stage, share_of_m),)
             key = prefix if share else (slug,) + prefix
             if key not in runs:
-                deps = {arg: keys[[s for s, _ in stages].index(src)]
-                        for arg, src in STAGES[stage][3].items()}
+                deps = {arg: keys[[s for s, _ in stages].index(src)] for arg, src in STAGES[stage][3].items()}
                 run_id = f"bench-fn-{stamp}-{slug}" + (f"-{stage}" if len(stages) > 1 else "")
-                runs[key] = {"stage": stage, "share": share_of_m, "seconds": share_of_m * minutes * 60.0,
-                             "run_id": run_id, "owner": name, "deps": deps, "status": "pending"}
+                runs[key] = {
+                    "stage": stage,
+                    "share": share_of_m,
+                    "seconds": share_of_m * minutes * 60.0,
+                    "run_id": run_id,
+                    "owner": name,
+                    "deps": deps,
+                    "status": "pending",
+                }
             keys.append(key)
         chains[name] = keys
     return runs, chains
@@ -215,8 +245,18 @@ def plan_runs(variants, minutes: float, stamp: str, share: bool) -> tuple[dict, 
 
 def train(run: dict, runs: dict, exe: str, data_cfgs: dict, out: Path) -> None:
     model_cfg, data_key, overlay, _ = STAGES[run["stage"]]
-    args = [exe, "fit", "-c", model_cfg, "-c", data_cfgs[data_key], "-c", overlay,
-            f"--trainer.max_time={fmt_time(run['seconds'])}", f"--trainer.logger.init_args.id={run['run_id']}"]
+    args = [
+        exe,
+        "fit",
+        "-c",
+        model_cfg,
+        "-c",
+        data_cfgs[data_key],
+        "-c",
+        overlay,
+        f"--trainer.max_time={fmt_time(run['seconds'])}",
+        f"--trainer.logger.init_args.id={run['run_id']}",
+    ]
     for arg, dep_key in run["deps"].items():
         dep = runs[dep_key]
         if dep["status"] != "ok":
@@ -224,15 +264,21 @@ def train(run: dict, runs: dict, exe: str, data_cfgs: dict, out: Path) -> None:
             print(f"  skipped {run['run_id']}: {run['error']}", flush=True)
             return
         args.append(f"--model.init_args.{arg}={dep['checkpoint']}")
-    print(f"\n[{run['owner']}] stage {run['stage']}: {run['share']:.0%} of the budget = {mmss(run['seconds'])} "
-          f"min:s of training", flush=True)
+    print(
+        f"\n[{run['owner']}] stage {run['stage']}: {run['share']:.0%} of the budget = {mmss(run['seconds'])} "
+        f"min:s of training",
+        flush=True,
+    )
     rc, wall = run_logged(args, out / "logs" / run["run_id"], timeout=1.5 * run["seconds"] + 900)
     run["wall_s"] = wall
     run["command"] = " ".join(shlex.quote(a) for a in args)
     ckpt = pick_checkpoint(run["run_id"])
     if rc != 0 or ckpt is None:
-        run.update(status="failed", error=f"organseg fit exited with {rc}" if rc else "no checkpoint written",
-                   stderr_tail=tail(out / "logs" / f"{run['run_id']}.err"))
+        run.update(
+            status="failed",
+            error=f"organseg fit exited with {rc}" if rc else "no checkpoint written",
+            stderr_tail=tail(out / "logs" / f"{run['run_id']}.err"),
+        )
         print(f"  FAILED ({run['error']}); stderr tail:\n{run['stderr_tail']}", flush=True)
         return
     run.update(status="ok", checkpoint=str(ckpt))
@@ -242,21 +288,43 @@ def train(run: dict, runs: dict, exe: str, data_cfgs: dict, out: Path) -> None:
 # ------------------------------------------------------------------------------------------- evaluation
 def evaluate(result: dict, exe: str, out: Path, device: str) -> None:
     eval_dir = out / f"eval_{result['slug']}"
-    args = [exe, "evaluate", "--ckpt", result["checkpoint"], "--split", "test", "--out", str(eval_dir),
-            "--overlays", "1", "--device", device]
+    args = [
+        exe,
+        "evaluate",
+        "--ckpt",
+        result["checkpoint"],
+        "--split",
+        "test",
+        "--out",
+        str(eval_dir),
+        "--overlays",
+        "1",
+        "--device",
+        device,
+    ]
     rc, wall = run_logged(args, out / "logs" / f"evaluate-{result['slug']}", timeout=3600)
     summary_path = eval_dir / "summary.json"
     if rc != 0 or not summary_path.is_file():
-        result.update(status="failed", error=f"organseg evaluate exited with {rc}",
-                      stderr_tail=tail(out / "logs" / f"evaluate-{result['slug']}.err"))
+        result.update(
+            status="failed",
+            error=f"organseg evaluate exited with {rc}",
+            stderr_tail=tail(out / "logs" / f"evaluate-{result['slug']}.err"),
+        )
         print(f"  FAILED ({result['error']}); stderr tail:\n{result['stderr_tail']}", flush=True)
         return
     summary = json.loads(summary_path.read_text())
     n = max(1, int(summary.get("n_cases") or len(summary.get("cases", [])) or 1))
-    result.update(status="ok", eval_dir=str(eval_dir), eval_wall_s=wall, eval_s_per_case=wall / n,
-                  test_cases=summary.get("cases", []),
-                  per_organ={o: {"dice": _num(v.get("dice_mean")), "hd95": _num(v.get("hd95_mean"))}
-                             for o, v in summary["per_organ"].items()})
+    result.update(
+        status="ok",
+        eval_dir=str(eval_dir),
+        eval_wall_s=wall,
+        eval_s_per_case=wall / n,
+        test_cases=summary.get("cases", []),
+        per_organ={
+            o: {"dice": _num(v.get("dice_mean")), "hd95": _num(v.get("hd95_mean"))}
+            for o, v in summary["per_organ"].items()
+        },
+    )
     print(f"  evaluated {n} test case(s) in {wall:.0f} s wall -> {eval_dir}", flush=True)
 
 
@@ -270,12 +338,14 @@ def time_inference(ckpt: str, device: str, repeats: int = 2) -> dict:
     import torch
 
     from organseg.cache.reader import CacheReader
-    from organseg.methods.checkpoints import load_module
     from organseg.io.card import DatasetCard
+    from organseg.methods.checkpoints import load_module
 
     model, extra = load_module(ckpt, device)
     raw = extra["cards"][0]
-    card = DatasetCard.from_dict({k: v for k, v in raw.items() if k != "source"}, source=raw.get("source", ""))
+    card = DatasetCard.from_dict(
+        {k: v for k, v in raw.items() if k != "source"}, source=raw.get("source", "")
+    )
     reader = CacheReader(card.cache)
     ids = card.split_cases(reader.case_ids)["test"] or list(reader.case_ids)[:1]
 
@@ -292,11 +362,17 @@ def time_inference(ckpt: str, device: str, repeats: int = 2) -> dict:
         return time.perf_counter() - t0
 
     load_before = os.getloadavg()[0]
-    one(ids[0])   # warm-up: allocator, kernels, first-call overheads
+    one(ids[0])  # warm-up: allocator, kernels, first-call overheads
     times = [min(one(c) for _ in range(max(1, repeats))) for c in ids]
-    return {"s_per_case": sum(times) / len(times), "per_case_s": times, "cases": len(times), "repeats": repeats,
-            "threads": torch.get_num_threads(), "shapes": [list(reader.shape(c)) for c in ids],
-            "loadavg_1min": [load_before, os.getloadavg()[0]]}
+    return {
+        "s_per_case": sum(times) / len(times),
+        "per_case_s": times,
+        "cases": len(times),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "shapes": [list(reader.shape(c)) for c in ids],
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+    }
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -307,8 +383,10 @@ def report(meta: dict, runs: dict, chains: dict, results: dict, card) -> str:
     for r in results.values():
         if r.get("per_organ"):
             po = r["per_organ"]
-            r["means"] = {group: {m: mean(po.get(o, {}).get(m, math.nan) for o in organs) for m in ("dice", "hd95")}
-                          for group, organs in (("large", large), ("small", small), ("all", large + small))}
+            r["means"] = {
+                group: {m: mean(po.get(o, {}).get(m, math.nan) for o in organs) for m in ("dice", "hd95")}
+                for group, organs in (("large", large), ("small", small), ("all", large + small))
+            }
 
     def cell(name, organ, metric, digits):
         r = results[name]
@@ -324,41 +402,68 @@ def report(meta: dict, runs: dict, chains: dict, results: dict, card) -> str:
         v = r["means"][group][metric]
         return "-" if math.isnan(v) else f"**{v:.{digits}f}**"
 
-    md = [f"# FocusNetV2 vs baseline U-Net on the H&N phantom, {meta['minutes']:g} min of training per method", "",
-          f"Dataset {meta['dataset']} ({meta['spacing']} mm, {meta['cases']} cases: {meta['split']}), patch "
-          f"{meta['patch']}, device {meta['device']}; started {meta['started']}, wall {meta.get('wall_min', math.nan):.1f} min.",
-          "Scores: `organseg evaluate --split test`, mean over test cases (missed organ: Dice 0, HD95 = image "
-          "diagonal). Small organs (*) are the card's `small` list; large = the other labelled organs.", ""]
+    md = [
+        f"# FocusNetV2 vs baseline U-Net on the H&N phantom, {meta['minutes']:g} min of training per method",
+        "",
+        f"Dataset {meta['dataset']} ({meta['spacing']} mm, {meta['cases']} cases: {meta['split']}), patch "
+        f"{meta['patch']}, device {meta['device']}; started {meta['started']}, "
+        f"wall {meta.get('wall_min', math.nan):.1f} min.",
+        "Scores: `organseg evaluate --split test`, mean over test cases (missed organ: Dice 0, HD95 = image "
+        "diagonal). Small organs (*) are the card's `small` list; large = the other labelled organs.",
+        "",
+    ]
     for metric, title, digits in (("dice", "Dice", 3), ("hd95", "HD95 (mm)", 1)):
         md += [f"## {title}", "", "| organ | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for organ in large + small:
-            md.append(f"| {organ}{' *' if organ in small else ''} | "
-                      + " | ".join(cell(n, organ, metric, digits) for n in names) + " |")
+            md.append(
+                f"| {organ}{' *' if organ in small else ''} | "
+                + " | ".join(cell(n, organ, metric, digits) for n in names)
+                + " |"
+            )
         for group, organs in (("large", large), ("small", small), ("all", large + small)):
-            md.append(f"| **mean {group}** ({len(organs)}) | "
-                      + " | ".join(mcell(n, group, metric, digits) for n in names) + " |")
+            md.append(
+                f"| **mean {group}** ({len(organs)}) | "
+                + " | ".join(mcell(n, group, metric, digits) for n in names)
+                + " |"
+            )
         md.append("")
-    md += ["## Inference", "",
-           "| method | predict_case s/case | evaluate wall s/case (incl. metrics, start-up) | checkpoint |",
-           "|---|---:|---:|---|"]
+    md += [
+        "## Inference",
+        "",
+        "| method | predict_case s/case | evaluate wall s/case (incl. metrics, start-up) | checkpoint |",
+        "|---|---:|---:|---|",
+    ]
     for n in names:
         r = results[n]
         inf = r.get("inference") or {}
-        pc = f"{inf['s_per_case']:.2f}" if inf else ("failed" if r["status"] != "ok" or "inference" in r else "-")
+        pc = (
+            f"{inf['s_per_case']:.2f}"
+            if inf
+            else ("failed" if r["status"] != "ok" or "inference" in r else "-")
+        )
         ev = f"{r['eval_s_per_case']:.1f}" if r.get("eval_s_per_case") else "failed"
         md.append(f"| {n} | {pc} | {ev} | `{r.get('checkpoint', '-')}` |")
     loads = [x for r in results.values() for x in (r.get("inference") or {}).get("loadavg_1min", [])]
-    md += ["", f"predict_case timed after all training, in one process ({meta.get('threads', '?')} torch threads): "
-               "one untimed warm-up case, then the fastest of "
-               f"{meta.get('timing_repeats', '?')} runs per test case, averaged over the test cases; 1-min load average "
-               f"during timing {min(loads, default=math.nan):.1f}-{max(loads, default=math.nan):.1f} (other work on "
-               "the machine inflates these numbers). FocusNetV2's SOS/joint checkpoints run locate-zoom-paste, "
-               "`snet` S-Net only. The evaluate column adds process start-up, HD95/ASSD and overlays.", ""]
-    md += ["## Budget split", "",
-           f"Each method: {meta['minutes']:g} min of `--trainer.max_time` in total (fit wall time adds start-up "
-           "and the last validation).", "",
-           "| method | stages: share of the budget (max_time) | fit wall s (its stages, shared ones included) |",
-           "|---|---|---:|"]
+    md += [
+        "",
+        f"predict_case timed after all training, in one process ({meta.get('threads', '?')} torch threads): "
+        "one untimed warm-up case, then the fastest of "
+        f"{meta.get('timing_repeats', '?')} runs per test case, averaged over the test cases; "
+        "1-min load average "
+        f"during timing {min(loads, default=math.nan):.1f}-{max(loads, default=math.nan):.1f} (other work on "
+        "the machine inflates these numbers). FocusNetV2's SOS/joint checkpoints run locate-zoom-paste, "
+        "`snet` S-Net only. The evaluate column adds process start-up, HD95/ASSD and overlays.",
+        "",
+    ]
+    md += [
+        "## Budget split",
+        "",
+        f"Each method: {meta['minutes']:g} min of `--trainer.max_time` in total (fit wall time adds start-up "
+        "and the last validation).",
+        "",
+        "| method | stages: share of the budget (max_time) | fit wall s (its stages, shared ones included) |",
+        "|---|---|---:|",
+    ]
     for name, keys in chains.items():
         parts, wall = [], 0.0
         for k in keys:
@@ -381,17 +486,35 @@ def report(meta: dict, runs: dict, chains: dict, results: dict, card) -> str:
 # ------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=8.0, help="training budget per method, minutes (default 8)")
-    ap.add_argument("--cases", type=int, default=DEFAULT_CASES, help="phantom cases (default 20, as make demo)")
+    ap.add_argument(
+        "--minutes", type=float, default=8.0, help="training budget per method, minutes (default 8)"
+    )
+    ap.add_argument(
+        "--cases", type=int, default=DEFAULT_CASES, help="phantom cases (default 20, as make demo)"
+    )
     ap.add_argument("--out", default=None, help="output folder (default lightning_logs/bench-fn-<time>)")
-    ap.add_argument("--device", default=None, help="inference device for evaluate/timing (default: cuda:0 if "
-                                                    "available, else cpu); training uses accelerator auto")
-    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
-                    help="comma-separated subset of: " + ", ".join(v[0] for v in VARIANTS))
-    ap.add_argument("--timing-repeats", type=int, default=2,
-                    help="predict_case runs per test case for the inference time; the fastest counts (default 2)")
-    ap.add_argument("--no-share", action="store_true",
-                    help="rerun full's S-Net and SOL stages instead of reusing snet+sol+sos's")
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="inference device for evaluate/timing (default: cuda:0 if "
+        "available, else cpu); training uses accelerator auto",
+    )
+    ap.add_argument(
+        "--variants",
+        default=",".join(v[0] for v in VARIANTS),
+        help="comma-separated subset of: " + ", ".join(v[0] for v in VARIANTS),
+    )
+    ap.add_argument(
+        "--timing-repeats",
+        type=int,
+        default=2,
+        help="predict_case runs per test case for the inference time; the fastest counts (default 2)",
+    )
+    ap.add_argument(
+        "--no-share",
+        action="store_true",
+        help="rerun full's S-Net and SOL stages instead of reusing snet+sol+sos's",
+    )
     args = ap.parse_args()
     if args.minutes <= 0 or args.cases < 3:
         ap.error("--minutes must be > 0 and --cases >= 3 (train/val/test)")
@@ -419,20 +542,36 @@ def main() -> int:
     device = args.device
     if device is None:
         import torch
+
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
 
     share = not args.no_share
     runs, chains = plan_runs(variants, args.minutes, stamp, share)
-    sharing = ("Stage-1 runs are not shared between `snet` (100% of the budget on S-Net) and the chains (50%), so "
-               "every method trains exactly its budget. ")
-    sharing += ("`full` reuses the S-Net (50%) and SOL (20%) runs of `snet+sol+sos` (same command, seed and "
-                "budget; counted in full in both methods' totals)." if share and "full" in chains
-                and "snet+sol+sos" in chains else "No stage run is shared between methods.")
-    meta = {"minutes": args.minutes, "cases": args.cases, "dataset": card.name, "card": card_path,
-            "spacing": "x".join(f"{s:g}" for s in card.target_spacing),
-            "split": ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")), "patch": "64x64x32",
-            "device": device, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sharing": sharing,
-            "data_configs": data_cfgs, "stamp": stamp, "timing_repeats": args.timing_repeats}
+    sharing = (
+        "Stage-1 runs are not shared between `snet` (100% of the budget on S-Net) and the chains (50%), so "
+        "every method trains exactly its budget. "
+    )
+    sharing += (
+        "`full` reuses the S-Net (50%) and SOL (20%) runs of `snet+sol+sos` (same command, seed and "
+        "budget; counted in full in both methods' totals)."
+        if share and "full" in chains and "snet+sol+sos" in chains
+        else "No stage run is shared between methods."
+    )
+    meta = {
+        "minutes": args.minutes,
+        "cases": args.cases,
+        "dataset": card.name,
+        "card": card_path,
+        "spacing": "x".join(f"{s:g}" for s in card.target_spacing),
+        "split": ", ".join(f"{k} {len(split[k])}" for k in ("train", "val", "test")),
+        "patch": "64x64x32",
+        "device": device,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "sharing": sharing,
+        "data_configs": data_cfgs,
+        "stamp": stamp,
+        "timing_repeats": args.timing_repeats,
+    }
     print(f"\nbudget {args.minutes:g} min per method; {sharing}", flush=True)
     results = {name: {"slug": slug, "status": "pending"} for name, slug, _ in variants}
     try:
@@ -444,19 +583,25 @@ def main() -> int:
             res = results[name]
             if final["status"] != "ok":
                 bad = next(runs[k] for k in keys if runs[k]["status"] != "ok")
-                res.update(status="failed", error=f"stage {bad['stage']} ({bad['run_id']}): {bad.get('error')}",
-                           stderr_tail=bad.get("stderr_tail", ""))
+                res.update(
+                    status="failed",
+                    error=f"stage {bad['stage']} ({bad['run_id']}): {bad.get('error')}",
+                    stderr_tail=bad.get("stderr_tail", ""),
+                )
                 continue
             res["checkpoint"] = final["checkpoint"]
             evaluate(res, exe, out, device)
-        for name, res in results.items():   # all training done: time inference on a quiet machine
+        for name, res in results.items():  # all training done: time inference on a quiet machine
             if res["status"] == "ok":
                 try:
                     res["inference"] = time_inference(res["checkpoint"], device, args.timing_repeats)
                     meta["threads"] = res["inference"]["threads"]
                     inf = res["inference"]
-                    print(f"  {name}: predict_case {inf['s_per_case']:.2f} s/case (1-min load average "
-                          f"{inf['loadavg_1min'][0]:.1f} -> {inf['loadavg_1min'][1]:.1f})", flush=True)
+                    print(
+                        f"  {name}: predict_case {inf['s_per_case']:.2f} s/case (1-min load average "
+                        f"{inf['loadavg_1min'][0]:.1f} -> {inf['loadavg_1min'][1]:.1f})",
+                        flush=True,
+                    )
                 except Exception as exc:  # noqa: BLE001 - report it, keep the other methods
                     res["inference"] = {}
                     res["inference_error"] = f"{type(exc).__name__}: {exc}"
@@ -465,14 +610,20 @@ def main() -> int:
         meta["wall_min"] = (time.time() - t0) / 60
         text = report(meta, runs, chains, results, card)
         (out / "focusnet_phantom.md").write_text(text + "\n")
-        doc = {"meta": meta,
-               "budget": {name: [{k: v for k, v in runs[key].items() if k != "deps"} for key in keys]
-                          for name, keys in chains.items()},
-               "variants": results}
+        doc = {
+            "meta": meta,
+            "budget": {
+                name: [{k: v for k, v in runs[key].items() if k != "deps"} for key in keys]
+                for name, keys in chains.items()
+            },
+            "variants": results,
+        }
         (out / "focusnet_phantom.json").write_text(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n")
         print("\n" + text)
-        print(f"\nwritten: {out / 'focusnet_phantom.md'}, {out / 'focusnet_phantom.json'} "
-              f"(logs: {out / 'logs'}); total {meta['wall_min']:.1f} min")
+        print(
+            f"\nwritten: {out / 'focusnet_phantom.md'}, {out / 'focusnet_phantom.json'} "
+            f"(logs: {out / 'logs'}); total {meta['wall_min']:.1f} min"
+        )
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a small head-and-neck phantom, its card and its HDF5 cache, built once per session."""
+
 from __future__ import annotations
 
 import os
@@ -31,9 +32,33 @@ def hn_small(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("hn_small")
     raw = root / "raw"
-    assert main(["phantom", "hn", "--out", str(raw), "--cases", "5", "--seed", "0", "--quiet",
-                 "--shape", *map(str, SMALL_SHAPE), "--spacing", *map(str, SMALL_SPACING)]) == 0
-    card = write_card(root / "card.yaml", name="hn_small", path=str(raw), cache=str(root / "cache.h5"),
-                      target_spacing=list(SMALL_SPACING), split={"val": 1, "test": 1, "seed": 0})
+    assert (
+        main(
+            [
+                "phantom",
+                "hn",
+                "--out",
+                str(raw),
+                "--cases",
+                "5",
+                "--seed",
+                "0",
+                "--quiet",
+                "--shape",
+                *map(str, SMALL_SHAPE),
+                "--spacing",
+                *map(str, SMALL_SPACING),
+            ]
+        )
+        == 0
+    )
+    card = write_card(
+        root / "card.yaml",
+        name="hn_small",
+        path=str(raw),
+        cache=str(root / "cache.h5"),
+        target_spacing=list(SMALL_SPACING),
+        split={"val": 1, "test": 1, "seed": 0},
+    )
     build_cache(DatasetCard.load(card), workers=1, progress=False)
     return {"card": card, "cache": root / "cache.h5", "raw": raw, "root": root}

@@ -1,4 +1,5 @@
 """organseg.cache: building the HDF5 cache (fingerprints, atomicity, bad cases, CLI) and CacheReader."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,17 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers.synthetic_cases import (CLASSES, CountingOpener, make_card, make_nnunet_dataset,
-                                     make_pddca_dataset, phantom, read_patch_in_child, truncate, write)
+from helpers.synthetic_cases import (
+    CLASSES,
+    CountingOpener,
+    make_card,
+    make_nnunet_dataset,
+    make_pddca_dataset,
+    phantom,
+    read_patch_in_child,
+    truncate,
+    write,
+)
 from organseg.cache import build as build_mod
 from organseg.cache.build import CHUNKS, FORMAT_VERSION, body_bbox, build_cache, inspect_cache, label_stats
 from organseg.cache.reader import PAD_VALUE, CacheError, CacheReader
@@ -382,8 +392,16 @@ def test_read_patch_matches_slicing_including_borders(built):
     big_img = np.pad(image, pad, constant_values=PAD_VALUE)
     big_lab = np.pad(label, pad, constant_values=0)
     size = (16, 12, 6)
-    starts = [(0, 0, 0), (3, 5, 1), tuple(shape - size), (-5, -3, -2), tuple(shape - 4), (-20, 2, 3),
-              (-30, -30, -30), tuple(shape + 2)]
+    starts = [
+        (0, 0, 0),
+        (3, 5, 1),
+        tuple(shape - size),
+        (-5, -3, -2),
+        tuple(shape - 4),
+        (-20, 2, 3),
+        (-30, -30, -30),
+        tuple(shape + 2),
+    ]
     rng = np.random.default_rng(0)
     starts += [tuple(rng.integers(-10, shape + 2)) for _ in range(20)]
     for start in starts:
@@ -452,8 +470,9 @@ def big_cache(tmp_path_factory):
 def _overlapped_chunk_bytes(ds: h5py.Dataset, start, stop) -> int:
     """Stored (compressed) bytes of the chunks of ``ds`` that the box [start, stop) overlaps."""
     ranges = [range((a // c) * c, b, c) for a, b, c in zip(start, stop, ds.chunks)]
-    return sum(ds.id.get_chunk_info_by_coord((x, y, z)).size
-               for x in ranges[0] for y in ranges[1] for z in ranges[2])
+    return sum(
+        ds.id.get_chunk_info_by_coord((x, y, z)).size for x in ranges[0] for y in ranges[1] for z in ranges[2]
+    )
 
 
 def test_patch_read_touches_only_a_small_fraction_of_the_volume(big_cache):
@@ -466,8 +485,9 @@ def test_patch_read_touches_only_a_small_fraction_of_the_volume(big_cache):
     with h5py.File(big_cache.cache, "r", locking=False) as f:
         image_ds, label_ds = f["cases/big/image"], f["cases/big/label"]
         stored = image_ds.id.get_storage_size() + label_ds.id.get_storage_size()
-        needed = (_overlapped_chunk_bytes(image_ds, start, stop)
-                  + _overlapped_chunk_bytes(label_ds, start, stop))
+        needed = _overlapped_chunk_bytes(image_ds, start, stop) + _overlapped_chunk_bytes(
+            label_ds, start, stop
+        )
         n_chunks = np.prod([len(range((a // c) * c, b, c)) for a, b, c in zip(start, stop, image_ds.chunks)])
     assert n_chunks == 4 * 4 * 4  # 96x96x48 at this offset overlaps 4x4x4 chunks of 32x32x16
     r.fg_coords("big", 1)  # file open + metadata read: not part of a patch read

@@ -1,6 +1,7 @@
 """Co-training weight-averaged models (organseg.methods.cowam): EMA exactness, region mask and its zero
 gradient, different initialisations, frozen averages, checkpoint + selected-model inference, and
 `organseg fit` end to end (1 process and 2-process DDP) on two few-organ abdominal phantom datasets."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ import yaml
 
 from organseg.losses.cotraining import region_mask, sigmoid_rampup, soft_cross_entropy
 from organseg.losses.partial_labels import merge_pseudo_labels
-from organseg.networks.weight_averaging import warmup_decay
 from organseg.methods.cowam import CoTrainingWAM
+from organseg.networks.weight_averaging import warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANSEG = str(Path(sys.executable).with_name("organseg"))
@@ -43,11 +44,15 @@ def batch_of(b: int = 2, shape=(16, 16, 8), seed: int = 0) -> dict:
     label[1, 9:12, 3:6, 4:6] = 5
     labeled = torch.tensor([[1, 1, 1, 0, 0, 0, 1], [1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
     pseudo = torch.zeros_like(label)
-    pseudo[0, 9:13, 2:6, 2:5] = 3          # kidney_l: not annotated in sample 0 -> used
-    pseudo[0, 2:6, 2:6, 1:3] = 2           # spleen: annotated in sample 0 -> ignored
-    pseudo[1, 2:9, 2:7, 5:8] = 1           # liver: not annotated in sample 1 -> used
-    return {"image": torch.randn(b, 1, *shape, generator=g), "label": label, "labeled": labeled,
-            "pseudo": pseudo}
+    pseudo[0, 9:13, 2:6, 2:5] = 3  # kidney_l: not annotated in sample 0 -> used
+    pseudo[0, 2:6, 2:6, 1:3] = 2  # spleen: annotated in sample 0 -> ignored
+    pseudo[1, 2:9, 2:7, 5:8] = 1  # liver: not annotated in sample 1 -> used
+    return {
+        "image": torch.randn(b, 1, *shape, generator=g),
+        "label": label,
+        "labeled": labeled,
+        "pseudo": pseudo,
+    }
 
 
 # ---------------------------------------------------------------- weight averaging
@@ -58,7 +63,7 @@ def test_ema_update_is_exact_with_warmup():
     assert torch.equal(p_avg, p_net) and not p_avg.requires_grad
     values = []
     expected = p_avg.detach().clone()
-    for t in range(4):                     # t earlier updates: decay 0, 1/2, 0.6 (capped), 0.6
+    for t in range(4):  # t earlier updates: decay 0, 1/2, 0.6 (capped), 0.6
         with torch.no_grad():
             for p in m.net_a.parameters():
                 p.add_(torch.randn_like(p))
@@ -88,11 +93,11 @@ def test_optimizer_step_hook_updates_the_averages_after_the_step():
         return loss
 
     before = next(m.wam_a.parameters()).detach().clone()
-    opt.step(closure)                      # what LightningModule.optimizer_step does
+    opt.step(closure)  # what LightningModule.optimizer_step does
     m.update_averages()
     after_net = next(m.net_a.parameters()).detach()
     assert not torch.equal(after_net, before)
-    assert torch.equal(next(m.wam_a.parameters()), after_net)     # t = 0: the average copies the net
+    assert torch.equal(next(m.wam_a.parameters()), after_net)  # t = 0: the average copies the net
 
 
 # ---------------------------------------------------------------- networks
@@ -132,7 +137,7 @@ def test_region_mask_excludes_annotated_voxels_and_soft_loss_gives_them_zero_gra
     assert torch.equal(mask, b["label"] == 0)
     assert torch.equal(region_mask(b["label"], b["labeled"]), mask)
     full = region_mask(b["label"], torch.tensor([[True] * 7, [True, False] + [True] * 5]))
-    assert not full[0].any() and torch.equal(full[1], mask[1])        # fully labelled sample: 0 = background
+    assert not full[0].any() and torch.equal(full[1], mask[1])  # fully labelled sample: 0 = background
     logits = torch.randn(2, len(CLASSES), 16, 16, 8, requires_grad=True)
     target = torch.softmax(torch.randn(2, len(CLASSES), 16, 16, 8), 1)
     loss = soft_cross_entropy(logits, target, mask)
@@ -140,7 +145,7 @@ def test_region_mask_excludes_annotated_voxels_and_soft_loss_gives_them_zero_gra
     assert float(loss.detach()) == pytest.approx(float(ce[mask].mean().detach()), rel=1e-5)
     loss.backward()
     annotated = (b["label"] > 0).unsqueeze(1).expand_as(logits)
-    assert logits.grad[annotated].abs().max() == 0.0                    # exactly zero
+    assert logits.grad[annotated].abs().max() == 0.0  # exactly zero
     assert logits.grad[~annotated].abs().max() > 0
     # one-hot targets on every voxel: ordinary cross-entropy
     y = torch.randint(0, len(CLASSES), (2, 16, 16, 8))
@@ -178,8 +183,15 @@ def test_training_terms_per_supervision_mode():
     for mode in ("pseudo", "marginal", "naive"):
         m = tiny_module(supervision=mode, soft_rampup_steps=0)
         terms = {k: v.detach() for k, v in m.compute_losses(dict(b)).items()}
-        for k in ("loss", "loss_focal", "loss_dice", "loss_soft", "net_a/loss_soft", "net_b/loss_soft",
-                  "mask_fraction"):
+        for k in (
+            "loss",
+            "loss_focal",
+            "loss_dice",
+            "loss_soft",
+            "net_a/loss_soft",
+            "net_b/loss_soft",
+            "mask_fraction",
+        ):
             assert torch.isfinite(terms[k]), (mode, k)
         assert float(terms["mask_fraction"]) == pytest.approx(float((b["label"] == 0).float().mean()))
         # total = sum over nets of (focal + Dice) + ramped soft weight x soft terms
@@ -188,7 +200,7 @@ def test_training_terms_per_supervision_mode():
     m = tiny_module(supervision="pseudo")
     target = m.supervised_target(b)
     assert torch.equal(target, merge_pseudo_labels(b["label"], b["labeled"], b["pseudo"]))
-    assert int(target[0, 10, 3, 3]) == 3 and int(target[0, 3, 3, 1]) == 1   # pseudo kidney; GT liver wins
+    assert int(target[0, 10, 3, 3]) == 3 and int(target[0, 3, 3, 1]) == 1  # pseudo kidney; GT liver wins
     with pytest.raises(ValueError, match="pseudo"):
         m.compute_losses({k: v for k, v in b.items() if k != "pseudo"})
     # a data config without pseudo-labels is caught at fit start, as a one-line user error
@@ -220,7 +232,7 @@ def test_checkpoint_state_holds_both_averages_and_predict_uses_the_selected_one(
     out = m.predict_case(image)
     manual = torch.softmax(_sliding(m.wam_b.module, image, m), 1).argmax(1).to(torch.uint8)
     assert torch.equal(out, manual)
-    with torch.no_grad():                  # corrupting the non-selected average changes nothing
+    with torch.no_grad():  # corrupting the non-selected average changes nothing
         for p in m.wam_a.parameters():
             p.copy_(torch.randn_like(p) * 10)
     assert torch.equal(m.predict_case(image), out)
@@ -235,19 +247,35 @@ def _sliding(net, image, m):
     from monai.inferers import sliding_window_inference
 
     with torch.no_grad():
-        return sliding_window_inference(image, m.patch_size, m.sw_batch_size, net, overlap=m.sw_overlap,
-                                        mode="gaussian", padding_mode="constant", cval=float(image.min()))
+        return sliding_window_inference(
+            image,
+            m.patch_size,
+            m.sw_batch_size,
+            net,
+            overlap=m.sw_overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(image.min()),
+        )
 
 
 # ---------------------------------------------------------------- organseg fit end to end
 def run(args, cwd, timeout=600):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([ORGANSEG, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [ORGANSEG, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"organseg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"organseg {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -265,10 +293,18 @@ def fewlabel(tmp_path_factory) -> dict:
     base = yaml.safe_load((REPO / "data_modules/cards/abdomen_phantom.yaml").read_text())
     cards = []
     for name, keep in FEW.items():
-        write_abdomen_dataset(root / name, 3, 0, keep=keep, shape=SHAPE, spacing=SPACING, workers=1,
-                              quiet=True)
-        card = {**base, "name": f"abd_{name}", "path": str(root / name), "cache": str(root / f"{name}.h5"),
-                "labeled": keep, "target_spacing": list(SPACING), "split": {"val": 1, "test": 1, "seed": 0}}
+        write_abdomen_dataset(
+            root / name, 3, 0, keep=keep, shape=SHAPE, spacing=SPACING, workers=1, quiet=True
+        )
+        card = {
+            **base,
+            "name": f"abd_{name}",
+            "path": str(root / name),
+            "cache": str(root / f"{name}.h5"),
+            "labeled": keep,
+            "target_spacing": list(SPACING),
+            "split": {"val": 1, "test": 1, "seed": 0},
+        }
         path = root / f"card_{name}.yaml"
         path.write_text(yaml.safe_dump(card, sort_keys=False))
         build_cache(DatasetCard.load(path), workers=1, progress=False)
@@ -281,31 +317,64 @@ def fewlabel(tmp_path_factory) -> dict:
         for cid in reader.case_ids:
             lab = np.zeros(reader.shape(cid), dtype=np.uint8)
             c = [n // 2 for n in lab.shape]
-            lab[c[0] - 4:c[0] + 4, c[1] - 4:c[1] + 4, c[2] - 2:c[2] + 2] = organ
+            lab[c[0] - 4 : c[0] + 4, c[1] - 4 : c[1] + 4, c[2] - 2 : c[2] + 2] = organ
             maps.append((cid, lab))
-        write_pseudo_file(root / f"pseudo_{name}.h5", maps, fingerprint="test", cache=reader.path,
-                          cache_fingerprint=reader.fingerprint, classes=CLASSES, checkpoints=[],
-                          card_name=card["name"])
-    init = {"cards": cards, "patch_size": [32, 32, 16], "batch_size": 2, "patches_per_epoch": 4,
-            "num_workers": 0, "augmentation": None}
+        write_pseudo_file(
+            root / f"pseudo_{name}.h5",
+            maps,
+            fingerprint="test",
+            cache=reader.path,
+            cache_fingerprint=reader.fingerprint,
+            classes=CLASSES,
+            checkpoints=[],
+            card_name=card["name"],
+        )
+    init = {
+        "cards": cards,
+        "patch_size": [32, 32, 16],
+        "batch_size": 2,
+        "patches_per_epoch": 4,
+        "num_workers": 0,
+        "augmentation": None,
+    }
     pseudo = {**init, "pseudo_labels": [str(root / f"pseudo_{name}.h5") for name in FEW]}
     for file, args in (("data.yaml", init), ("data_pseudo.yaml", pseudo)):
-        (root / file).write_text(yaml.safe_dump({"data": {"class_path": "organseg.data.CTDataModule",
-                                                          "init_args": args}}))
-    return {"root": root, "cards": cards, "data": root / "data.yaml",
-            "data_pseudo": root / "data_pseudo.yaml"}
+        (root / file).write_text(
+            yaml.safe_dump({"data": {"class_path": "organseg.data.CTDataModule", "init_args": args}})
+        )
+    return {
+        "root": root,
+        "cards": cards,
+        "data": root / "data.yaml",
+        "data_pseudo": root / "data_pseudo.yaml",
+    }
 
 
 def tiny_fit_config(tmp: Path, record: Path, model: dict | None = None, **trainer) -> Path:
     cfg = {
-        "trainer": {"max_epochs": 2, "check_val_every_n_epoch": 1, "accelerator": "cpu", "devices": 1,
-                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
-                    "callbacks": [{"class_path": f"helpers.probes.{probe}",
-                                   "init_args": {"out_dir": str(record)}}
-                                  for probe in ("DrawRecorder", "AveragedWeightsRecorder")],
-                    **trainer},
-        "model": {"init_args": {"filters": [8, 16, 32], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]],
-                                "soft_rampup_steps": 2, "hd95_every_n_epochs": 0, **(model or {})}},
+        "trainer": {
+            "max_epochs": 2,
+            "check_val_every_n_epoch": 1,
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "callbacks": [
+                {"class_path": f"helpers.probes.{probe}", "init_args": {"out_dir": str(record)}}
+                for probe in ("DrawRecorder", "AveragedWeightsRecorder")
+            ],
+            **trainer,
+        },
+        "model": {
+            "init_args": {
+                "filters": [8, 16, 32],
+                "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]],
+                "soft_rampup_steps": 2,
+                "hd95_every_n_epochs": 0,
+                **(model or {}),
+            }
+        },
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -318,18 +387,41 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
     from organseg.networks import build_unet
 
     record = tmp_path / "record"
-    cfg = tiny_fit_config(tmp_path, record, model={"mask_dilation": 2})     # supervision: pseudo (cowam.yaml)
-    run(["fit", "-c", str(REPO / "experiments/cowam/cowam.yaml"), "-c", str(fewlabel["data_pseudo"]),
-         "-c", str(cfg), "--trainer.logger.init_args.id=cowam1"], cwd=tmp_path)
+    cfg = tiny_fit_config(tmp_path, record, model={"mask_dilation": 2})  # supervision: pseudo (cowam.yaml)
+    run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/cowam/cowam.yaml"),
+            "-c",
+            str(fewlabel["data_pseudo"]),
+            "-c",
+            str(cfg),
+            "--trainer.logger.init_args.id=cowam1",
+        ],
+        cwd=tmp_path,
+    )
     metrics = json.loads((record / "rank0.json").read_text())["metrics"]
-    for k in ("train/loss_epoch", "train/loss_focal_epoch", "train/loss_dice_epoch", "train/loss_soft_epoch",
-              "train/net_a/loss_soft_epoch", "train/net_b/loss_soft_epoch", "train/mask_fraction_epoch",
-              "val/wam_a/dice_mean", "val/wam_b/dice_mean", "val/dice_mean", "val/dice/liver",
-              "val/dice/pancreas", "val/wam_a/dice/pancreas", "val/wam_b/dice/liver"):
+    for k in (
+        "train/loss_epoch",
+        "train/loss_focal_epoch",
+        "train/loss_dice_epoch",
+        "train/loss_soft_epoch",
+        "train/net_a/loss_soft_epoch",
+        "train/net_b/loss_soft_epoch",
+        "train/mask_fraction_epoch",
+        "val/wam_a/dice_mean",
+        "val/wam_b/dice_mean",
+        "val/dice_mean",
+        "val/dice/liver",
+        "val/dice/pancreas",
+        "val/wam_a/dice/pancreas",
+        "val/wam_b/dice/liver",
+    ):
         assert k in metrics, k
     assert 0 < metrics["train/mask_fraction_epoch"] < 1
     wam = json.loads((record / "wam_rank0.json").read_text())
-    assert wam["global_step"] == 4 and wam["n_averaged"] == [4, 4]        # one update per optimiser step
+    assert wam["global_step"] == 4 and wam["n_averaged"] == [4, 4]  # one update per optimiser step
     ckpt_path = tmp_path / "lightning_logs/organseg/cowam1/checkpoints/last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     sd = ckpt["state_dict"]
@@ -345,7 +437,7 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
     model, _ = load_module(ckpt_path)
     net = build_unet(1, 7, [8, 16, 32], [[1, 1, 1], [2, 2, 1], [2, 2, 2]])
     prefix = f"{sel}.module."
-    net.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    net.load_state_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)})
     image = torch.randn(1, 1, 40, 36, 20)
     manual = torch.softmax(_sliding(net.eval(), image, model), 1).argmax(1).to(torch.uint8)
     assert torch.equal(model.predict_case(image), manual)
@@ -355,11 +447,21 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
     assert main(["evaluate", "--ckpt", str(ckpt_path), "--out", str(out), "--overlays", "0"]) == 0
     assert "| organ | Dice |" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["per_organ"]) == set(FEW["liv"])                 # the first card's annotated organs
+    assert set(summary["per_organ"]) == set(FEW["liv"])  # the first card's annotated organs
     # Lightning's test loop from the run's saved config (every card's test case) scores the same model
     # (its loader ships images as float16, evaluate reads float32: a few boundary voxels may differ)
-    run(["test", "-c", str(ckpt_path.parent.parent / "config_fit.yaml"), "--ckpt_path", str(ckpt_path),
-         "--trainer.logger.init_args.id=cowam1test", "--trainer.callbacks=[]"], cwd=tmp_path)
+    run(
+        [
+            "test",
+            "-c",
+            str(ckpt_path.parent.parent / "config_fit.yaml"),
+            "--ckpt_path",
+            str(ckpt_path),
+            "--trainer.logger.init_args.id=cowam1test",
+            "--trainer.callbacks=[]",
+        ],
+        cwd=tmp_path,
+    )
     report = tmp_path / "lightning_logs/organseg/cowam1test/test_report/summary.json"
     tested = json.loads(report.read_text())["per_organ"]
     assert set(tested) == set(CLASSES[1:])
@@ -371,18 +473,31 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
 @pytest.mark.ddp
 def test_ddp_two_processes_keep_the_averaged_models_identical(fewlabel, tmp_path):
     record = tmp_path / "record"
-    cfg = tiny_fit_config(tmp_path, record, model={"supervision": "marginal"}, strategy="ddp", devices=2,
-                          max_epochs=1)
-    run(["fit", "-c", str(REPO / "experiments/cowam/cowam.yaml"), "-c", str(fewlabel["data"]), "-c", str(cfg),
-         "--data.init_args.patches_per_epoch=8", "--trainer.logger.init_args.id=cowam_ddp"], cwd=tmp_path,
-        timeout=900)
+    cfg = tiny_fit_config(
+        tmp_path, record, model={"supervision": "marginal"}, strategy="ddp", devices=2, max_epochs=1
+    )
+    run(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments/cowam/cowam.yaml"),
+            "-c",
+            str(fewlabel["data"]),
+            "-c",
+            str(cfg),
+            "--data.init_args.patches_per_epoch=8",
+            "--trainer.logger.init_args.id=cowam_ddp",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
     ranks = [json.loads((record / f"wam_rank{r}.json").read_text()) for r in range(2)]
     draws = [json.loads((record / f"rank{r}.json").read_text())["train"] for r in range(2)]
     assert {r["world"] for r in ranks} == {2}
     assert {(c, tuple(loc)) for _, c, loc in draws[0]}.isdisjoint({(c, tuple(loc)) for _, c, loc in draws[1]})
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2
     assert ranks[0]["n_averaged"] == ranks[1]["n_averaged"] == [2, 2]
-    for name in ("wam_a", "wam_b", "net_a", "net_b"):                     # different data, identical weights
+    for name in ("wam_a", "wam_b", "net_a", "net_b"):  # different data, identical weights
         assert ranks[0]["hashes"][name] == ranks[1]["hashes"][name], name
     assert ranks[0]["hashes"]["wam_a"] != ranks[0]["hashes"]["wam_b"]
     assert ranks[0]["selected"] == ranks[1]["selected"]

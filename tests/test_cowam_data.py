@@ -1,5 +1,6 @@
 """Few-organ data for co-training WAM: pseudo-label files (tool, staleness, batches), the multi-model
 ensemble, and real MSD-layout single-organ datasets served in one label space by a card alone."""
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,26 @@ from organseg.cli.main import main
 from organseg.data import CTDataModule
 from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader, write_pseudo_file
 from organseg.io.card import DatasetCard
-from organseg.methods.unet_baseline import UNetBaseline
 from organseg.methods.cowam_baselines import MarginalUNet, MultiModel, SelfTrainingUNet
+from organseg.methods.unet_baseline import UNetBaseline
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["background", "liver", "spleen", "kidney_l", "kidney_r", "pancreas", "stomach"]
-SHAPE, SPACING = (80, 64, 24), (3.0, 3.0, 6.0)   # the phantom's field of view on a coarse grid
+SHAPE, SPACING = (80, 64, 24), (3.0, 3.0, 6.0)  # the phantom's field of view on a coarse grid
 GROUPS = {"ls": ["liver", "spleen"], "kid": ["kidney_l", "kidney_r"]}
 
 
 def _card(root: Path, name: str, raw: Path, labeled, **extra) -> Path:
     spec = yaml.safe_load((REPO / "data_modules/cards/abdomen_few_kidneys.yaml").read_text())
-    spec.update(name=name, path=str(raw), cache=str(root / f"{name}.h5"), labeled=labeled,
-                target_spacing=list(SPACING), split={"val": 1, "test": 0, "seed": 0}, **extra)
+    spec.update(
+        name=name,
+        path=str(raw),
+        cache=str(root / f"{name}.h5"),
+        labeled=labeled,
+        target_spacing=list(SPACING),
+        split={"val": 1, "test": 0, "seed": 0},
+        **extra,
+    )
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -45,8 +53,28 @@ def fewlabel(tmp_path_factory) -> dict:
     cards = {}
     for tag, keep in GROUPS.items():
         raw = root / f"raw_{tag}"
-        assert main(["phantom", "abdomen", "--out", str(raw), "--cases", "3", "--quiet", "--workers", "1",
-                     "--shape", *map(str, SHAPE), "--spacing", *map(str, SPACING), "--keep", *keep]) == 0
+        assert (
+            main(
+                [
+                    "phantom",
+                    "abdomen",
+                    "--out",
+                    str(raw),
+                    "--cases",
+                    "3",
+                    "--quiet",
+                    "--workers",
+                    "1",
+                    "--shape",
+                    *map(str, SHAPE),
+                    "--spacing",
+                    *map(str, SPACING),
+                    "--keep",
+                    *keep,
+                ]
+            )
+            == 0
+        )
         cards[tag] = _card(root, f"few_{tag}", raw, keep)
         build_cache(DatasetCard.load(cards[tag]), workers=1, progress=False)
     return {"root": root, "cards": cards}
@@ -55,13 +83,22 @@ def fewlabel(tmp_path_factory) -> dict:
 def _save_expert(path: Path, card: Path, favour: str, seed: int = 0) -> Path:
     """A tiny UNetBaseline checkpoint (as `organseg fit` writes it) whose output bias favours one organ."""
     torch.manual_seed(seed)
-    m = UNetBaseline(num_classes=len(CLASSES), classes=CLASSES, patch_size=(32, 32, 16), filters=(4, 8, 8),
-                     strides=((1, 1, 1), (2, 2, 2), (2, 2, 1)), class_weights=[1.0] * len(CLASSES))
+    m = UNetBaseline(
+        num_classes=len(CLASSES),
+        classes=CLASSES,
+        patch_size=(32, 32, 16),
+        filters=(4, 8, 8),
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 1)),
+        class_weights=[1.0] * len(CLASSES),
+    )
     with torch.no_grad():
         m.net.output_block.conv.conv.bias[CLASSES.index(favour)] += 20.0
     m.cards = [DatasetCard.load(card).to_dict()]
-    ckpt = {"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
-            "pytorch-lightning_version": lightning.__version__}
+    ckpt = {
+        "state_dict": m.state_dict(),
+        "hyper_parameters": dict(m.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
     m.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
     return path
@@ -73,21 +110,30 @@ def test_pseudolabel_tool_writes_unannotated_organs_only_and_detects_staleness(f
     ck_ls = _save_expert(root / "ls.ckpt", cards["ls"], favour="spleen")
     ck_kid = _save_expert(root / "kid.ckpt", cards["kid"], favour="kidney_r")
     out = root / "pseudo_ls.h5"
-    args = ["pseudolabel", "--ckpt", str(ck_ls), str(ck_kid), "--card", str(cards["ls"]), "--out", str(out),
-            "--no-progress"]
+    args = [
+        "pseudolabel",
+        "--ckpt",
+        str(ck_ls),
+        str(ck_kid),
+        "--card",
+        str(cards["ls"]),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     cache = CacheReader(DatasetCard.load(cards["ls"]).cache)
     reader = PseudoLabelReader(out, cache_fingerprint=cache.fingerprint, case_ids=cache.case_ids)
     umask = os.umask(0)
     os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask   # like any output file, not mkstemp's private 0600
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # like any output file, not mkstemp's private 0600
     # the liver/spleen expert contributes nothing to its own dataset: only the kidney expert ran
     assert [c["organs"] for c in reader.checkpoints] == [["kidney_l", "kidney_r"]]
     for cid in cache.case_ids:
         p = reader.read_case(cid)
         assert p.shape == cache.shape(cid) and p.dtype == np.uint8
-        assert set(np.unique(p)) <= {0, 3, 4}          # never liver/spleen (annotated here)
-        assert (p == 4).mean() > 0.9                    # the kidney expert's (biased) kidney_r
+        assert set(np.unique(p)) <= {0, 3, 4}  # never liver/spleen (annotated here)
+        assert (p == 4).mean() > 0.9  # the kidney expert's (biased) kidney_r
         # a patch that sticks out of the volume is zero-padded, like the cache's label
         patch = reader.read_patch(cid, (-4, 0, 0), (8, 8, 8))
         assert (patch[:4] == 0).all() and np.array_equal(patch[4:], p[:4, :8, :8])
@@ -99,22 +145,48 @@ def test_pseudolabel_tool_writes_unannotated_organs_only_and_detects_staleness(f
     _save_expert(ck_kid, cards["kid"], favour="kidney_l", seed=1)
     with pytest.raises(PseudoLabelError, match="stale"):
         PseudoLabelReader(out, cache_fingerprint=cache.fingerprint)
-    dm = CTDataModule([str(cards["ls"])], patch_size=(32, 32, 16), num_workers=0, preprocess=False,
-                      pseudo_labels=[str(out)])
+    dm = CTDataModule(
+        [str(cards["ls"])], patch_size=(32, 32, 16), num_workers=0, preprocess=False, pseudo_labels=[str(out)]
+    )
     with pytest.raises(PseudoLabelError, match="stale"):
         dm.sources("train")
-    assert main(args) == 0 and out.stat().st_mtime_ns != mtime   # regenerated
+    assert main(args) == 0 and out.stat().st_mtime_ns != mtime  # regenerated
     assert (PseudoLabelReader(out).read_case(cache.case_ids[0]) == 3).mean() > 0.9
     # another cache build is detected too
     with pytest.raises(PseudoLabelError, match="another build"):
         PseudoLabelReader(out, cache_fingerprint="0" * 16)
     # user errors: one line, exit 2, nothing written
     bad = root / "nothing.h5"
-    assert main(["pseudolabel", "--ckpt", str(ck_ls), "--card", str(cards["ls"]), "--out", str(bad),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "pseudolabel",
+                "--ckpt",
+                str(ck_ls),
+                "--card",
+                str(cards["ls"]),
+                "--out",
+                str(bad),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "nothing to pseudo-label" in capsys.readouterr().err and not bad.exists()
-    assert main(["pseudolabel", "--ckpt", str(root / "missing.ckpt"), "--card", str(cards["ls"]),
-                 "--out", str(bad)]) == 2
+    assert (
+        main(
+            [
+                "pseudolabel",
+                "--ckpt",
+                str(root / "missing.ckpt"),
+                "--card",
+                str(cards["ls"]),
+                "--out",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     assert "missing.ckpt" in capsys.readouterr().err and not bad.exists()
 
 
@@ -124,17 +196,31 @@ def test_batches_carry_pseudo_labels_moved_with_the_label(fewlabel):
     cards = fewlabel["cards"]
     cache = CacheReader(DatasetCard.load(cards["ls"]).cache)
     copy = fewlabel["root"] / "copy_ls.h5"
-    write_pseudo_file(copy, ((cid, cache.read_case(cid)[1]) for cid in cache.case_ids), fingerprint="test",
-                      cache=cache.path, cache_fingerprint=cache.fingerprint, classes=CLASSES, checkpoints=[],
-                      card_name="few_ls")
-    dm = CTDataModule([str(cards["ls"]), str(cards["kid"])], patch_size=(32, 32, 16), batch_size=4,
-                      patches_per_epoch=12, num_workers=0, preprocess=False, pseudo_labels=[str(copy), None],
-                      foreground_probability=1.0, augmentation={"affine_p": 1.0, "degrees": [0, 0, 30],
-                                                                "noise_p": 0.0, "blur_p": 0.0})
+    write_pseudo_file(
+        copy,
+        ((cid, cache.read_case(cid)[1]) for cid in cache.case_ids),
+        fingerprint="test",
+        cache=cache.path,
+        cache_fingerprint=cache.fingerprint,
+        classes=CLASSES,
+        checkpoints=[],
+        card_name="few_ls",
+    )
+    dm = CTDataModule(
+        [str(cards["ls"]), str(cards["kid"])],
+        patch_size=(32, 32, 16),
+        batch_size=4,
+        patches_per_epoch=12,
+        num_workers=0,
+        preprocess=False,
+        pseudo_labels=[str(copy), None],
+        foreground_probability=1.0,
+        augmentation={"affine_p": 1.0, "degrees": [0, 0, 30], "noise_p": 0.0, "blur_p": 0.0},
+    )
     dm.setup("fit")
     seen = set()
     for batch in dm.train_dataloader():
-        assert batch["pseudo"].dtype == torch.uint8            # compact between processes
+        assert batch["pseudo"].dtype == torch.uint8  # compact between processes
         batch = dm.on_after_batch_transfer(batch, 0)
         assert batch["pseudo"].dtype == torch.int64 and batch["pseudo"].shape == batch["label"].shape
         for i, d in enumerate(batch["dataset"].tolist()):
@@ -171,26 +257,36 @@ class _Oracle(nn.Module):
 
 def test_multimodel_takes_each_experts_own_organs_and_resolves_conflicts_by_confidence(fewlabel):
     root, cards = fewlabel["root"], fewlabel["cards"]
-    mm = MultiModel.from_checkpoints([_save_expert(root / "a.ckpt", cards["ls"], "liver"),
-                                      _save_expert(root / "b.ckpt", cards["kid"], "kidney_l")], CLASSES)
+    mm = MultiModel.from_checkpoints(
+        [
+            _save_expert(root / "a.ckpt", cards["ls"], "liver"),
+            _save_expert(root / "b.ckpt", cards["kid"], "kidney_l"),
+        ],
+        CLASSES,
+    )
     assert mm.expert_organ_names == [["liver", "spleen"], ["kidney_l", "kidney_r"]]
     liver, spleen, kid_l = (CLASSES.index(o) for o in ("liver", "spleen", "kidney_l"))
     # expert A (liver, spleen): value 1 -> liver (very sure), 3 -> kidney_l (not its organ: ignored)
     # expert B (kidneys):       value 1 -> kidney_l (less sure), 2 -> kidney_l, 4 -> spleen (ignored)
-    mm.experts = nn.ModuleList([_Oracle({1: (liver, 9.0), 3: (kid_l, 9.0)}),
-                                _Oracle({1: (kid_l, 4.0), 2: (kid_l, 9.0), 4: (spleen, 9.0)})])
+    mm.experts = nn.ModuleList(
+        [
+            _Oracle({1: (liver, 9.0), 3: (kid_l, 9.0)}),
+            _Oracle({1: (kid_l, 4.0), 2: (kid_l, 9.0), 4: (spleen, 9.0)}),
+        ]
+    )
     image = torch.zeros(1, 1, 16, 16, 8)
     for v in range(5):
         image[0, 0, :, :, v] = v
     pred = mm.predict_case(image)
     assert pred.dtype == torch.uint8 and pred.shape == (1, 16, 16, 8)
     assert pred[0, :, :, 0].eq(0).all()
-    assert pred[0, :, :, 1].eq(liver).all()     # both claim it: the more confident expert wins
+    assert pred[0, :, :, 1].eq(liver).all()  # both claim it: the more confident expert wins
     assert pred[0, :, :, 2].eq(kid_l).all()
-    assert pred[0, :, :, 3].eq(0).all() and pred[0, :, :, 4].eq(0).all()   # organs outside an expert's own
+    assert pred[0, :, :, 3].eq(0).all() and pred[0, :, :, 4].eq(0).all()  # organs outside an expert's own
     # restricted to organs a dataset lacks (how `organseg pseudolabel` uses it)
-    only_kid = MultiModel.from_checkpoints([root / "a.ckpt", root / "b.ckpt"], CLASSES,
-                                           exclude_organs=["liver", "spleen"])
+    only_kid = MultiModel.from_checkpoints(
+        [root / "a.ckpt", root / "b.ckpt"], CLASSES, exclude_organs=["liver", "spleen"]
+    )
     assert only_kid.expert_organ_names == [["kidney_l", "kidney_r"]]
     with pytest.raises(ValueError, match="cannot be trained"):
         mm.training_step({}, 0)
@@ -201,18 +297,31 @@ def test_multimodel_is_tested_by_lightning_on_every_case_of_a_test_only_dataset(
     """`organseg test -c experiments/cowam/multi_model.yaml -c data_modules/abdomen_test.yaml`: the
     Trainer's test loop over ``test_split: all`` (every cached case) with the N-pass ensemble."""
     root, cards = fewlabel["root"], fewlabel["cards"]
-    mm = MultiModel(len(CLASSES), CLASSES, checkpoints=[str(_save_expert(root / "t1.ckpt", cards["ls"], "liver")),
-                                                         str(_save_expert(root / "t2.ckpt", cards["kid"], "kidney_l"))],
-                    hd95_every_n_epochs=0)
-    dm = CTDataModule([str(cards["kid"])], patch_size=(32, 32, 16), num_workers=0, preprocess=False,
-                      test_split="all", augmentation=None)
-    trainer = lightning.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                default_root_dir=str(tmp_path))
+    mm = MultiModel(
+        len(CLASSES),
+        CLASSES,
+        checkpoints=[
+            str(_save_expert(root / "t1.ckpt", cards["ls"], "liver")),
+            str(_save_expert(root / "t2.ckpt", cards["kid"], "kidney_l")),
+        ],
+        hd95_every_n_epochs=0,
+    )
+    dm = CTDataModule(
+        [str(cards["kid"])],
+        patch_size=(32, 32, 16),
+        num_workers=0,
+        preprocess=False,
+        test_split="all",
+        augmentation=None,
+    )
+    trainer = lightning.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path)
+    )
     trainer.test(mm, datamodule=dm)
     m = trainer.callback_metrics
-    assert float(m["test/cases"]) == 3                      # all cases, not a split
+    assert float(m["test/cases"]) == 3  # all cases, not a split
     assert {"test/dice/kidney_l", "test/dice/kidney_r"} <= set(m)
-    assert "test/dice/liver" not in m                       # this test card does not annotate the liver
+    assert "test/dice/liver" not in m  # this test card does not annotate the liver
     assert (tmp_path / "test_report").is_dir()
 
 
@@ -226,7 +335,7 @@ def _write_msd(root: Path, task: str, prefix: str, labels: dict[str, str], organ
         zyx = (12, 40, 48)
         hu = rng.normal(-800, 20, zyx).astype(np.int16)
         lab = np.zeros(zyx, np.uint8)
-        hu[2:10, 8:32, 8:40] = 40            # body
+        hu[2:10, 8:32, 8:40] = 40  # body
         for k, v in enumerate(organ_values):
             sl = (slice(4, 8), slice(12 + 6 * k, 16 + 6 * k + i), slice(14, 30))
             lab[sl] = v
@@ -235,10 +344,20 @@ def _write_msd(root: Path, task: str, prefix: str, labels: dict[str, str], organ
             img = sitk.GetImageFromArray(arr)
             img.SetSpacing((3.0, 3.0, 6.0))
             sitk.WriteImage(img, str(folder / sub / f"{prefix}_{i}.nii.gz"))
-    (folder / "dataset.json").write_text(json.dumps({
-        "name": task, "modality": {"0": "CT"}, "labels": labels, "numTraining": n,
-        "training": [{"image": f"./imagesTr/{prefix}_{i}.nii.gz", "label": f"./labelsTr/{prefix}_{i}.nii.gz"}
-                     for i in range(n)]}))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": task,
+                "modality": {"0": "CT"},
+                "labels": labels,
+                "numTraining": n,
+                "training": [
+                    {"image": f"./imagesTr/{prefix}_{i}.nii.gz", "label": f"./labelsTr/{prefix}_{i}.nii.gz"}
+                    for i in range(n)
+                ],
+            }
+        )
+    )
     return folder
 
 
@@ -246,42 +365,77 @@ def _write_msd(root: Path, task: str, prefix: str, labels: dict[str, str], organ
 def test_msd_single_organ_datasets_train_in_one_label_space_by_cards_alone(tmp_path):
     """LiTS-like liver (1 = liver, 2 = tumour) and MSD-spleen-like (1 = spleen) folders in the MSD
     layout become two few-organ datasets of one label space through their cards (`label_values`)."""
-    liver = _write_msd(tmp_path, "Task03_Liver", "liver", {"0": "background", "1": "liver", "2": "cancer"}, [1, 2])
+    liver = _write_msd(
+        tmp_path, "Task03_Liver", "liver", {"0": "background", "1": "liver", "2": "cancer"}, [1, 2]
+    )
     spleen = _write_msd(tmp_path, "Task09_Spleen", "spleen", {"0": "background", "1": "spleen"}, [1])
     cards = [
-        _card(tmp_path, "lits", liver, ["liver"], layout="msd", label_values={1: "liver", 2: "liver"}),  # tumour -> liver
+        _card(
+            tmp_path, "lits", liver, ["liver"], layout="msd", label_values={1: "liver", 2: "liver"}
+        ),  # tumour -> liver
         _card(tmp_path, "msd_spleen", spleen, ["spleen"], layout="msd", label_values={1: "spleen"}),
     ]
-    dm = CTDataModule([str(c) for c in cards], patch_size=(16, 16, 8), batch_size=4, patches_per_epoch=8,
-                      num_workers=0, augmentation=None)
+    dm = CTDataModule(
+        [str(c) for c in cards],
+        patch_size=(16, 16, 8),
+        batch_size=4,
+        patches_per_epoch=8,
+        num_workers=0,
+        augmentation=None,
+    )
     dm.prepare_data()
     dm.setup("fit")
     liver_i, spleen_i = CLASSES.index("liver"), CLASSES.index("spleen")
-    for card in cards:   # cached labels are in the unified space (spleen's raw 1 became class 2)
+    for card in cards:  # cached labels are in the unified space (spleen's raw 1 became class 2)
         r = CacheReader(DatasetCard.load(card).cache)
         values = set(np.unique(np.concatenate([r.read_case(c)[1].ravel() for c in r.case_ids])).tolist())
         assert values == ({0, liver_i} if "lits" in card.name else {0, spleen_i})
     batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
-    want = {0: [True, True, False, False, False, False, False], 1: [True, False, True, False, False, False, False]}
+    want = {
+        0: [True, True, False, False, False, False, False],
+        1: [True, False, True, False, False, False, False],
+    }
     for i, d in enumerate(batch["dataset"].tolist()):
         assert batch["labeled"][i].tolist() == want[d]
         assert set(batch["label"][i].unique().tolist()) <= {0, liver_i if d == 0 else spleen_i}
     # and a partial-label model trains on it (marginal loss, a few steps, validation on both datasets)
-    model = MarginalUNet(num_classes=dm.num_classes, classes=dm.classes, patch_size=(16, 16, 8), filters=(4, 8, 8),
-                         strides=((1, 1, 1), (2, 2, 2), (2, 2, 1)), class_weights="uniform", hd95_every_n_epochs=0)
-    trainer = lightning.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, default_root_dir=str(tmp_path))
+    model = MarginalUNet(
+        num_classes=dm.num_classes,
+        classes=dm.classes,
+        patch_size=(16, 16, 8),
+        filters=(4, 8, 8),
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 1)),
+        class_weights="uniform",
+        hd95_every_n_epochs=0,
+    )
+    trainer = lightning.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 2
     assert {"val/dice/liver", "val/dice/spleen"} <= set(trainer.callback_metrics)
 
 
 def test_self_training_module_needs_pseudo_labels_and_uses_them():
-    m = SelfTrainingUNet(num_classes=3, classes=["background", "a", "b"], patch_size=(8, 8, 4), filters=(4, 8, 8),
-                         strides=((1, 1, 1), (2, 2, 2), (2, 2, 1)), class_weights=[1.0, 1.0, 1.0])
+    m = SelfTrainingUNet(
+        num_classes=3,
+        classes=["background", "a", "b"],
+        patch_size=(8, 8, 4),
+        filters=(4, 8, 8),
+        strides=((1, 1, 1), (2, 2, 2), (2, 2, 1)),
+        class_weights=[1.0, 1.0, 1.0],
+    )
     m.log = lambda *a, **k: None
-    batch = {"image": torch.zeros(1, 1, 8, 8, 4), "label": torch.zeros(1, 8, 8, 4, dtype=torch.long),
-             "labeled": torch.tensor([[True, True, False]])}
+    batch = {
+        "image": torch.zeros(1, 1, 8, 8, 4),
+        "label": torch.zeros(1, 8, 8, 4, dtype=torch.long),
+        "labeled": torch.tensor([[True, True, False]]),
+    }
     with pytest.raises(ValueError, match="pseudo_labels"):
         m.training_step(batch, 0)
     targets, real = [], m.loss_fn.forward
@@ -293,4 +447,4 @@ def test_self_training_module_needs_pseudo_labels_and_uses_them():
     m.loss_fn.forward = spy
     batch["pseudo"] = torch.full((1, 8, 8, 4), 2, dtype=torch.long)
     assert torch.isfinite(m.training_step(batch, 0))
-    assert targets[0].eq(2).all()   # class b is unannotated here: the pseudo-label fills the GT background
+    assert targets[0].eq(2).all()  # class b is unannotated here: the pseudo-label fills the GT background

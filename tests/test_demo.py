@@ -1,4 +1,5 @@
 """The demo plan (experiments/demo_plan.yaml): valid chaining, configs that compose, the final table."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,7 +36,7 @@ def test_plan_rejects_a_run_that_loads_a_later_one(tmp_path):
         load_plan(str(bad))
 
 
-@pytest.mark.slow   # one `organseg fit --print_config` subprocess per run, ~15-20 s each
+@pytest.mark.slow  # one `organseg fit --print_config` subprocess per run, ~15-20 s each
 @pytest.mark.parametrize("run", [r["name"] for r in yaml.safe_load(PLAN.read_text())["runs"]])
 def test_every_demo_run_config_composes(run):
     """Each run's config stack parses in LightningCLI (catches a stage config drifting from the plan)."""
@@ -57,10 +58,16 @@ def test_every_demo_run_config_composes(run):
 
 
 def test_dice_table_lists_every_organ_and_the_mean_per_run():
-    summaries = {"unet": {"per_organ": {"eye_l": {"dice_mean": 0.8}, "lens_l": {"dice_mean": None}},
-                          "mean": {"dice_mean": 0.8}},
-                 "fn_joint": {"per_organ": {"eye_l": {"dice_mean": 0.7}, "lens_l": {"dice_mean": 0.25}},
-                              "mean": {"dice_mean": 0.475}}}
+    summaries = {
+        "unet": {
+            "per_organ": {"eye_l": {"dice_mean": 0.8}, "lens_l": {"dice_mean": None}},
+            "mean": {"dice_mean": 0.8},
+        },
+        "fn_joint": {
+            "per_organ": {"eye_l": {"dice_mean": 0.7}, "lens_l": {"dice_mean": 0.25}},
+            "mean": {"dice_mean": 0.475},
+        },
+    }
     lines = dice_table(summaries).splitlines()
     assert lines[0] == "| organ | unet | fn_joint |"
     assert lines[2] == "| eye_l | 0.800 | 0.700 |"

@@ -1,6 +1,7 @@
 """Typed errors: a user error (bad option, file, checkpoint, card) is ONE line on stderr with exit status 2,
 for the LightningCLI commands and the tool commands alike; anything else (a bug, an error inside torch)
 propagates with its traceback. No path heuristics: what counts is the class (``organseg.errors``)."""
+
 from __future__ import annotations
 
 import ast
@@ -44,15 +45,33 @@ def all_modules() -> list:
 def test_every_error_class_in_the_package_is_an_organseg_error():
     """Every exception class organseg defines is one a user can cause and fix, so each derives from
     OrgansegError; the ones that replaced a ValueError still are one (``pytest.raises(ValueError)``)."""
-    defined = {cls for module in all_modules() for _, cls in inspect.getmembers(module, inspect.isclass)
-               if issubclass(cls, BaseException) and not issubclass(cls, Warning)
-               and cls.__module__.startswith("organseg")}
+    defined = {
+        cls
+        for module in all_modules()
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, BaseException)
+        and not issubclass(cls, Warning)
+        and cls.__module__.startswith("organseg")
+    }
     assert {c.__name__ for c in defined} >= {
-        "OrgansegError", "ConfigError", "InputError", "CheckpointError", "OutputError", "UsageError",
-        "CardError", "CaseError", "DicomError", "CacheError", "PseudoLabelError"}
+        "OrgansegError",
+        "ConfigError",
+        "InputError",
+        "CheckpointError",
+        "OutputError",
+        "UsageError",
+        "CardError",
+        "CaseError",
+        "DicomError",
+        "CacheError",
+        "PseudoLabelError",
+    }
     assert [c for c in defined if not issubclass(c, OrgansegError)] == []
-    assert [c.__name__ for c in defined if c is not OrgansegError and c not in (OutputError, UsageError)
-            and not issubclass(c, ValueError)] == []
+    assert [
+        c.__name__
+        for c in defined
+        if c is not OrgansegError and c not in (OutputError, UsageError) and not issubclass(c, ValueError)
+    ] == []
     assert issubclass(OutputError, OSError) and not issubclass(UsageError, ValueError)
 
 
@@ -63,8 +82,16 @@ def test_domain_errors_keep_their_place_and_are_user_errors():
     from organseg.io.dicom import DicomError
     from organseg.io.layouts import CaseError
 
-    for cls in (CardError, CaseError, DicomError, CacheError, PseudoLabelError,
-                ConfigError, InputError, CheckpointError):
+    for cls in (
+        CardError,
+        CaseError,
+        DicomError,
+        CacheError,
+        PseudoLabelError,
+        ConfigError,
+        InputError,
+        CheckpointError,
+    ):
         assert issubclass(cls, OrgansegError) and issubclass(cls, ValueError), cls
 
 
@@ -76,8 +103,8 @@ def test_no_user_error_class_or_path_heuristic_in_the_cli():
     tree = ast.parse((SRC / "cli/lightning.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert "organseg.cli.main" not in imported                  # the main <-> lightning cycle is gone
-    for path in (SRC / "cli").glob("*.py"):                    # no telling errors apart by file path
+    assert "organseg.cli.main" not in imported  # the main <-> lightning cycle is gone
+    for path in (SRC / "cli").glob("*.py"):  # no telling errors apart by file path
         assert "co_filename" not in path.read_text() and "tb_frame" not in path.read_text(), path
 
 
@@ -89,7 +116,7 @@ def test_user_error_is_found_along_the_chain():
         try:
             raise cause
         except ConfigError as exc:
-            raise TypeError("Parser key \"model\": wrapped") from exc   # as jsonargparse wraps it
+            raise TypeError('Parser key "model": wrapped') from exc  # as jsonargparse wraps it
     except TypeError as wrapped:
         assert user_error(wrapped) is cause
     assert user_error(ValueError("from torch")) is None
@@ -101,12 +128,22 @@ def test_tool_user_errors_are_one_line_exit_2(hn_small, tmp_path, capsys):
     blocker.write_text("")
     cases = [
         (["phantom", "hn", "--out", str(tmp_path / "p"), "--cases", "0"], "--cases must be at least 1"),
-        (["phantom", "hn", "--out", str(blocker / "sub"), "--cases", "1"], "Not a directory"),   # bad --out
+        (["phantom", "hn", "--out", str(blocker / "sub"), "--cases", "1"], "Not a directory"),  # bad --out
         (["preprocess", str(hn_small["card"]), "--workers", "0"], "--workers must be >= 1"),
         (["preprocess", str(tmp_path / "nope.yaml")], "dataset card not found"),
         (["evaluate", "--ckpt", str(tmp_path / "nope.ckpt")], "file not found"),
-        (["predict", "--ckpt", "x.ckpt", "--input", str(tmp_path / "nope.nii.gz"),
-          "--out", str(tmp_path / "o")], "no such file or folder"),
+        (
+            [
+                "predict",
+                "--ckpt",
+                "x.ckpt",
+                "--input",
+                str(tmp_path / "nope.nii.gz"),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "no such file or folder",
+        ),
         (["sweep", str(tmp_path / "nope.yaml")], "file not found"),
     ]
     for argv, expected in cases:
@@ -117,8 +154,27 @@ def test_tool_user_errors_are_one_line_exit_2(hn_small, tmp_path, capsys):
 def test_existing_dicom_folder_is_a_one_line_error(tmp_path, capsys):
     dicom = tmp_path / "dicom"
     (dicom / "hn_000").mkdir(parents=True)
-    argv = ["phantom", "hn", "--out", str(tmp_path / "raw"), "--cases", "1", "--quiet", "--workers", "1",
-            "--shape", "64", "64", "16", "--spacing", "3", "3", "9", "--dicom", str(dicom)]
+    argv = [
+        "phantom",
+        "hn",
+        "--out",
+        str(tmp_path / "raw"),
+        "--cases",
+        "1",
+        "--quiet",
+        "--workers",
+        "1",
+        "--shape",
+        "64",
+        "64",
+        "16",
+        "--spacing",
+        "3",
+        "3",
+        "9",
+        "--dicom",
+        str(dicom),
+    ]
     assert main(argv) == 2
     assert "already exists; not overwriting a DICOM folder" in one_line(capsys, "phantom")
 
@@ -151,21 +207,34 @@ def tiny_ckpt(hn_small, tmp_path_factory) -> Path:
 
     card = DatasetCard.load(hn_small["card"])
     torch.manual_seed(0)
-    model = UNetBaseline(num_classes=card.num_classes, classes=card.classes, patch_size=(64, 64, 16),
-                         filters=[4, 8, 8], strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
-                         class_weights=[1.0] * card.num_classes)
+    model = UNetBaseline(
+        num_classes=card.num_classes,
+        classes=card.classes,
+        patch_size=(64, 64, 16),
+        filters=[4, 8, 8],
+        strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
+        class_weights=[1.0] * card.num_classes,
+    )
     model.cards = [card.to_dict()]
     batch = {"image": torch.randn(1, 32, 32, 16), "label": torch.randint(0, card.num_classes, (32, 32, 16))}
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=1))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path
 
 
-TORCH_SAYS = {"ValueError": (ValueError, "same number of spatial dimensions"),
-              "RuntimeError": (RuntimeError, "input to conv3d")}
+TORCH_SAYS = {
+    "ValueError": (ValueError, "same number of spatial dimensions"),
+    "RuntimeError": (RuntimeError, "input to conv3d"),
+}
 
 
 def raised_in_torch(info) -> bool:
@@ -182,10 +251,12 @@ def _internal_check_fails(self, x):
 
 def _wrong_shape_forward(kind: str):
     """A forward that feeds the network a wrong-shaped tensor: torch raises (a bug, not a user error)."""
+
     def forward(self, x):
         if kind == "ValueError":
-            return self.net(F.interpolate(x, size=(8, 8)))   # 2 sizes for 3 spatial dims: torch's ValueError
-        return self.net(x[0, 0])                             # a 3-D tensor into Conv3d: torch's RuntimeError
+            return self.net(F.interpolate(x, size=(8, 8)))  # 2 sizes for 3 spatial dims: torch's ValueError
+        return self.net(x[0, 0])  # a 3-D tensor into Conv3d: torch's RuntimeError
+
     return forward
 
 
@@ -204,25 +275,53 @@ def test_a_torch_error_in_predict_keeps_its_traceback(hn_small, tiny_ckpt, tmp_p
 # ----------------------------------------------------------------------------- fit (LightningCLI)
 def fit_args(hn_small, tmp_path: Path, **model) -> list[str]:
     cfg = {
-        "trainer": {"max_steps": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0, "accelerator": "cpu",
-                    "devices": 1, "logger": False, "enable_progress_bar": False,
-                    "enable_model_summary": False},
+        "trainer": {
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
         "model": {"init_args": {"filters": [4, 8, 8], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]], **model}},
-        "data": {"init_args": {"cards": [str(hn_small["card"])], "patch_size": [48, 48, 16], "batch_size": 1,
-                               "patches_per_epoch": 2, "num_workers": 0, "augmentation": None}},
+        "data": {
+            "init_args": {
+                "cards": [str(hn_small["card"])],
+                "patch_size": [48, 48, 16],
+                "batch_size": 1,
+                "patches_per_epoch": 2,
+                "num_workers": 0,
+                "augmentation": None,
+            }
+        },
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return ["fit", "-c", str(REPO / "experiments/baseline/unet.yaml"),
-            "-c", str(REPO / "data_modules/hn_phantom.yaml"), "-c", str(path)]
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/baseline/unet.yaml"),
+        "-c",
+        str(REPO / "data_modules/hn_phantom.yaml"),
+        "-c",
+        str(path),
+    ]
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--data.init_args.cards=[/nonexistent/card.yaml]"], "/nonexistent/card.yaml: dataset card not found"),
-    (["--model.init_args.filters=[8, 16]"], "filters (2) and strides (3) must have one entry per level"),
-    (["--model.init_args.class_weights=[1.0, 2.0]"], "class_weights has 2 entries, expected 18"),
-    (["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["--data.init_args.cards=[/nonexistent/card.yaml]"],
+            "/nonexistent/card.yaml: dataset card not found",
+        ),
+        (["--model.init_args.filters=[8, 16]"], "filters (2) and strides (3) must have one entry per level"),
+        (["--model.init_args.class_weights=[1.0, 2.0]"], "class_weights has 2 entries, expected 18"),
+        (["--trainer.max_epochz=3"], "unrecognized arguments: --trainer.max_epochz=3"),
+    ],
+)
 def test_fit_user_errors_are_one_line_exit_2(hn_small, tmp_path, monkeypatch, capsys, extra, expected):
     monkeypatch.chdir(tmp_path)
     assert main([*fit_args(hn_small, tmp_path), *extra]) == 2

@@ -1,5 +1,6 @@
 """FocusNetV2 locate-zoom-paste inference (organseg.inference.locate_zoom_paste): z-streamed blending equals
 MONAI's full-volume sliding window, SOL centres and SOS pastes land where they must, memory is bounded."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from organseg.inference.locate_zoom_paste import blend_slabs, predict_focusnet
-from organseg.spatial.roi import roi_box
 from organseg.networks.focusnetv2 import FocusNetV2
 from organseg.spatial.heatmaps import decode_centres
+from organseg.spatial.roi import roi_box
 
 PATCH = (32, 32, 8)
 SHAPE = (64, 64, 16)
@@ -36,18 +37,29 @@ def one_thread():
 
 def tiny_model(seed: int = 0) -> FocusNetV2:
     torch.manual_seed(seed)
-    return FocusNetV2(C, SMALL, ROIS, base_channels=4, sol_hidden=8, sos_base=4, ae_code_channels=4,
-                      ae_base=4).eval()
+    return FocusNetV2(
+        C, SMALL, ROIS, base_channels=4, sol_hidden=8, sos_base=4, ae_code_channels=4, ae_base=4
+    ).eval()
 
 
 def monai_reference(model, image):
     """Full-volume MONAI sliding window over S-Net logits ++ SOL heatmaps, same windows/blending."""
+
     def predictor(w):
         logits, _, heat = model.snet_sol(w)
         return torch.cat([logits, heat], 1)
+
     with torch.no_grad():
-        return sliding_window_inference(image, list(PATCH), 1, predictor, overlap=0.5, mode="gaussian",
-                                        padding_mode="constant", cval=float(image.min()))[0]
+        return sliding_window_inference(
+            image,
+            list(PATCH),
+            1,
+            predictor,
+            overlap=0.5,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(image.min()),
+        )[0]
 
 
 # ------------------------------------------------------------------ real (random) model vs MONAI
@@ -55,8 +67,13 @@ def monai_reference(model, image):
 def test_streamed_equals_monai_full_volume(shape):
     model = tiny_model()
     image = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
-    out = predict_focusnet(model, image, patch_size=PATCH, threshold=2.0,  # > any sigmoid: no SOS
-                           return_snet_labels=True)
+    out = predict_focusnet(
+        model,
+        image,
+        patch_size=PATCH,
+        threshold=2.0,  # > any sigmoid: no SOS
+        return_snet_labels=True,
+    )
     labels = out["snet_labels"]
     assert labels.shape == shape and labels.dtype == torch.uint8
     assert int(labels.min()) >= 0 and int(labels.max()) < C
@@ -66,13 +83,15 @@ def test_streamed_equals_monai_full_volume(shape):
     # are summed differs, so an argmax could flip only at a float32 tie: none expected here
     assert torch.equal(labels, ref[:C].argmax(0).to(torch.uint8))
     no_small = ref[:C].clone()
-    no_small[SMALL] = -math.inf   # default small_organs_from="sos": S-Net's best non-small class
+    no_small[SMALL] = -math.inf  # default small_organs_from="sos": S-Net's best non-small class
     assert torch.equal(out["labels"], no_small.argmax(0).to(torch.uint8))
     torch.testing.assert_close(out["peaks"], ref[C:].amax(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
     if shape == SHAPE:  # the streamed blend itself, slab by slab
+
         def predictor(w):
             logits, _, heat = model.snet_sol(w)
             return torch.cat([logits, heat], 1)
+
         depths, parts = [], []
         for z0, z1, slab in blend_slabs(predictor, image, PATCH):
             assert slab.shape == (C + len(SMALL), *shape[:2], z1 - z0)
@@ -124,7 +143,7 @@ class _SphereSOS(nn.Module):
         self.calls.append(k)
         x, y, z = _coords(rois[:, -1:])
         cx, cy, cz = self.centres[k]
-        ball = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5 ** 2
+        ball = (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5**2
         return torch.where(ball, 10.0, -10.0)[:, None]
 
 
@@ -136,11 +155,25 @@ def forced_model(centres, amplitudes, sigma=(2.0, 2.0, 1.0)):
 
     def snet_sol(win):
         x, y, z = _coords(win)
-        logits = (10.0 * nn.functional.one_hot(_pattern(x, y, z), C)
-                  + 5.0 * nn.functional.one_hot(_runner_up(x, y, z), C)).permute(0, 4, 1, 2, 3).float()
-        heat = torch.stack([a * torch.exp(-0.5 * (((x - cx) / sigma[0]) ** 2 + ((y - cy) / sigma[1]) ** 2
-                                                 + ((z - cz) / sigma[2]) ** 2))
-                            for (cx, cy, cz), a in zip(centres, amplitudes)], 1)
+        logits = (
+            (
+                10.0 * nn.functional.one_hot(_pattern(x, y, z), C)
+                + 5.0 * nn.functional.one_hot(_runner_up(x, y, z), C)
+            )
+            .permute(0, 4, 1, 2, 3)
+            .float()
+        )
+        heat = torch.stack(
+            [
+                a
+                * torch.exp(
+                    -0.5
+                    * (((x - cx) / sigma[0]) ** 2 + ((y - cy) / sigma[1]) ** 2 + ((z - cz) / sigma[2]) ** 2)
+                )
+                for (cx, cy, cz), a in zip(centres, amplitudes)
+            ],
+            1,
+        )
         return logits, torch.zeros(win.shape[0], f, *win.shape[2:]), heat
 
     model.snet_sol = snet_sol
@@ -156,9 +189,11 @@ def grid(shape=SHAPE):
     return torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij")
 
 
-FORCED_CENTRES = [(40.3, 22.6, 9.2),   # interior
-                  (5.4, 60.2, 1.3),    # ROI (12, 12, 4) sticks out in x, y and z
-                  (30.0, 30.0, 8.0)]   # peak 0.25 < threshold: not found, nothing pasted
+FORCED_CENTRES = [
+    (40.3, 22.6, 9.2),  # interior
+    (5.4, 60.2, 1.3),  # ROI (12, 12, 4) sticks out in x, y and z
+    (30.0, 30.0, 8.0),
+]  # peak 0.25 < threshold: not found, nothing pasted
 FORCED_PEAKS = [0.9, 0.8, 0.25]
 
 
@@ -166,26 +201,40 @@ def roi_and_ball(k: int, centres=FORCED_CENTRES):
     """Organ k's ROI box (as ``roi_box`` places it) and ``_SphereSOS``'s ball, as bool volumes."""
     x, y, z = grid()
     start, stop = roi_box(centres[k], ROIS[k])
-    box = ((x >= start[0]) & (x < stop[0]) & (y >= start[1]) & (y < stop[1])
-           & (z >= start[2]) & (z < stop[2]))
+    box = (x >= start[0]) & (x < stop[0]) & (y >= start[1]) & (y < stop[1]) & (z >= start[2]) & (z < stop[2])
     cx, cy, cz = centres[k]
-    return box, (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5 ** 2
+    return box, (x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 <= 2.5**2
 
 
 def test_forced_sol_centres_and_exact_sos_paste():
     centres = FORCED_CENTRES
     model = forced_model(centres, FORCED_PEAKS)
-    out = predict_focusnet(model, coordinate_image(), patch_size=PATCH, threshold=0.3,
-                           return_snet_labels=True, small_organs_from="snet_and_sos")
+    out = predict_focusnet(
+        model,
+        coordinate_image(),
+        patch_size=PATCH,
+        threshold=0.3,
+        return_snet_labels=True,
+        small_organs_from="snet_and_sos",
+    )
     x, y, z = grid()
     snet = _pattern(x, y, z).to(torch.uint8)
     assert torch.equal(out["snet_labels"], snet)
     assert out["found"].tolist() == [True, True, False]
     assert model.sos.calls == [0, 1]
-    torch.testing.assert_close(out["peaks"], torch.tensor([0.9, 0.8, 0.25]) *
-                               torch.tensor([math.exp(-0.5 * (0.09 / 4 + 0.16 / 4 + 0.04)),
-                                             math.exp(-0.5 * (0.16 / 4 + 0.04 / 4 + 0.09)), 1.0]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out["peaks"],
+        torch.tensor([0.9, 0.8, 0.25])
+        * torch.tensor(
+            [
+                math.exp(-0.5 * (0.09 / 4 + 0.16 / 4 + 0.04)),
+                math.exp(-0.5 * (0.16 / 4 + 0.04 / 4 + 0.09)),
+                1.0,
+            ]
+        ),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     for k in (0, 1):
         assert (out["centres"][k] - torch.tensor(centres[k])).abs().max() < 0.01  # well within a voxel
     assert torch.isnan(out["centres"][2]).all() and out["roi_starts"][2].tolist() == [-1, -1, -1]
@@ -198,8 +247,8 @@ def test_forced_sol_centres_and_exact_sos_paste():
         expected[box & (expected == cls) & ~ball] = 0
         expected[box & ball] = cls
         boxes |= box
-    assert torch.equal(out["labels"][~boxes], snet[~boxes])   # outside every ROI: S-Net's labels
-    assert torch.equal(out["labels"], expected)                # inside: the SOS ball, clipped to the ROI
+    assert torch.equal(out["labels"][~boxes], snet[~boxes])  # outside every ROI: S-Net's labels
+    assert torch.equal(out["labels"], expected)  # inside: the SOS ball, clipped to the ROI
     assert (out["labels"] != snet).any()
 
 
@@ -207,18 +256,20 @@ def test_small_organs_come_only_from_sos_by_default():
     """Default rule (upstream's separate SOS map): S-Net's small-organ votes are ignored everywhere
     (its best other class is used), found organs are the SOS masks, an organ not found is absent."""
     model = forced_model(FORCED_CENTRES, FORCED_PEAKS)
-    out = predict_focusnet(model, coordinate_image(), patch_size=PATCH, threshold=0.3, return_snet_labels=True)
+    out = predict_focusnet(
+        model, coordinate_image(), patch_size=PATCH, threshold=0.3, return_snet_labels=True
+    )
     x, y, z = grid()
     pattern = _pattern(x, y, z)
-    assert torch.equal(out["snet_labels"], pattern.to(torch.uint8))   # still S-Net's full argmax
+    assert torch.equal(out["snet_labels"], pattern.to(torch.uint8))  # still S-Net's full argmax
     small = torch.isin(pattern, torch.tensor(SMALL))
     expected = torch.where(small, _runner_up(x, y, z), pattern).to(torch.uint8)
-    for k in (0, 1):                                        # each found organ: exactly its SOS ball
+    for k in (0, 1):  # each found organ: exactly its SOS ball
         box, ball = roi_and_ball(k)
         expected[box & ball] = SMALL[k]
     assert torch.equal(out["labels"], expected)
     assert all((out["labels"] == SMALL[k]).any() for k in (0, 1))
-    assert not (out["labels"] == SMALL[2]).any()           # not found by SOL: absent
+    assert not (out["labels"] == SMALL[2]).any()  # not found by SOL: absent
     with pytest.raises(ValueError, match="small_organs_from"):
         predict_focusnet(model, coordinate_image(), patch_size=PATCH, small_organs_from="snet")
 
@@ -266,14 +317,20 @@ def test_peak_rss_growth_is_slab_sized_not_volume_sized():
     streamed pipeline holds (48 + 2 + 1) x 256 x 256 x 16 x 4 B = 0.21 GB of slab buffer + the uint8
     labels and one argmax slab."""
     c, shape, patch = 48, (256, 256, 96), (64, 64, 16)
-    res = subprocess.run([sys.executable, "-c", _RSS_SCRIPT.format(C=c, shape=shape, patch=patch)],
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT.format(C=c, shape=shape, patch=patch)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     rss = json.loads(res.stdout.strip().splitlines()[-1])
     assert rss["labels"] == list(shape)
     growth = (rss["after_kb"] - rss["before_kb"]) * 1024
     naive = c * math.prod(shape) * 4
     slab = (c + 2 + 1) * shape[0] * shape[1] * patch[2] * 4
-    print(f"RSS growth {growth / 2**20:.0f} MiB; slab buffer {slab / 2**20:.0f} MiB; "
-          f"one full-volume float per class {naive / 2**20:.0f} MiB")
+    print(
+        f"RSS growth {growth / 2**20:.0f} MiB; slab buffer {slab / 2**20:.0f} MiB; "
+        f"one full-volume float per class {naive / 2**20:.0f} MiB"
+    )
     assert growth < 0.4 * naive

@@ -1,6 +1,7 @@
 """FocusNetV2 stage modules: freezing, checkpoint chaining, GT-centred SOS ROIs, the joint step, the one
 architecture (given once, followed by every stage config, checked against the checkpoint a stage loads),
 and one real `organseg fit` of stage 1 whose checkpoint stage 2 loads."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,10 +31,25 @@ REPO = Path(__file__).resolve().parents[1]
 ORGANSEG = str(Path(sys.executable).with_name("organseg"))
 CLASSES = ["background", "big", "small_a", "small_b"]
 PATCH = [32, 32, 8]
-ARCH = FocusNetArchitecture(base_channels=4, aspp_rates=(1, 2), sol_hidden=4, sos_base=4, ae_code_channels=4,
-                            ae_base=4, roi_mm=(8.0, 8.0, 6.0))
-TINY = dict(num_classes=4, classes=CLASSES, patch_size=PATCH, small_organs=["small_a", "small_b"],
-            spacing=[1.0, 1.0, 3.0], architecture=ARCH, sw_overlap=0.25, hd95_every_n_epochs=0)
+ARCH = FocusNetArchitecture(
+    base_channels=4,
+    aspp_rates=(1, 2),
+    sol_hidden=4,
+    sos_base=4,
+    ae_code_channels=4,
+    ae_base=4,
+    roi_mm=(8.0, 8.0, 6.0),
+)
+TINY = dict(
+    num_classes=4,
+    classes=CLASSES,
+    patch_size=PATCH,
+    small_organs=["small_a", "small_b"],
+    spacing=[1.0, 1.0, 3.0],
+    architecture=ARCH,
+    sw_overlap=0.25,
+    hd95_every_n_epochs=0,
+)
 STAGE_CONFIGS = ["snet", "sol", "sos", "shape_ae", "joint"]
 BOXES = {2: (slice(8, 11), slice(9, 12), slice(3, 5)), 3: (slice(20, 22), slice(18, 21), slice(4, 5))}
 
@@ -76,8 +92,17 @@ def one_step(module, b: dict) -> None:
 
 
 def trainer(**kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, **kw)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kw,
+    )
 
 
 def loader(n: int = 2) -> DataLoader:
@@ -118,7 +143,11 @@ def test_sos_stage_freezes_snet_and_sol_and_trains_sos():
         assert not changed(before[part], module, part), f"frozen {part} changed"
     assert changed(before["sos"], module, "sos")
     module.train()
-    assert not module.focusnet.snet.training and not module.focusnet.sol.training and module.focusnet.sos.training
+    assert (
+        not module.focusnet.snet.training
+        and not module.focusnet.sol.training
+        and module.focusnet.sos.training
+    )
 
 
 def test_sos_rois_are_centred_on_true_centres():
@@ -133,7 +162,7 @@ def test_sos_rois_are_centred_on_true_centres():
         # the whole organ lies inside its ROI, and the ROI centre voxel is organ
         assert torch.equal(r["target"].flatten(1).sum(1), organ_voxels)
         cx, cy, cz = (s // 2 for s in module.roi_sizes[r["k"]])
-        assert bool((r["target"][:, 0, cx - 1:cx + 1, cy - 1:cy + 1, max(cz - 1, 0):cz + 1] > 0).any())
+        assert bool((r["target"][:, 0, cx - 1 : cx + 1, cy - 1 : cy + 1, max(cz - 1, 0) : cz + 1] > 0).any())
     # an organ missing from a patch (heatmap channel ~0) is skipped for that sample only
     b["heatmap"][0, 1] = 0
     rois = module.gt_rois(b, [0, 0, 0])
@@ -145,7 +174,7 @@ def test_init_from_missing_or_wrong_kind_raises_one_line(snet_ckpt, tmp_path):
     with pytest.raises(ValueError) as e:
         SOLStage(**TINY, init_from=str(missing)).load_init()
     assert str(missing) in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ValueError) as e:   # a stage-1 checkpoint is not a SOL-stage checkpoint
+    with pytest.raises(ValueError) as e:  # a stage-1 checkpoint is not a SOL-stage checkpoint
         SOSStage(**TINY, init_from=str(snet_ckpt)).load_init()
     assert str(snet_ckpt) in str(e.value) and "SNetStage" in str(e.value) and "\n" not in str(e.value)
     # a checkpoint without an architecture record (hand-made) is still checked by its shapes
@@ -160,11 +189,12 @@ def test_every_stage_checkpoint_stores_the_architecture(snet_ckpt):
     ckpt = torch.load(snet_ckpt, map_location="cpu", weights_only=False)
     record = {**ARCH.as_dict(), "small_organs": ["small_a", "small_b"], "spacing": [1.0, 1.0, 3.0]}
     assert ckpt["organseg"]["architecture"] == record
-    assert ckpt["hyper_parameters"]["architecture"] == ARCH.as_dict()   # plain values, not the dataclass
-    model, extra = load_module(snet_ckpt)   # what organseg evaluate / predict do
+    assert ckpt["hyper_parameters"]["architecture"] == ARCH.as_dict()  # plain values, not the dataclass
+    model, extra = load_module(snet_ckpt)  # what organseg evaluate / predict do
     assert model.architecture == ARCH and extra["architecture"] == record
-    assert [tuple(p.shape) for p in model.focusnet.parameters()] == \
-        [tuple(p.shape) for p in SNetStage(**TINY).focusnet.parameters()]
+    assert [tuple(p.shape) for p in model.focusnet.parameters()] == [
+        tuple(p.shape) for p in SNetStage(**TINY).focusnet.parameters()
+    ]
 
 
 def test_later_stage_with_another_architecture_stops_with_one_line_naming_both(snet_ckpt, tmp_path):
@@ -182,15 +212,20 @@ def test_later_stage_with_another_architecture_stops_with_one_line_naming_both(s
     # shape_from is checked the same way
     ae_path = tmp_path / "ae.ckpt"
     ae = ShapeAEStage(**dict(TINY, architecture=dataclasses.replace(ARCH, ae_base=8)))
-    torch.save({"state_dict": ae.state_dict(), "organseg": {"module": "x.ShapeAEStage",
-                                                           "architecture": ae.architecture_record}}, ae_path)
+    torch.save(
+        {
+            "state_dict": ae.state_dict(),
+            "organseg": {"module": "x.ShapeAEStage", "architecture": ae.architecture_record},
+        },
+        ae_path,
+    )
     with pytest.raises(CheckpointError, match=r"\(ae_base 8 vs 4\)$"):
         JointStage(**TINY, shape_from=str(ae_path)).load_init()
 
 
 def test_stage_signatures_are_keyword_only_and_joint_has_no_schedule():
     with pytest.raises(TypeError):
-        SOLStage(4, CLASSES)   # the shared arguments are keywords, never a positional chain
+        SOLStage(4, CLASSES)  # the shared arguments are keywords, never a positional chain
     with pytest.raises(ConfigError, match="max_epochs_for_schedule"):
         JointStage(**TINY, max_epochs_for_schedule=10)
 
@@ -199,8 +234,17 @@ def print_config(stage_yaml: Path, *more: str) -> dict:
     """What `organseg fit -c <stage> -c <data> [more] --print_config` prints, as a dict (in-process)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
-        run_lightning_cli(["fit", "-c", str(stage_yaml), "-c",
-                           str(REPO / "data_modules/hn_phantom_focusnet.yaml"), *more, "--print_config"])
+        run_lightning_cli(
+            [
+                "fit",
+                "-c",
+                str(stage_yaml),
+                "-c",
+                str(REPO / "data_modules/hn_phantom_focusnet.yaml"),
+                *more,
+                "--print_config",
+            ]
+        )
     assert e.value.code in (0, None)
     return yaml.safe_load(out.getvalue())
 
@@ -209,7 +253,7 @@ def test_every_stage_config_composes_the_one_architecture_file(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     folder = REPO / "experiments/focusnetv2"
     given = yaml.safe_load((folder / "architecture.yaml").read_text())
-    assert FocusNetArchitecture(**given) == FocusNetArchitecture()   # the file is the code's default
+    assert FocusNetArchitecture(**given) == FocusNetArchitecture()  # the file is the code's default
     # a width and roi_mm changed in ONE place (a copy of the folder's architecture.yaml)...
     copy = tmp_path / "focusnetv2"
     shutil.copytree(folder, copy)
@@ -242,7 +286,10 @@ def test_chaining_snet_checkpoint_into_sol_and_sos(snet_ckpt, tmp_path):
         assert torch.equal(v, ckpt["state_dict"][f"focusnet.snet.{k}"])
     one_step(sol, batch())
     path = tmp_path / "sol.ckpt"
-    torch.save({"state_dict": sol.state_dict(), "organseg": {"module": "organseg.methods.focusnet_stages.SOLStage"}}, path)
+    torch.save(
+        {"state_dict": sol.state_dict(), "organseg": {"module": "organseg.methods.focusnet_stages.SOLStage"}},
+        path,
+    )
     torch.manual_seed(2)
     sos = SOSStage(**TINY, init_from=str(path))
     sos.load_init()
@@ -253,7 +300,7 @@ def test_chaining_snet_checkpoint_into_sol_and_sos(snet_ckpt, tmp_path):
 
 def test_sos_predict_case_pastes_and_sol_localisation_rows():
     torch.manual_seed(0)
-    module = SOSStage(**TINY, loc_threshold=0.0).eval()   # threshold 0: every organ "found"
+    module = SOSStage(**TINY, loc_threshold=0.0).eval()  # threshold 0: every organ "found"
     case = sample(3, shape=[48, 40, 12])
     labels = module.predict_case(case["image"][None])
     assert labels.shape == (1, 48, 40, 12) and labels.dtype == torch.uint8
@@ -286,12 +333,18 @@ def test_joint_step_runs_both_optimizers_and_logs_all_terms(tmp_path):
     torch.save({"state_dict": src.state_dict(), "organseg": {"module": "x.SOSStage"}}, sos_path)
     ae = ShapeAEStage(**TINY)
     torch.save({"state_dict": ae.state_dict(), "organseg": {"module": "x.ShapeAEStage"}}, ae_path)
-    module = JointStage(**TINY, init_from=str(sos_path), shape_from=str(ae_path), class_weights="uniform",
-                        jitter_voxels=[0, 0, 0], adv_weight=0.1)
+    module = JointStage(
+        **TINY,
+        init_from=str(sos_path),
+        shape_from=str(ae_path),
+        class_weights="uniform",
+        jitter_voxels=[0, 0, 0],
+        adv_weight=0.1,
+    )
     before = {p: state(module, p) for p in ("snet", "sol", "sos", "shape_ae", "disc")}
     rec = Record()
     trainer(callbacks=[rec]).fit(module, train_dataloaders=loader())
-    assert module._init_loaded   # init_from / shape_from were loaded at setup("fit")
+    assert module._init_loaded  # init_from / shape_from were loaded at setup("fit")
     assert all(changed(before[p], module, p) for p in ("snet", "sol", "sos", "shape_ae", "disc"))
     for key in ("loss", "loss_heatmap", "loss_shape", "loss_adv", "loss_disc"):
         assert f"train/{key}" in rec.metrics, sorted(rec.metrics)
@@ -309,39 +362,94 @@ def test_joint_step_runs_both_optimizers_and_logs_all_terms(tmp_path):
 @pytest.mark.slow
 def test_cli_fit_stage1_then_sol_loads_it(hn_small, tmp_path):
     cfg = {
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "enable_model_summary": False, "log_every_n_steps": 1, "check_val_every_n_epoch": 1},
-        "model": {"init_args": {"architecture": {"base_channels": 4, "aspp_rates": [1, 2], "sol_hidden": 4,
-                                                 "sos_base": 4, "ae_base": 4, "ae_code_channels": 4},
-                                "sw_overlap": 0.25, "sw_batch_size": 8, "hd95_every_n_epochs": 0}},
-        "data": {"init_args": {"cards": [str(hn_small["card"])], "patch_size": PATCH, "batch_size": 1,
-                               "patches_per_epoch": 2, "num_workers": 0, "augmentation": None}},
+        "trainer": {
+            "max_epochs": 1,
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "check_val_every_n_epoch": 1,
+        },
+        "model": {
+            "init_args": {
+                "architecture": {
+                    "base_channels": 4,
+                    "aspp_rates": [1, 2],
+                    "sol_hidden": 4,
+                    "sos_base": 4,
+                    "ae_base": 4,
+                    "ae_code_channels": 4,
+                },
+                "sw_overlap": 0.25,
+                "sw_batch_size": 8,
+                "hd95_every_n_epochs": 0,
+            }
+        },
+        "data": {
+            "init_args": {
+                "cards": [str(hn_small["card"])],
+                "patch_size": PATCH,
+                "batch_size": 1,
+                "patches_per_epoch": 2,
+                "num_workers": 0,
+                "augmentation": None,
+            }
+        },
     }
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run([ORGANSEG, "fit", "-c", str(REPO / "experiments/focusnetv2/snet.yaml"),
-                           "-c", str(REPO / "data_modules/hn_phantom_focusnet.yaml"), "-c", str(tmp_path / "tiny.yaml"),
-                           "--trainer.logger.init_args.id=s1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            ORGANSEG,
+            "fit",
+            "-c",
+            str(REPO / "experiments/focusnetv2/snet.yaml"),
+            "-c",
+            str(REPO / "data_modules/hn_phantom_focusnet.yaml"),
+            "-c",
+            str(tmp_path / "tiny.yaml"),
+            "--trainer.logger.init_args.id=s1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     last = tmp_path / "lightning_logs/organseg/s1/checkpoints/last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["organseg"]["module"].endswith("SNetStage")
     hp = {k: ckpt["hyper_parameters"][k] for k in ("num_classes", "classes", "architecture", "spacing")}
     assert hp["architecture"]["base_channels"] == 4 and hp["architecture"]["roi_mm"] == [32.0, 32.0, 15.0]
-    assert ckpt["organseg"]["architecture"]["spacing"] == hp["spacing"]   # linked from the card
+    assert ckpt["organseg"]["architecture"]["spacing"] == hp["spacing"]  # linked from the card
     sol = SOLStage(**hp, patch_size=PATCH, init_from=str(last))
     sol.load_init()
     assert sol.small_organs == yaml.safe_load(Path(hn_small["card"]).read_text())["small"]
     for k, v in sol.focusnet.snet.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][f"focusnet.snet.{k}"])
     # stage 2 through the CLI with a width that differs from stage 1's: one line naming both, exit 2
-    proc = subprocess.run([ORGANSEG, "fit", "-c", str(REPO / "experiments/focusnetv2/sol.yaml"),
-                           "-c", str(REPO / "data_modules/hn_phantom_focusnet.yaml"),
-                           "-c", str(tmp_path / "tiny.yaml"),
-                           "--trainer.logger.init_args.id=s2", f"--model.init_args.init_from={last}",
-                           "--model.init_args.architecture.base_channels=8"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            ORGANSEG,
+            "fit",
+            "-c",
+            str(REPO / "experiments/focusnetv2/sol.yaml"),
+            "-c",
+            str(REPO / "data_modules/hn_phantom_focusnet.yaml"),
+            "-c",
+            str(tmp_path / "tiny.yaml"),
+            "--trainer.logger.init_args.id=s2",
+            f"--model.init_args.init_from={last}",
+            "--model.init_args.architecture.base_channels=8",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     error = [ln for ln in proc.stderr.splitlines() if ln.startswith("organseg fit: error:")]
     assert proc.returncode == 2 and len(error) == 1, proc.stderr[-4000:]
     assert str(last) in error[0] and error[0].endswith("(base_channels 4 vs 8)")

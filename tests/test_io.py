@@ -1,4 +1,5 @@
 """organseg.io: dataset layouts, validated case reading, geometry helpers."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,31 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers.synthetic_cases import (CLASSES, DIRECTION, ORIGIN, SPACING, make_card, make_nnunet_dataset,
-                                     make_pddca_dataset, phantom, to_sitk, truncate, write)
+from helpers.synthetic_cases import (
+    CLASSES,
+    DIRECTION,
+    ORIGIN,
+    SPACING,
+    make_card,
+    make_nnunet_dataset,
+    make_pddca_dataset,
+    phantom,
+    to_sitk,
+    truncate,
+    write,
+)
 from organseg.io.card import DatasetCard
-from organseg.io.geometry import (Geometry, cropped_origin, image_to_xyz, resample_image, resample_label,
-                                  resample_to_grid, resampled_size, restore_original_geometry, xyz_to_image)
+from organseg.io.geometry import (
+    Geometry,
+    cropped_origin,
+    image_to_xyz,
+    resample_image,
+    resample_label,
+    resample_to_grid,
+    resampled_size,
+    restore_original_geometry,
+    xyz_to_image,
+)
 from organseg.io.layouts import CaseError, CaseFiles, OverlapWarning, list_cases, read_case
 
 
@@ -34,8 +55,9 @@ def test_xyz_transposition_matches_sitk_indexing():
         assert img.GetPixel(idx) == arr[idx]
     np.testing.assert_array_equal(image_to_xyz(img), arr)
     assert image_to_xyz(img).flags.c_contiguous
-    assert Geometry.of(img) == Geometry(tuple(map(float, SPACING)), tuple(map(float, ORIGIN)),
-                                        tuple(map(float, DIRECTION)), (4, 3, 2))
+    assert Geometry.of(img) == Geometry(
+        tuple(map(float, SPACING)), tuple(map(float, ORIGIN)), tuple(map(float, DIRECTION)), (4, 3, 2)
+    )
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -58,8 +80,9 @@ def test_nnunet_layout_reads_images_labels_and_geometry(tmp_path):
 def test_msd_layout_without_channel_suffix_and_label_values(tmp_path, ending):
     expected = make_nnunet_dataset(tmp_path / "raw", ("liver_0", "liver_1"), ending=ending, msd=True)
     # raw label 1 -> mandible (2), 2 -> brainstem (1), 3 -> parotid_l (3)
-    card = make_card(tmp_path, tmp_path / "raw", layout="msd",
-                     label_values={1: "mandible", 2: "brainstem", 3: "parotid_l"})
+    card = make_card(
+        tmp_path, tmp_path / "raw", layout="msd", label_values={1: "mandible", 2: "brainstem", 3: "parotid_l"}
+    )
     cases = list_cases(card)
     assert [c.case_id for c in cases] == ["liver_0", "liver_1"]
     assert cases[0].image.name == f"liver_0{ending}"
@@ -257,10 +280,15 @@ def test_resample_sizes_and_interpolators():
 def _restore_attrs(label_img: sitk.Image, target, start, stop):
     res = resample_label(label_img, target)
     return res, {
-        "spacing": target, "crop_start": start, "crop_stop": stop,
-        "resampled_origin": res.GetOrigin(), "resampled_shape": res.GetSize(),
-        "orig_spacing": label_img.GetSpacing(), "orig_origin": label_img.GetOrigin(),
-        "orig_direction": label_img.GetDirection(), "orig_shape": label_img.GetSize(),
+        "spacing": target,
+        "crop_start": start,
+        "crop_stop": stop,
+        "resampled_origin": res.GetOrigin(),
+        "resampled_shape": res.GetSize(),
+        "orig_spacing": label_img.GetSpacing(),
+        "orig_origin": label_img.GetOrigin(),
+        "orig_direction": label_img.GetDirection(),
+        "orig_shape": label_img.GetSize(),
     }
 
 
@@ -307,8 +335,9 @@ def test_cropped_origin_is_the_physical_point_of_the_crop_start():
     img = to_sitk(np.zeros((10, 12, 8), np.uint8))
     start = (3, 2, 5)
     expected = img.TransformIndexToPhysicalPoint(start)
-    np.testing.assert_allclose(cropped_origin(img.GetOrigin(), img.GetDirection(), img.GetSpacing(), start),
-                               expected, atol=1e-9)
+    np.testing.assert_allclose(
+        cropped_origin(img.GetOrigin(), img.GetDirection(), img.GetSpacing(), start), expected, atol=1e-9
+    )
 
 
 def test_resample_to_grid_onto_a_reference():
@@ -318,8 +347,9 @@ def test_resample_to_grid_onto_a_reference():
 
 
 def test_casefiles_lists_all_files(tmp_path):
-    c = CaseFiles("x", tmp_path / "a.nii", tmp_path / "b.nii",
-                  {"Z": tmp_path / "z.nrrd", "A": tmp_path / "q.nrrd"})
+    c = CaseFiles(
+        "x", tmp_path / "a.nii", tmp_path / "b.nii", {"Z": tmp_path / "z.nrrd", "A": tmp_path / "q.nrrd"}
+    )
     assert c.files == [tmp_path / "a.nii", tmp_path / "b.nii", tmp_path / "q.nrrd", tmp_path / "z.nrrd"]
     assert json.dumps([str(p) for p in c.files])
     assert isinstance(DatasetCard, type)

@@ -1,5 +1,6 @@
 """The house rules that a linter cannot see: no private names imported across modules, and the window grid
 written out in ``inference.locate_zoom_paste`` (instead of MONAI's private helper) is MONAI's grid."""
+
 from __future__ import annotations
 
 import ast
@@ -19,11 +20,17 @@ def private_imports(folder: Path) -> list[str]:
     for path in sorted(folder.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.module != "__future__":
-                found += [f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import {a.name}"
-                          for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
             elif isinstance(node, ast.Import):
-                found += [f"{path.relative_to(REPO)}:{node.lineno}: import {a.name}"
-                          for a in node.names if any(p.startswith("_") for p in a.name.split("."))]
+                found += [
+                    f"{path.relative_to(REPO)}:{node.lineno}: import {a.name}"
+                    for a in node.names
+                    if any(p.startswith("_") for p in a.name.split("."))
+                ]
     return found
 
 
@@ -38,8 +45,10 @@ def test_private_import_scan_finds_one(tmp_path, monkeypatch):
     assert len(private_imports(tmp_path)) == 2
 
 
-@pytest.mark.parametrize("size,patch,overlap", [((40, 33, 9), (16, 16, 8), 0.5), ((16, 50, 20), (16, 12, 7), 0.25),
-                                                 ((23, 23, 23), (8, 9, 10), 0.6)])
+@pytest.mark.parametrize(
+    "size,patch,overlap",
+    [((40, 33, 9), (16, 16, 8), 0.5), ((16, 50, 20), (16, 12, 7), 0.25), ((23, 23, 23), (8, 9, 10), 0.6)],
+)
 def test_window_starts_are_monais_sliding_window_grid(size, patch, overlap):
     # each channel holds its axis' voxel index, so a window's first voxel tells where MONAI put it
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size], indexing="ij"))

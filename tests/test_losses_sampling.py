@@ -1,4 +1,5 @@
 """Loss terms and class-balanced sampling: values, not just shapes."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +17,12 @@ def test_focal_dice_matches_monai_terms_and_uses_softmax():
     target = torch.randint(0, 4, (2, 8, 8, 4))
     w = [0.5, 1.0, 2.0, 3.0]
     terms = FocalDiceLoss(4, w, gamma=2.0, focal_weight=0.7, dice_weight=0.3)(logits, target)
-    focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=torch.tensor(w))(logits, target[:, None])
-    dice = DiceLoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                    smooth_nr=1e-5, smooth_dr=1e-5)(logits, target[:, None])
+    focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=torch.tensor(w))(
+        logits, target[:, None]
+    )
+    dice = DiceLoss(
+        to_onehot_y=True, softmax=True, include_background=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5
+    )(logits, target[:, None])
     assert torch.allclose(terms["loss_focal"], focal)
     assert torch.allclose(terms["loss_dice"], dice)
     assert torch.allclose(terms["loss"], 0.7 * focal + 0.3 * dice)
@@ -49,7 +53,7 @@ def test_class_weights_inverse_frequency_ordering_and_mean_one():
 
 
 def test_class_probabilities_starve_no_small_organ():
-    counts = np.array([10**7, 30_000, 25, 0])       # background, big organ, lens, absent organ
+    counts = np.array([10**7, 30_000, 25, 0])  # background, big organ, lens, absent organ
     p = class_probabilities(counts, foreground_probability=0.6)
     assert np.isclose(p.sum(), 1.0)
     assert np.isclose(p[0], 0.4) and np.isclose(p[1], p[2]) and p[3] == 0.0
@@ -61,7 +65,9 @@ def test_class_probabilities_starve_no_small_organ():
 def test_draw_centre_hits_the_chosen_class_at_the_requested_rate():
     rng = np.random.default_rng(0)
     lens = np.array([[10, 10, 3], [11, 10, 3]])
-    big = np.stack(np.meshgrid(np.arange(30, 40), np.arange(30, 40), np.arange(5, 8), indexing="ij"), -1).reshape(-1, 3)
+    big = np.stack(
+        np.meshgrid(np.arange(30, 40), np.arange(30, 40), np.arange(5, 8), indexing="ij"), -1
+    ).reshape(-1, 3)
     coords = {1: big, 2: lens}
     counts = np.array([10**6, len(big), len(lens)])
     drawn = [draw_centre(rng, (64, 64, 16), counts, coords.__getitem__, 0.67)[1] for _ in range(3000)]

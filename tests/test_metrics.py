@@ -1,5 +1,6 @@
 """Per-organ metrics (MONAI agreement, analytic geometry, crop invariance, empty-mask policy),
 reports and overlay PNGs."""
+
 from __future__ import annotations
 
 import json
@@ -58,15 +59,15 @@ def handmade():
     spacing = (0.8, 0.8, 3.0)
     label = np.zeros(shape, np.uint8)
     pred = np.zeros(shape, np.uint8)
-    label[5:15, 6:18, 3:9] = 1                                    # cube
-    pred[6:16, 6:17, 4:10] = 1                                    # shifted, one voxel thinner
-    label[_ball(shape, (27, 20, 7), 6.0, spacing)] = 2            # sphere
-    pred[_ball(shape, (28, 19, 7), 5.0, spacing)] = 2             # smaller, shifted
-    label[_ball(shape, (30, 6, 5), 2.0, spacing)] = 3             # tiny "lens"
+    label[5:15, 6:18, 3:9] = 1  # cube
+    pred[6:16, 6:17, 4:10] = 1  # shifted, one voxel thinner
+    label[_ball(shape, (27, 20, 7), 6.0, spacing)] = 2  # sphere
+    pred[_ball(shape, (28, 19, 7), 5.0, spacing)] = 2  # smaller, shifted
+    label[_ball(shape, (30, 6, 5), 2.0, spacing)] = 3  # tiny "lens"
     pred[_ball(shape, (30, 7, 5), 2.0, spacing)] = 3
-    label[0:6, 28:36, 8:14] = 4                                   # touches the image border
+    label[0:6, 28:36, 8:14] = 4  # touches the image border
     pred[0:5, 27:36, 9:14] = 4
-    pred[20, 30, 2] = 4                                           # stray false-positive voxel
+    pred[20, 30, 2] = 4  # stray false-positive voxel
     return label, pred, spacing
 
 
@@ -144,11 +145,11 @@ def test_empty_mask_policy_and_unlabelled_classes():
     label = np.zeros(shape, np.uint8)
     pred = np.zeros(shape, np.uint8)
     label[2:8, 2:8, 2:6] = 1
-    pred[3:8, 2:8, 2:6] = 1        # brainstem: ok
-    label[12:16, 12:16, 3:5] = 2   # parotid_l: missed
-    pred[18:20, 2:4, 7:9] = 3      # lens_l: false positive
+    pred[3:8, 2:8, 2:6] = 1  # brainstem: ok
+    label[12:16, 12:16, 3:5] = 2  # parotid_l: missed
+    pred[18:20, 2:4, 7:9] = 3  # lens_l: false positive
     # mandible (4): absent in both
-    label[15:20, 5:9, 1:3] = 5     # chiasm: present, but not labelled by this dataset
+    label[15:20, 5:9, 1:3] = 5  # chiasm: present, but not labelled by this dataset
     pred[15:20, 5:9, 1:3] = 5
     labeled = [True, True, True, True, True, False]
     with warnings.catch_warnings():
@@ -162,10 +163,22 @@ def test_empty_mask_policy_and_unlabelled_classes():
     assert by["brainstem"]["status"] == "ok" and 0 < by["brainstem"]["dice"] < 1
     m = by["parotid_l"]
     assert (m["status"], m["dice"], m["hd95"], m["assd"], m["n_ref"], m["n_pred"]) == (
-        "missed", 0.0, diag, diag, 32, 0)
+        "missed",
+        0.0,
+        diag,
+        diag,
+        32,
+        0,
+    )
     fp = by["lens_l"]
     assert (fp["status"], fp["dice"], fp["hd95"], fp["assd"], fp["n_ref"], fp["n_pred"]) == (
-        "false_positive", 0.0, diag, diag, 0, 8)
+        "false_positive",
+        0.0,
+        diag,
+        diag,
+        0,
+        8,
+    )
     ab = by["mandible"]
     assert ab["status"] == "absent" and (ab["n_ref"], ab["n_pred"]) == (0, 0)
     assert all(math.isnan(ab[k]) for k in ("dice", "hd95", "assd"))
@@ -174,7 +187,9 @@ def test_empty_mask_policy_and_unlabelled_classes():
     label2 = label.copy()
     label2[10:14, 14:18, 6:9] = 4
     rows2 = case_metrics(label2, label2, spacing, CLASSES, labeled=labeled, case_id="b")
-    assert all(r["status"] == "ok" and r["dice"] == 1.0 and r["hd95"] == 0.0 for r in rows2 if r["organ"] != "lens_l")
+    assert all(
+        r["status"] == "ok" and r["dice"] == 1.0 and r["hd95"] == 0.0 for r in rows2 if r["organ"] != "lens_l"
+    )
     assert next(r for r in rows2 if r["organ"] == "lens_l")["status"] == "absent"
 
     summary = summarize(rows + rows2)
@@ -197,7 +212,14 @@ def test_empty_mask_policy_and_unlabelled_classes():
 
 def test_summarize_all_absent_organ_is_nan_without_warnings():
     rows = [
-        {"case_id": "a", "organ": "x", "dice": math.nan, "hd95": math.nan, "assd": math.nan, "status": "absent"},
+        {
+            "case_id": "a",
+            "organ": "x",
+            "dice": math.nan,
+            "hd95": math.nan,
+            "assd": math.nan,
+            "status": "absent",
+        },
         {"case_id": "a", "organ": "y", "dice": 0.8, "hd95": 2.0, "assd": 1.0, "status": "ok"},
     ]
     with warnings.catch_warnings():
@@ -210,7 +232,7 @@ def test_summarize_all_absent_organ_is_nan_without_warnings():
 
 def test_write_report_files_and_valid_json(tmp_path, handmade):
     label, pred, spacing = handmade
-    rows = case_metrics(pred, label, spacing, CLASSES, case_id="c1")   # chiasm absent
+    rows = case_metrics(pred, label, spacing, CLASSES, case_id="c1")  # chiasm absent
     rows += case_metrics(label, label, spacing, CLASSES, case_id="c2")
     paths = write_report(rows, tmp_path / "eval", title="Phantom test", extra={"checkpoint": "last.ckpt"})
     assert set(paths) == {"per_case", "per_organ", "report", "summary"}
@@ -242,12 +264,30 @@ def test_write_report_files_and_valid_json(tmp_path, handmade):
 
 
 def test_format_table_cells():
-    table = format_table([
-        {"organ": "parotid_l", "n": 3, "dice_mean": 0.9123, "dice_std": 0.0214, "hd95_mean": 4.5,
-         "hd95_std": 1.25, "assd_mean": 1.0, "assd_std": 0.5},
-        {"organ": "mean", "n": 1, "dice_mean": 0.9123, "dice_std": 0.0, "hd95_mean": 4.5,
-         "hd95_std": 0.0, "assd_mean": 1.0, "assd_std": 0.0},
-    ])
+    table = format_table(
+        [
+            {
+                "organ": "parotid_l",
+                "n": 3,
+                "dice_mean": 0.9123,
+                "dice_std": 0.0214,
+                "hd95_mean": 4.5,
+                "hd95_std": 1.25,
+                "assd_mean": 1.0,
+                "assd_std": 0.5,
+            },
+            {
+                "organ": "mean",
+                "n": 1,
+                "dice_mean": 0.9123,
+                "dice_std": 0.0,
+                "hd95_mean": 4.5,
+                "hd95_std": 0.0,
+                "assd_mean": 1.0,
+                "assd_std": 0.0,
+            },
+        ]
+    )
     lines = table.splitlines()
     assert lines[0] == "| organ | Dice | HD95 (mm) | ASSD (mm) | n |"
     assert lines[2] == "| parotid_l | 0.912 ± 0.021 | 4.50 ± 1.25 | 1.00 ± 0.50 | 3 |"
@@ -256,9 +296,9 @@ def test_format_table_cells():
 
 def test_choose_slices_reaches_small_organs():
     areas = np.zeros((30, 4), np.int64)
-    areas[5:25, 1] = 400            # big organ on many slices
-    areas[8:12, 2] = 50             # medium organ
-    areas[27, 3] = 3                # tiny organ on a single slice
+    areas[5:25, 1] = 400  # big organ on many slices
+    areas[8:12, 2] = 50  # medium organ
+    areas[27, 3] = 3  # tiny organ on a single slice
     zs = choose_slices(areas, 2)
     assert len(zs) == 2 and 27 in zs and any(8 <= z < 12 for z in zs)
     assert choose_slices(np.zeros((10, 4), np.int64), 3) == [2, 4, 7]

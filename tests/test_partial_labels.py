@@ -1,4 +1,5 @@
 """Partial-label supervision: pseudo-label merging rules and the marginal (merged-background) loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,15 +17,22 @@ def _labeled(*rows):
 
 
 def test_merge_keeps_gt_and_fills_only_unannotated_classes():
-    label = torch.tensor([[1, 1, 0, 0, 0, 0],     # liver dataset: annotates {liver}
-                          [0, 2, 2, 0, 0, 0]])    # kidney+pancreas dataset
-    pseudo = torch.tensor([[2, 1, 1, 3, 2, 0],    # GT liver wins over pseudo kidney; pseudo liver on GT-0 -> 0
-                           [1, 3, 2, 1, 3, 2]])   # pseudo kidney/pancreas never land on GT-0 voxels
+    label = torch.tensor(
+        [
+            [1, 1, 0, 0, 0, 0],  # liver dataset: annotates {liver}
+            [0, 2, 2, 0, 0, 0],
+        ]
+    )  # kidney+pancreas dataset
+    pseudo = torch.tensor(
+        [
+            [2, 1, 1, 3, 2, 0],  # GT liver wins over pseudo kidney; pseudo liver on GT-0 -> 0
+            [1, 3, 2, 1, 3, 2],
+        ]
+    )  # pseudo kidney/pancreas never land on GT-0 voxels
     labeled = _labeled([True, True, False, False], [True, False, True, True])
     out = merge_pseudo_labels(label, labeled, pseudo)
     assert out.dtype == torch.int64
-    assert out.tolist() == [[1, 1, 0, 3, 2, 0],
-                            [1, 2, 2, 1, 0, 0]]
+    assert out.tolist() == [[1, 1, 0, 3, 2, 0], [1, 2, 2, 1, 0, 0]]
 
 
 def test_merge_is_identity_when_all_annotated_and_pseudo_when_nothing_is():

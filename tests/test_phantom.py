@@ -1,4 +1,5 @@
 """Synthetic CT phantoms: determinism, file formats, anatomy statistics, few-organ datasets."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from organseg.phantom import (
     keep_tag,
 )
 
-SMALL_HN = ["--shape", "64", "64", "24", "--spacing", "3", "3", "6"]     # same FOV as the default
+SMALL_HN = ["--shape", "64", "64", "24", "--spacing", "3", "3", "6"]  # same FOV as the default
 SMALL_ABD = ["--shape", "64", "48", "16", "--spacing", "4", "4", "9"]
 CARD_DIR = Path(__file__).resolve().parents[1] / "data_modules" / "cards"
 
@@ -31,7 +32,7 @@ def _phantom(*argv: str) -> None:
 
 def _read(path: Path) -> tuple[np.ndarray, sitk.Image]:
     img = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), img   # -> (x, y, z)
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), img  # -> (x, y, z)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -46,8 +47,20 @@ def hn_small(tmp_path_factory) -> dict[str, Path]:
     _phantom("hn", "--out", str(out["a"]), "--cases", "3", "--seed", "0", "--workers", "1", *SMALL_HN)
     _phantom("hn", "--out", str(out["b"]), "--cases", "3", "--seed", "0", "--workers", "2", *SMALL_HN)
     _phantom("hn", "--out", str(out["seed1"]), "--cases", "3", "--seed", "1", "--workers", "1", *SMALL_HN)
-    _phantom("hn", "--out", str(out["pddca"]), "--cases", "3", "--seed", "0", "--workers", "1",
-             "--layout", "pddca", *SMALL_HN)
+    _phantom(
+        "hn",
+        "--out",
+        str(out["pddca"]),
+        "--cases",
+        "3",
+        "--seed",
+        "0",
+        "--workers",
+        "1",
+        "--layout",
+        "pddca",
+        *SMALL_HN,
+    )
     return out
 
 
@@ -67,8 +80,12 @@ def hn_default(tmp_path_factory) -> list[tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="module")
 def abdomen(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("abdomen")
-    out = {"full": root / "full", "liver": root / "liver", "pancreas": root / "pancreas",
-           "kidneys": root / "kidneys"}
+    out = {
+        "full": root / "full",
+        "liver": root / "liver",
+        "pancreas": root / "pancreas",
+        "kidneys": root / "kidneys",
+    }
     common = ["--cases", "3", "--seed", "0", "--workers", "1", *SMALL_ABD]
     _phantom("abdomen", "--out", str(out["full"]), *common)
     _phantom("abdomen", "--out", str(out["liver"]), "--keep", "liver", *common)
@@ -83,7 +100,7 @@ def test_same_seed_is_byte_identical_whatever_the_worker_count(hn_small):
     assert sorted(a) == sorted(b)
     assert len([k for k in a if k.startswith("labelsTr/")]) == 3
     for name in a:
-        assert a[name] == b[name], name       # labels, images and dataset.json
+        assert a[name] == b[name], name  # labels, images and dataset.json
     # gzip streams carry no timestamp (mtime field, bytes 4..8, is zero)
     lab = a["labelsTr/hn_000.nii.gz"]
     assert lab[:2] == b"\x1f\x8b" and lab[4:8] == b"\x00\x00\x00\x00"
@@ -123,7 +140,9 @@ def test_dataset_json_and_geometry(hn_small):
     assert meta["labels"]["background"] == 0
     assert all(isinstance(v, int) for v in meta["labels"].values())
     assert meta["organseg"]["seed"] == 0
-    assert sorted(p.name for p in (root / "imagesTr").iterdir()) == [f"hn_{i:03d}_0000.nii.gz" for i in range(3)]
+    assert sorted(p.name for p in (root / "imagesTr").iterdir()) == [
+        f"hn_{i:03d}_0000.nii.gz" for i in range(3)
+    ]
     assert sorted(p.name for p in (root / "labelsTr").iterdir()) == [f"hn_{i:03d}.nii.gz" for i in range(3)]
     img, im = _read(root / "imagesTr" / "hn_001_0000.nii.gz")
     lab, lm = _read(root / "labelsTr" / "hn_001.nii.gz")
@@ -150,12 +169,23 @@ def test_pddca_layout_matches_nnunet_layout(hn_small):
     root = hn_small["pddca"]
     assert not (root / "dataset.json").exists()
     assert sorted(p.name for p in root.iterdir()) == ["hn_000", "hn_001", "hn_002"]
-    for must in ("BrainStem", "Chiasm", "Mandible", "OpticNerve_L", "OpticNerve_R", "Parotid_L", "Parotid_R",
-                 "Submandible_L", "Submandible_R"):
+    for must in (
+        "BrainStem",
+        "Chiasm",
+        "Mandible",
+        "OpticNerve_L",
+        "OpticNerve_R",
+        "Parotid_L",
+        "Parotid_R",
+        "Submandible_L",
+        "Submandible_R",
+    ):
         assert must in PDDCA_NAMES
     for i in range(3):
         case = root / f"hn_{i:03d}"
-        assert sorted(p.name for p in (case / "structures").iterdir()) == sorted(f"{s}.nrrd" for s in PDDCA_NAMES)
+        assert sorted(p.name for p in (case / "structures").iterdir()) == sorted(
+            f"{s}.nrrd" for s in PDDCA_NAMES
+        )
         img, im = _read(case / "img.nrrd")
         ref_img, _ = _read(hn_small["a"] / "imagesTr" / f"hn_{i:03d}_0000.nii.gz")
         ref_lab, _ = _read(hn_small["a"] / "labelsTr" / f"hn_{i:03d}.nii.gz")
@@ -170,7 +200,7 @@ def test_pddca_layout_matches_nnunet_layout(hn_small):
 
 # ----------------------------------------------------------------------------- HN anatomy
 def test_hn_every_organ_in_every_case_and_small_organs_are_small(hn_default, hn_small):
-    for img, lab in hn_default:
+    for _img, lab in hn_default:
         assert lab.shape == (192, 192, 48)
         counts = np.bincount(lab.ravel(), minlength=len(HN_CLASSES))
         assert (counts[1:] > 0).all(), dict(zip(HN_CLASSES, counts))
@@ -198,11 +228,11 @@ def test_hn_volume_ratio(hn_default):
 def test_hn_intensities(hn_default):
     for img, lab in hn_default:
         assert img.dtype == np.int16
-        assert (img > 700).sum() > 5000                       # skull, mandible, vertebrae
-        assert (img < -950).mean() > 0.1                      # air around the head
+        assert (img > 700).sum() > 5000  # skull, mandible, vertebrae
+        assert (img < -950).mean() > 0.1  # air around the head
         assert abs(np.median(img[(img < -900)]) + 1000) < 15
         body = (lab == 0) & (img > -200) & (img < 200)
-        assert 0 < np.median(img[body]) < 60                  # soft tissue / brain
+        assert 0 < np.median(img[body]) < 60  # soft tissue / brain
         # the chiasm is barely visible against its in-plane surroundings
         chiasm = lab == HN_CLASSES.index("chiasm")
         shell = ndimage.binary_dilation(chiasm, np.ones((7, 7, 1), bool)) & ~chiasm & (lab == 0)
@@ -229,7 +259,7 @@ def test_hn_layout_and_variability(hn_default):
         # patient left is +x; anterior is -y; superior is +z
         assert centre(lab, "eye_l")[0] > centre(lab, "eye_r")[0]
         assert centre(lab, "parotid_l")[0] > centre(lab, "parotid_r")[0]
-        assert centre(lab, "lens_l")[1] < centre(lab, "eye_l")[1]            # lens at the front
+        assert centre(lab, "lens_l")[1] < centre(lab, "eye_l")[1]  # lens at the front
         assert centre(lab, "eye_l")[1] < centre(lab, "chiasm")[1] < centre(lab, "brainstem")[1]
         assert centre(lab, "chiasm")[2] > centre(lab, "pituitary")[2]
         assert centre(lab, "brainstem")[2] > centre(lab, "spinal_cord")[2]
@@ -253,28 +283,38 @@ def test_abdomen_full_set(abdomen):
         assert set(np.unique(lab)) == set(range(7))
         liver, spleen = lab == 1, lab == 2
         assert liver.sum() > spleen.sum() > 0
-        assert np.argwhere(liver).mean(0)[0] < np.argwhere(spleen).mean(0)[0]   # liver right, spleen left
+        assert np.argwhere(liver).mean(0)[0] < np.argwhere(spleen).mean(0)[0]  # liver right, spleen left
         assert 40 < img[liver].mean() < 75
-        assert img[lab == 3].mean() > 100                                        # enhanced kidneys
+        assert img[lab == 3].mean() > 100  # enhanced kidneys
         assert (img > 700).any() and (img < -950).any()
 
 
 def test_abdomen_keep_sets(abdomen):
-    for key, kept, tag in (("liver", {1}, "abd-liver"), ("pancreas", {5}, "abd-pancreas"),
-                           ("kidneys", {3, 4}, "abd-kidney_l-kidney_r")):
+    for key, kept, tag in (
+        ("liver", {1}, "abd-liver"),
+        ("pancreas", {5}, "abd-pancreas"),
+        ("kidneys", {3, 4}, "abd-kidney_l-kidney_r"),
+    ):
         root = abdomen[key]
         meta = json.loads((root / "dataset.json").read_text())
         assert meta["labels"] == {"background": 0, **{ABDOMEN_CLASSES[k]: k for k in sorted(kept)}}
         assert meta["numTraining"] == 3 and meta["file_ending"] == ".nii.gz"
-        assert sorted(p.name for p in (root / "labelsTr").iterdir()) == [f"{tag}_{i:03d}.nii.gz" for i in range(3)]
+        assert sorted(p.name for p in (root / "labelsTr").iterdir()) == [
+            f"{tag}_{i:03d}.nii.gz" for i in range(3)
+        ]
         for i in range(3):
             lab, _ = _read(root / "labelsTr" / f"{tag}_{i:03d}.nii.gz")
             assert set(np.unique(lab)) == {0} | kept
 
 
 def test_abdomen_keep_sets_share_no_anatomy(abdomen):
-    streams = {keep_stream(None), keep_stream(["liver"]), keep_stream(["pancreas"]),
-               keep_stream(["kidney_l", "kidney_r"]), keep_stream(["kidney_r", "kidney_l"])}
+    streams = {
+        keep_stream(None),
+        keep_stream(["liver"]),
+        keep_stream(["pancreas"]),
+        keep_stream(["kidney_l", "kidney_r"]),
+        keep_stream(["kidney_r", "kidney_l"]),
+    }
     assert len(streams) == 4 and keep_stream(None) == 0
     assert keep_stream(ABDOMEN_CLASSES[1:]) == 0 and keep_tag(ABDOMEN_CLASSES[1:]) == "abd"
     images = {}

@@ -4,6 +4,7 @@ A tiny UNetBaseline checkpoint (one training step) exercises the real command; t
 labels land use an oracle model whose ``predict_case`` returns the preprocessed ground truth, so a
 geometry bug (crop, resampling, direction cosines, DICOM axis order) shows as a wrong label map.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from organseg.io.geometry import Geometry, image_to_xyz, resample_to_grid, resam
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANSEG = str(Path(sys.executable).with_name("organseg"))
-CASE = "hn_000"          # the first phantom case of the hn_small fixture
+CASE = "hn_000"  # the first phantom case of the hn_small fixture
 LARGE = ("brainstem", "mandible", "parotid_l", "parotid_r", "temporal_lobe_l", "temporal_lobe_r")
 
 
@@ -39,7 +40,9 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
     return rz_ @ ry_ @ rx_
 
 
-def _regrid(image: sitk.Image, spacing, direction: np.ndarray, interpolation: str, default: float) -> sitk.Image:
+def _regrid(
+    image: sitk.Image, spacing, direction: np.ndarray, interpolation: str, default: float
+) -> sitk.Image:
     """``image``'s content on a grid with new spacing and direction cosines, covering its field of view
     (the phantom rotated in its own frame: same anatomy, another grid)."""
     size = resampled_size(image.GetSize(), image.GetSpacing(), spacing)
@@ -53,9 +56,11 @@ def _case(hn_small, spacing=(1.2, 1.9, 3.7), direction=None) -> tuple[sitk.Image
     image = sitk.ReadImage(str(hn_small["raw"] / "imagesTr" / f"{CASE}_0000.nii.gz"), sitk.sitkFloat32)
     label = sitk.ReadImage(str(hn_small["raw"] / "labelsTr" / f"{CASE}.nii.gz"))
     if direction is None:
-        direction = _rotation(8, -12, 25) @ np.diag([-1.0, 1.0, 1.0])   # oblique and left-handed
-    return (_regrid(image, spacing, direction, "linear", -1024.0),
-            _regrid(label, spacing, direction, "nearest", 0))
+        direction = _rotation(8, -12, 25) @ np.diag([-1.0, 1.0, 1.0])  # oblique and left-handed
+    return (
+        _regrid(image, spacing, direction, "linear", -1024.0),
+        _regrid(label, spacing, direction, "nearest", 0),
+    )
 
 
 def _oracle(card, image, label):
@@ -65,6 +70,7 @@ def _oracle(card, image, label):
     def predict_case(x, progress=False):
         assert tuple(x.shape[2:]) == truth.shape, "the input was cropped differently from the cache"
         return torch.from_numpy(truth)[None]
+
     return predict_case
 
 
@@ -95,12 +101,24 @@ def tiny_ckpt(card, tmp_path_factory) -> Path:
     from organseg.methods import UNetBaseline
 
     torch.manual_seed(0)
-    model = UNetBaseline(num_classes=card.num_classes, classes=card.classes, patch_size=(64, 64, 16),
-                         filters=[4, 8, 8], strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]], class_weights=[1.0] * card.num_classes)
+    model = UNetBaseline(
+        num_classes=card.num_classes,
+        classes=card.classes,
+        patch_size=(64, 64, 16),
+        filters=[4, 8, 8],
+        strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
+        class_weights=[1.0] * card.num_classes,
+    )
     model.cards = [card.to_dict()]
     batch = {"image": torch.randn(1, 32, 32, 16), "label": torch.randint(0, card.num_classes, (32, 32, 16))}
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=1))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     trainer.save_checkpoint(path)
@@ -136,12 +154,12 @@ def test_labels_land_in_the_original_geometry(hn_small, card):
     assert out.GetPixelID() == sitk.sitkUInt8
     _geometry_equal(out, image)
     pred, truth = image_to_xyz(out), image_to_xyz(label)
-    assert np.mean(pred == truth) > 0.99            # measured 0.995 (nearest-neighbour there and back)
+    assert np.mean(pred == truth) > 0.99  # measured 0.995 (nearest-neighbour there and back)
     for organ in LARGE:
         c = card.index(organ)
         assert _dice(pred == c, truth == c) > 0.85, organ
     # a mirrored or shifted map would not agree: the check has teeth
-    assert np.mean(pred[::-1] == truth) < 0.95      # measured 0.89
+    assert np.mean(pred[::-1] == truth) < 0.95  # measured 0.89
 
 
 @pytest.mark.slow
@@ -152,11 +170,18 @@ def test_predict_cli_on_nifti_files(hn_small, card, tiny_ckpt, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     sitk.WriteImage(image, str(inputs / "oblique_0000.nii.gz"))
-    sitk.WriteImage(_case(hn_small, spacing=(1.0, 1.0, 5.0), direction=np.eye(3))[0], str(inputs / "plain.nrrd"))
+    sitk.WriteImage(
+        _case(hn_small, spacing=(1.0, 1.0, 5.0), direction=np.eye(3))[0], str(inputs / "plain.nrrd")
+    )
     out = tmp_path / "out"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([ORGANSEG, "predict", "--ckpt", str(tiny_ckpt), "--input", str(inputs), "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [ORGANSEG, "predict", "--ckpt", str(tiny_ckpt), "--input", str(inputs), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["labels.json", "oblique_seg.nii.gz", "plain_seg.nii.gz"]
     for name, src in (("oblique", "oblique_0000.nii.gz"), ("plain", "plain.nrrd")):
@@ -169,7 +194,9 @@ def test_predict_cli_on_nifti_files(hn_small, card, tiny_ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- DICOM + RTSTRUCT
-def test_dicom_series_gives_rtstruct_that_rasterises_back(hn_small, card, tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_dicom_series_gives_rtstruct_that_rasterises_back(
+    hn_small, card, tiny_ckpt, tmp_path, monkeypatch, capsys
+):
     """A phantom CT written as a DICOM series (rotated in-plane): predict writes a NIfTI on the series'
     grid and an RTSTRUCT whose ROIs are the organs present and whose contours rasterise back (rt-utils)
     to the predicted masks within one voxel."""
@@ -191,14 +218,15 @@ def test_dicom_series_gives_rtstruct_that_rasterises_back(hn_small, card, tiny_c
     np.testing.assert_allclose(image_to_xyz(dicom_image), np.rint(image_to_xyz(image)), atol=0.5)
 
     label.CopyInformation(dicom_image)
-    monkeypatch.setattr(UNetBaseline, "predict_case", lambda self, x, progress=False:
-                        _oracle(card, dicom_image, label)(x))
+    monkeypatch.setattr(
+        UNetBaseline, "predict_case", lambda self, x, progress=False: _oracle(card, dicom_image, label)(x)
+    )
     out = tmp_path / "out"
     assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(series), "--out", str(out)]) == 0
     seg = sitk.ReadImage(str(out / "patient1_seg.nii.gz"))
     _geometry_equal(seg, dicom_image)
     pred = image_to_xyz(seg)
-    np.testing.assert_array_equal(pred, image_to_xyz(label))   # target spacing == series spacing: exact
+    np.testing.assert_array_equal(pred, image_to_xyz(label))  # target spacing == series spacing: exact
 
     rs = pydicom.dcmread(str(out / "patient1_rtstruct.dcm"))
     assert rs.Modality == "RTSTRUCT" and rs.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
@@ -209,13 +237,14 @@ def test_dicom_series_gives_rtstruct_that_rasterises_back(hn_small, card, tiny_c
     rt = RTStructBuilder.create_from(str(series), str(out / "patient1_rtstruct.dcm"))
     # rt-utils' slices are sorted along the normal, like GDCM's: masks are (rows, cols, slices) = (y, x, z)
     from scipy import ndimage
+
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[:, :, 1] = True
     for organ in present:
         mine = pred == card.index(organ)
         back = rt.get_roi_mask_by_name(organ).transpose(1, 0, 2)
         assert back.shape == mine.shape
-        assert not np.any(back & ~ndimage.binary_dilation(mine, in_plane)), organ   # within one voxel
+        assert not np.any(back & ~ndimage.binary_dilation(mine, in_plane)), organ  # within one voxel
         assert not np.any(mine & ~ndimage.binary_dilation(back, in_plane)), organ
         assert _dice(back, mine) > 0.9, organ
 
@@ -229,30 +258,42 @@ def test_rtstruct_contours_on_non_square_anisotropic_oblique_grid(tmp_path):
     from organseg.io.geometry import xyz_to_image
     from organseg.io.rtstruct import write_rtstruct
 
-    grid = xyz_to_image(np.full((30, 22, 6), 40.0, np.float32),
-                        {"spacing": (0.7, 1.3, 2.5), "origin": (5.0, -9.0, 20.0),
-                         "direction": _rotation(0, 0, 35).ravel()})
+    grid = xyz_to_image(
+        np.full((30, 22, 6), 40.0, np.float32),
+        {"spacing": (0.7, 1.3, 2.5), "origin": (5.0, -9.0, 20.0), "direction": _rotation(0, 0, 35).ravel()},
+    )
     ct, files = read_dicom_series(write_dicom_series(grid, tmp_path / "ct")[0].parent)
     lab = np.zeros(ct.GetSize(), np.uint8)
     lab[3:12, 4:18, 1:4] = 1
     lab[18:27, 2:9, 2:6] = 2
-    lab[25, 17, 3] = 3                                  # an organ that is one voxel: its square outline
-    names = write_rtstruct(xyz_to_image(lab, ct), ["background", "left", "right", "dot"], read_headers(files),
-                           tmp_path / "rs.dcm")
+    lab[25, 17, 3] = 3  # an organ that is one voxel: its square outline
+    names = write_rtstruct(
+        xyz_to_image(lab, ct),
+        ["background", "left", "right", "dot"],
+        read_headers(files),
+        tmp_path / "rs.dcm",
+    )
     assert names == ["left", "right", "dot"]
     rs = pydicom.dcmread(str(tmp_path / "rs.dcm"))
     (dot,) = rs.ROIContourSequence[2].ContourSequence
-    corners = [ct.TransformPhysicalPointToContinuousIndex(p.tolist())
-               for p in np.reshape(np.asarray(dot.ContourData, float), (-1, 3))]
-    np.testing.assert_allclose(sorted(np.round(corners, 2).tolist()),
-                               [(24.5, 16.5, 3), (24.5, 17.5, 3), (25.5, 16.5, 3), (25.5, 17.5, 3)], atol=1e-3)
+    corners = [
+        ct.TransformPhysicalPointToContinuousIndex(p.tolist())
+        for p in np.reshape(np.asarray(dot.ContourData, float), (-1, 3))
+    ]
+    np.testing.assert_allclose(
+        sorted(np.round(corners, 2).tolist()),
+        [(24.5, 16.5, 3), (24.5, 17.5, 3), (25.5, 16.5, 3), (25.5, 17.5, 3)],
+        atol=1e-3,
+    )
     for roi, c in zip(rs.ROIContourSequence, (1, 2)):
-        points = np.concatenate([np.reshape(np.asarray(s.ContourData, float), (-1, 3)) for s in roi.ContourSequence])
+        points = np.concatenate(
+            [np.reshape(np.asarray(s.ContourData, float), (-1, 3)) for s in roi.ContourSequence]
+        )
         idx = np.array([ct.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in points])
         voxels = np.rint(idx).astype(int)
         assert np.abs(idx - voxels).max() < 1e-3
         assert np.all(lab[tuple(voxels.T)] == c)
-        if c == 1:   # the contours reach the box's corners (no voxel lost at the border)
+        if c == 1:  # the contours reach the box's corners (no voxel lost at the border)
             assert {(3, 4, 1), (11, 17, 3), (3, 17, 2)} <= {tuple(v) for v in voxels}
 
 
@@ -275,12 +316,32 @@ def test_bad_inputs_are_one_line_errors(hn_small, tiny_ckpt, tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign)
     assert main(["predict", "--ckpt", str(foreign), "--input", str(nifti), "--out", str(out)]) == 2
     assert "not an organseg checkpoint" in _err(capsys)
-    assert not out.exists()                                   # nothing written
+    assert not out.exists()  # nothing written
 
-    assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(tmp_path / "nope.nii.gz"), "--out", str(out)]) == 2
+    assert (
+        main(
+            ["predict", "--ckpt", str(tiny_ckpt), "--input", str(tmp_path / "nope.nii.gz"), "--out", str(out)]
+        )
+        == 2
+    )
     assert "no such file or folder" in _err(capsys)
 
-    assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(nifti), "--out", str(out), "--rtstruct", "always"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--ckpt",
+                str(tiny_ckpt),
+                "--input",
+                str(nifti),
+                "--out",
+                str(out),
+                "--rtstruct",
+                "always",
+            ]
+        )
+        == 2
+    )
     assert "not a DICOM series" in _err(capsys) and not out.exists()
 
     two = tmp_path / "two_series"
@@ -290,7 +351,10 @@ def test_bad_inputs_are_one_line_errors(hn_small, tiny_ckpt, tmp_path, capsys):
         shutil.copy(f, two / f"{i:03d}.dcm")
     assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(two), "--out", str(out)]) == 2
     err = _err(capsys)
-    uids = {str(__import__("pydicom").dcmread(str(f), stop_before_pixels=True).SeriesInstanceUID) for f in (a[0], b[0])}
+    uids = {
+        str(__import__("pydicom").dcmread(str(f), stop_before_pixels=True).SeriesInstanceUID)
+        for f in (a[0], b[0])
+    }
     assert "2 DICOM series" in err and str(two) in err and all(u in err for u in uids)
 
     empty = tmp_path / "empty"
@@ -303,5 +367,8 @@ def test_bad_inputs_are_one_line_errors(hn_small, tiny_ckpt, tmp_path, capsys):
     (out / "ct_seg.nii.gz").write_bytes(b"old")
     assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(nifti), "--out", str(out)]) == 2
     assert "--overwrite" in _err(capsys) and (out / "ct_seg.nii.gz").read_bytes() == b"old"
-    assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(nifti), "--out", str(out), "--overwrite"]) == 0
+    assert (
+        main(["predict", "--ckpt", str(tiny_ckpt), "--input", str(nifti), "--out", str(out), "--overwrite"])
+        == 0
+    )
     assert Geometry.of(sitk.ReadImage(str(out / "ct_seg.nii.gz"))).shape == tuple(image.GetSize())

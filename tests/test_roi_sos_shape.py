@@ -1,4 +1,5 @@
 """FocusNetV2 zoom-in parts: ROI crop/paste, SOS-Net bank, shape autoencoder and shape/GAN losses."""
+
 from __future__ import annotations
 
 import math
@@ -6,12 +7,10 @@ import math
 import pytest
 import torch
 
-from organseg.spatial.roi import (crop_roi, crop_rois, paste_probabilities, paste_roi, roi_box,
-                                    roi_size_voxels)
-from organseg.losses.shape import (adversarial_losses, discriminator_logits, reconstruction_loss,
-                                   shape_loss)
+from organseg.losses.shape import adversarial_losses, discriminator_logits, reconstruction_loss, shape_loss
 from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
 from organseg.networks.sos import SOSNet, SOSNetBank, sos_inputs
+from organseg.spatial.roi import crop_roi, crop_rois, paste_probabilities, paste_roi, roi_box, roi_size_voxels
 
 SHAPE = (20, 18, 10)
 
@@ -30,9 +29,9 @@ def _box_mask(start, size, shape=SHAPE) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- ROI
 def test_roi_box_and_size():
-    assert roi_box((10, 10, 5), (8, 8, 4)) == ((6, 6, 3), (14, 14, 7))      # even: [c - s/2, c + s/2)
+    assert roi_box((10, 10, 5), (8, 8, 4)) == ((6, 6, 3), (14, 14, 7))  # even: [c - s/2, c + s/2)
     assert roi_box((10.5, 9.4, 5), (3, 3, 3)) == ((10, 8, 4), (13, 11, 7))  # half-up rounding, odd: centred
-    assert roi_box((0, 0, 0), (8, 8, 4))[0] == (-4, -4, -2)                  # may leave the volume
+    assert roi_box((0, 0, 0), (8, 8, 4))[0] == (-4, -4, -2)  # may leave the volume
     assert roi_box((0, 19, 5), (8, 8, 4), fit_within=(20, 20, 10)) == ((0, 12, 3), (8, 20, 7))
     assert roi_box((3, 3, 3), (30, 8, 4), fit_within=(20, 20, 10))[0] == (-10, 0, 1)  # bigger: covers it
     assert roi_size_voxels((64, 64, 20), (1.0, 1.0, 2.5)) == (64, 64, 8)
@@ -46,8 +45,10 @@ def test_crop_paste_round_trip_interior(labels):
     assert torch.equal(paste_roi(labels.clone(), crop == 2, start, 2), labels)
 
 
-@pytest.mark.parametrize("centre,size", [((0, 0, 0), (8, 6, 4)), ((19, 17, 9), (8, 6, 4)),
-                                         ((10, 9, 5), (30, 26, 16)), ((-20, 5, 5), (8, 6, 4))])
+@pytest.mark.parametrize(
+    "centre,size",
+    [((0, 0, 0), (8, 6, 4)), ((19, 17, 9), (8, 6, 4)), ((10, 9, 5), (30, 26, 16)), ((-20, 5, 5), (8, 6, 4))],
+)
 def test_crop_pads_and_paste_clips_at_borders(labels, centre, size):
     start, _ = roi_box(centre, size)
     crop = crop_roi(labels[None].float(), start, size, pad_value=-1)[0]
@@ -65,12 +66,12 @@ def test_paste_replaces_class_inside_roi_only(labels):
     g = torch.Generator().manual_seed(1)
     new = torch.rand(size, generator=g) > 0.7
     out = paste_roi(labels, new, start, 3)
-    assert torch.equal(out[~box], labels[~box])                     # outside the ROI: untouched
+    assert torch.equal(out[~box], labels[~box])  # outside the ROI: untouched
     region, old = out[box].reshape(size), labels[box].reshape(size)
-    assert torch.equal(region == 3, new)                            # class 3 inside = exactly the new mask
+    assert torch.equal(region == 3, new)  # class 3 inside = exactly the new mask
     keep = ~new & (old != 3)
-    assert torch.equal(region[keep], old[keep])                     # other organs kept where not in the mask
-    assert (region[~new & (old == 3)] == 0).all()                   # old class-3 voxels reset to background
+    assert torch.equal(region[keep], old[keep])  # other organs kept where not in the mask
+    assert (region[~new & (old == 3)] == 0).all()  # old class-3 voxels reset to background
     assert not torch.equal(out, labels) and torch.equal(labels, labels.clone())  # input not modified
 
 
@@ -111,7 +112,7 @@ def test_sos_bank_shapes_and_independence():
     torch.manual_seed(0)
     feats, heat, ct = torch.randn(2, 3, 16, 16, 4), torch.rand(2, 1, 16, 16, 4), torch.randn(2, 1, 16, 16, 4)
     x = sos_inputs(feats, heat, ct)
-    assert x.shape[1] == 5 and torch.equal(x[:, -1:], ct)          # CT is the last channel
+    assert x.shape[1] == 5 and torch.equal(x[:, -1:], ct)  # CT is the last channel
     bank = SOSNetBank(3, in_channels=5, base_channels=4)
     assert bank(x, 0).shape == (2, 1, 16, 16, 4)
     before = [p.detach().clone() for p in bank[1].parameters()]
@@ -136,7 +137,7 @@ def ellipsoid(centre=CENTRE, radius=RADIUS) -> torch.Tensor:
     """Binary [1,1,*S] ellipsoid, half as deep in z (coarse slices)."""
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in S], indexing="ij"))
     d = (grid - torch.tensor(centre).view(3, 1, 1, 1)) * torch.tensor([1.0, 1.0, 2.0]).view(3, 1, 1, 1)
-    return ((d ** 2).sum(0) <= radius ** 2).float()[None, None]
+    return ((d**2).sum(0) <= radius**2).float()[None, None]
 
 
 def _increasing(values) -> bool:
@@ -152,8 +153,9 @@ def pretrained_ae() -> ShapeAutoencoder:
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         u = torch.rand(4, 4, generator=g)
-        batch = torch.cat([ellipsoid((4 + 8 * a, 4 + 8 * b, 2 + 4 * c), 2 + 4 * r)
-                           for a, b, c, r in u.tolist()])
+        batch = torch.cat(
+            [ellipsoid((4 + 8 * a, 4 + 8 * b, 2 + 4 * c), 2 + 4 * r) for a, b, c, r in u.tolist()]
+        )
         loss = reconstruction_loss(ae, batch)
         opt.zero_grad()
         loss.backward()
@@ -222,9 +224,11 @@ def test_adversarial_losses():
     at_chance = adversarial_losses(torch.zeros(4), torch.zeros(4))
     assert set(at_chance) == {"loss_adv", "loss_disc"}
     assert math.isclose(at_chance["loss_disc"].item(), math.log(2), rel_tol=1e-6)
-    disc = [adversarial_losses(torch.full((4,), m), torch.full((4,), -m))["loss_disc"].item()
-            for m in (0, 1, 2, 4)]
-    assert _increasing(disc[::-1])                                  # better separation -> lower D loss
+    disc = [
+        adversarial_losses(torch.full((4,), m), torch.full((4,), -m))["loss_disc"].item()
+        for m in (0, 1, 2, 4)
+    ]
+    assert _increasing(disc[::-1])  # better separation -> lower D loss
     gen = [adversarial_losses(None, torch.full((4,), f))["loss_adv"].item() for f in (-4, -1, 0, 2)]
-    assert _increasing(gen[::-1])                                   # fakes that look real -> lower G loss
+    assert _increasing(gen[::-1])  # fakes that look real -> lower G loss
     assert set(adversarial_losses(None, torch.zeros(2))) == {"loss_adv"}

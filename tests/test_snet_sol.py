@@ -1,4 +1,5 @@
 """S-Net, SOL-Net, DenseASPP, heatmap targets/decoding and the heatmap loss: behaviour, on tiny tensors."""
+
 import math
 import time
 
@@ -16,8 +17,11 @@ from organseg.spatial.heatmaps import decode_centres, gaussian_heatmaps
 def conv_output_sizes(model: nn.Module, x: torch.Tensor) -> set[tuple[int, ...]]:
     """Spatial sizes of every Conv3d output during one forward (SE's global 1x1x1 gates excluded)."""
     sizes: set[tuple[int, ...]] = set()
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.add(tuple(out.shape[2:])))
-             for m in model.modules() if isinstance(m, nn.Conv3d)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: sizes.add(tuple(out.shape[2:])))
+        for m in model.modules()
+        if isinstance(m, nn.Conv3d)
+    ]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -30,8 +34,11 @@ def conv_output_sizes(model: nn.Module, x: torch.Tensor) -> set[tuple[int, ...]]
 def test_snet_downsamples_exactly_twice(anisotropic, bottleneck):
     torch.manual_seed(0)
     net = SNet(num_classes=3, base_channels=4, anisotropic=anisotropic)
-    strided = [m for m in net.modules()
-               if isinstance(m, (nn.MaxPool3d, nn.AvgPool3d)) or (isinstance(m, nn.Conv3d) and max(m.stride) > 1)]
+    strided = [
+        m
+        for m in net.modules()
+        if isinstance(m, (nn.MaxPool3d, nn.AvgPool3d)) or (isinstance(m, nn.Conv3d) and max(m.stride) > 1)
+    ]
     assert len(strided) == 2
     x = torch.randn(1, 1, 32, 32, 8)
     # the network only ever computes at three resolutions: full, after pool 1, after pool 2
@@ -126,11 +133,13 @@ def test_gaussian_heatmaps_peak_symmetry_absence_and_anisotropy():
     assert torch.isclose(h[10, 12, 6], h[10, 12, 4])
     assert torch.count_nonzero(heat[1]) == 0
     # sigma in mm: at spacing (1, 1, 3) the voxel sigma along z is a third of x's
-    wide = gaussian_heatmaps(torch.tensor([[20.0, 20.0, 7.0]]), (41, 41, 15), (1.0, 1.0, 3.0), 6.0, cutoff=0)[0]
+    wide = gaussian_heatmaps(torch.tensor([[20.0, 20.0, 7.0]]), (41, 41, 15), (1.0, 1.0, 3.0), 6.0, cutoff=0)[
+        0
+    ]
     d = torch.arange(41.0) - 20
     dz = torch.arange(15.0) - 7
-    sx = math.sqrt(float((wide[:, 20, 7] * d ** 2).sum() / wide[:, 20, 7].sum()))
-    sz = math.sqrt(float((wide[20, 20, :] * dz ** 2).sum() / wide[20, 20, :].sum()))
+    sx = math.sqrt(float((wide[:, 20, 7] * d**2).sum() / wide[:, 20, 7].sum()))
+    sz = math.sqrt(float((wide[20, 20, :] * dz**2).sum() / wide[20, 20, :].sum()))
     assert sx == pytest.approx(6.0, rel=0.02) and sz == pytest.approx(2.0, rel=0.02)
 
 

@@ -9,6 +9,7 @@ The domain errors live beside the code that raises them and derive from the base
 ``io.card.CardError``, ``io.layouts.CaseError``, ``io.dicom.DicomError``, ``cache.reader.CacheError``,
 ``data.pseudo_labels.PseudoLabelError``.
 """
+
 from __future__ import annotations
 
 __all__ = ["OrgansegError", "ConfigError", "InputError", "CheckpointError", "OutputError", "UsageError"]

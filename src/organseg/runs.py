@@ -1,4 +1,5 @@
 """Where a run's files live, and W&B's online/offline choice."""
+
 from __future__ import annotations
 
 import netrc

@@ -1,5 +1,6 @@
 """A callback the CLI tests plug into `organseg fit` subprocesses (PYTHONPATH=tests) to record,
 per rank, which patches were trained on and which cases were validated."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,18 @@ class DrawRecorder(Callback):
     def on_fit_end(self, trainer, pl_module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"rank": trainer.global_rank, "world": trainer.world_size, "pid": os.getpid(),
-             "train": self.train, "val": self.val, "metrics": metrics}))
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": trainer.global_rank,
+                    "world": trainer.world_size,
+                    "pid": os.getpid(),
+                    "train": self.train,
+                    "val": self.val,
+                    "metrics": metrics,
+                }
+            )
+        )
 
 
 class AveragedWeightsRecorder(Callback):
@@ -48,8 +58,17 @@ class AveragedWeightsRecorder(Callback):
             return h.hexdigest()
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"wam_rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"rank": trainer.global_rank, "world": trainer.world_size, "global_step": trainer.global_step,
-             "hashes": {n: digest(getattr(pl_module, n)) for n in ("wam_a", "wam_b", "net_a", "net_b")},
-             "n_averaged": [int(pl_module.wam_a.n_averaged), int(pl_module.wam_b.n_averaged)],
-             "selected": int(pl_module.selected)}))
+        (self.out_dir / f"wam_rank{trainer.global_rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": trainer.global_rank,
+                    "world": trainer.world_size,
+                    "global_step": trainer.global_step,
+                    "hashes": {
+                        n: digest(getattr(pl_module, n)) for n in ("wam_a", "wam_b", "net_a", "net_b")
+                    },
+                    "n_averaged": [int(pl_module.wam_a.n_averaged), int(pl_module.wam_b.n_averaged)],
+                    "selected": int(pl_module.selected),
+                }
+            )
+        )

@@ -6,6 +6,7 @@ sockets, state, spool, logs and pid files under one temporary folder; `SLURM_CON
 clients (sbatch, scontrol, squeue, scancel) there, so nothing under /etc or /var is read or written.
 No cgroups: proctrack/linuxproc and task/none work in containers and CI VMs alike.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,17 +35,22 @@ def ensure_installed() -> None:
         return
     apt = shutil.which("apt-get")
     if apt is None:
-        raise SlurmUnavailable("the SLURM integration test needs Debian's slurm-wlm: sbatch is not on PATH "
-                               "and apt-get is not available to install " + " ".join(PACKAGES))
+        raise SlurmUnavailable(
+            "the SLURM integration test needs Debian's slurm-wlm: sbatch is not on PATH "
+            "and apt-get is not available to install " + " ".join(PACKAGES)
+        )
     if os.geteuid() != 0:
-        raise SlurmUnavailable("the SLURM integration test needs Debian's slurm-wlm: sbatch is not on PATH and "
-                               f"installing it needs root: apt-get install -y {' '.join(PACKAGES)}")
+        raise SlurmUnavailable(
+            "the SLURM integration test needs Debian's slurm-wlm: sbatch is not on PATH and "
+            f"installing it needs root: apt-get install -y {' '.join(PACKAGES)}"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in ([apt, "update", "-q"],
-                [apt, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
+    for cmd in ([apt, "update", "-q"], [apt, "install", "-y", "-q", "--no-install-recommends", *PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
-            raise SlurmUnavailable(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise SlurmUnavailable(
+                f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
     missing = [n for n in needed if not _which(n)]
     if missing:
         raise SlurmUnavailable(f"installed {' '.join(PACKAGES)} but still missing: {', '.join(missing)}")
@@ -66,10 +72,22 @@ class LocalSlurm:
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         # a test session inside a real allocation (or after a torchrun test) must not leak into the jobs
-        launcher_vars = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
-                         "TORCHELASTIC_RUN_ID")
-        for var in [v for v in self.env if v in launcher_vars or (
-                v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and v != "SLURM_CONF")]:
+        launcher_vars = (
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "WORLD_SIZE",
+            "RANK",
+            "LOCAL_RANK",
+            "NODE_RANK",
+            "GROUP_RANK",
+            "TORCHELASTIC_RUN_ID",
+        )
+        for var in [
+            v
+            for v in self.env
+            if v in launcher_vars
+            or (v.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and v != "SLURM_CONF")
+        ]:
             del self.env[var]
 
     # ---------------------------------------------------------------- setup
@@ -122,22 +140,40 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "wb")
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
         time.sleep(0.5)
         if self.procs[name].poll() is not None:
             raise RuntimeError(f"{name} exited at start ({self.procs[name].returncode}):\n{self.logs()}")
 
-    def start(self, timeout: float = 60) -> "LocalSlurm":
+    def start(self, timeout: float = 60) -> LocalSlurm:
         ensure_installed()
         if os.geteuid() != 0:
-            raise SlurmUnavailable("the localhost SLURM cluster runs slurmd, which must be root to launch jobs")
+            raise SlurmUnavailable(
+                "the localhost SLURM cluster runs slurmd, which must be root to launch jobs"
+            )
         self._write_files()
         m = self.root / "munge"
-        self._spawn("munged", [_which("munged"), "--foreground", "--force", f"--key-file={m}/munge.key",
-                               f"--socket={m}/munge.socket", f"--pid-file={m}/munged.pid",
-                               f"--log-file={self.root}/log/munged.log", f"--seed-file={m}/munged.seed"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={m}/munge.key",
+                f"--socket={m}/munge.socket",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={self.root}/log/munged.log",
+                f"--seed-file={m}/munged.seed",
+            ],
+        )
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
         deadline = time.monotonic() + timeout
@@ -147,21 +183,34 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 return self
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} died ({proc.returncode}) while the cluster started:\n{self.logs()}")
+                    raise RuntimeError(
+                        f"{name} died ({proc.returncode}) while the cluster started:\n{self.logs()}"
+                    )
             time.sleep(0.5)
         raise RuntimeError(f"the localhost node did not become idle within {timeout:.0f}s:\n{self.logs()}")
 
     # ---------------------------------------------------------------- use
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        proc = subprocess.run([_which(cmd[0]) or cmd[0], *cmd[1:]], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [_which(cmd[0]) or cmd[0], *cmd[1:]],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
     def sbatch(self, *args: str, env: dict | None = None, cwd: Path | None = None) -> str:
-        proc = subprocess.run([_which("sbatch"), "--parsable", *args], env={**self.env, **(env or {})},
-                              cwd=cwd, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [_which("sbatch"), "--parsable", *args],
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc.stdout.strip().split(";")[0]
@@ -182,8 +231,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
             if until(info):
                 return info
             time.sleep(1)
-        raise TimeoutError(f"job {job_id}: {what} not reached within {timeout:.0f}s; state "
-                           f"{info.get('JobState')} ({info.get('Reason')}), restarts {info.get('Restarts')}\n{self.logs()}")
+        raise TimeoutError(
+            f"job {job_id}: {what} not reached within {timeout:.0f}s; state "
+            f"{info.get('JobState')} ({info.get('Reason')}), restarts {info.get('Restarts')}\n{self.logs()}"
+        )
 
     def logs(self, tail: int = 4000) -> str:
         parts = []
@@ -215,7 +266,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 proc.kill()
                 proc.wait(timeout=5)
 
-    def __enter__(self) -> "LocalSlurm":
+    def __enter__(self) -> LocalSlurm:
         try:
             return self.start()
         except BaseException:

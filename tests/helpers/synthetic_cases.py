@@ -4,13 +4,14 @@ Deliberately independent of organseg's own geometry code: arrays are (x, y, z) h
 SimpleITK's (z, y, x) with plain numpy, so the tests check organseg.io's transposition instead of
 reusing it.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -34,8 +35,13 @@ DIRECTION = rotation_direction()
 CLASSES = ["background", "brainstem", "mandible", "parotid_l"]
 
 
-def phantom(shape: Sequence[int] = (40, 36, 12), seed: int = 0, n_organs: int = 3, couch: bool = True,
-            noise: float = 15.0) -> tuple[np.ndarray, np.ndarray]:
+def phantom(
+    shape: Sequence[int] = (40, 36, 12),
+    seed: int = 0,
+    n_organs: int = 3,
+    couch: bool = True,
+    noise: float = 15.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(image HU float32, label uint8), both (x, y, z): an elliptic body cylinder in air, ``n_organs``
     spherical organs labelled 1..n_organs, and (optionally) a separate couch slab under the body."""
     rng = np.random.default_rng(seed)
@@ -48,14 +54,14 @@ def phantom(shape: Sequence[int] = (40, 36, 12), seed: int = 0, n_organs: int = 
     image[body] = 30.0
     image += rng.normal(0.0, noise, size=shape).astype(np.float32)
     if couch:
-        image[2:-2, ny - 3:ny - 1, :] = 150.0  # separate from the body: cropped away
+        image[2:-2, ny - 3 : ny - 1, :] = 150.0  # separate from the body: cropped away
     label = np.zeros(shape, dtype=np.uint8)
     radius = max(2.0, min(nx, ny) * 0.1)
     for k in range(1, n_organs + 1):
         ang = 2 * math.pi * (k + seed * 0.37) / n_organs
         ox, oy = cx + 0.45 * rx * math.cos(ang), cy + 0.45 * ry * math.sin(ang)
         oz = (nz - 1) / 2 + (k - 2) * 0.15 * nz
-        organ = ((x - ox) ** 2 + (y - oy) ** 2 + ((z - oz) * 2.0) ** 2) <= radius ** 2
+        organ = ((x - ox) ** 2 + (y - oy) ** 2 + ((z - oz) * 2.0) ** 2) <= radius**2
         organ &= body
         label[organ] = k
         image[organ] = 40.0 + 25.0 * k + rng.normal(0.0, noise, size=int(organ.sum())).astype(np.float32)
@@ -70,18 +76,31 @@ def to_sitk(array_xyz: np.ndarray, spacing=SPACING, origin=ORIGIN, direction=DIR
     return img
 
 
-def write(array_xyz: np.ndarray, path: Path, spacing=SPACING, origin=ORIGIN, direction=DIRECTION,
-          compress: bool = False) -> Path:
+def write(
+    array_xyz: np.ndarray,
+    path: Path,
+    spacing=SPACING,
+    origin=ORIGIN,
+    direction=DIRECTION,
+    compress: bool = False,
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(to_sitk(array_xyz, spacing, origin, direction), str(path), compress)
     return path
 
 
-def make_nnunet_dataset(root: Path, case_ids: Sequence[str] = ("hn_000", "hn_001", "hn_002"),
-                        shape=(40, 36, 12), spacing=SPACING, origin=ORIGIN, direction=DIRECTION,
-                        ending: str = ".nii.gz", msd: bool = False, dataset_json: bool = True,
-                        ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_nnunet_dataset(
+    root: Path,
+    case_ids: Sequence[str] = ("hn_000", "hn_001", "hn_002"),
+    shape=(40, 36, 12),
+    spacing=SPACING,
+    origin=ORIGIN,
+    direction=DIRECTION,
+    ending: str = ".nii.gz",
+    msd: bool = False,
+    dataset_json: bool = True,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """imagesTr/<case>_0000<ending> (or <case><ending> with ``msd``) + labelsTr/<case><ending>."""
     root = Path(root)
     out = {}
@@ -92,8 +111,13 @@ def make_nnunet_dataset(root: Path, case_ids: Sequence[str] = ("hn_000", "hn_001
         write(label, root / "labelsTr" / f"{cid}{ending}", spacing, origin, direction)
         out[cid] = (image.astype(np.int16).astype(np.float32), label)
     if dataset_json:
-        meta = {"name": root.name, "channel_names": {"0": "CT"}, "file_ending": ending,
-                "labels": {c: i for i, c in enumerate(CLASSES)}, "numTraining": len(case_ids)}
+        meta = {
+            "name": root.name,
+            "channel_names": {"0": "CT"},
+            "file_ending": ending,
+            "labels": {c: i for i, c in enumerate(CLASSES)},
+            "numTraining": len(case_ids),
+        }
         (root / "dataset.json").write_text(json.dumps(meta))
     return out
 
@@ -101,8 +125,9 @@ def make_nnunet_dataset(root: Path, case_ids: Sequence[str] = ("hn_000", "hn_001
 PDDCA_STEMS = {"BrainStem": "brainstem", "Mandible": "mandible", "Parotid_L": "parotid_l"}
 
 
-def make_pddca_dataset(root: Path, case_ids: Sequence[str] = ("0522c0001", "0522c0002"), shape=(40, 36, 12),
-                       overlap: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def make_pddca_dataset(
+    root: Path, case_ids: Sequence[str] = ("0522c0001", "0522c0002"), shape=(40, 36, 12), overlap: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """<case>/img.nrrd + <case>/structures/<Stem>.nrrd binary masks (+ one stem not in the class map).
 
     With ``overlap`` the Parotid_L mask also covers part of BrainStem: merged, parotid_l (the later class
@@ -120,8 +145,11 @@ def make_pddca_dataset(root: Path, case_ids: Sequence[str] = ("0522c0001", "0522
             masks["Parotid_L"] = masks["Parotid_L"] | extra
         for stem, mask in masks.items():
             write(mask.astype(np.uint8), root / cid / "structures" / f"{stem}.nrrd", compress=True)
-        write((label == 2).astype(np.uint8), root / cid / "structures" / "Unlisted_Structure.nrrd",
-              compress=True)
+        write(
+            (label == 2).astype(np.uint8),
+            root / cid / "structures" / "Unlisted_Structure.nrrd",
+            compress=True,
+        )
         expected = np.zeros_like(label)
         for stem, cls in PDDCA_STEMS.items():  # class index order: later index wins
             expected[masks[stem]] = CLASSES.index(cls)
@@ -132,8 +160,16 @@ def make_pddca_dataset(root: Path, case_ids: Sequence[str] = ("0522c0001", "0522
 def make_card(tmp: Path, root: Path, layout: str = "nnunet", name: str = "synth", **fields) -> DatasetCard:
     """Write ``<tmp>/<name>.yaml`` (absolute paths) and load it."""
     cache = str(Path(tmp) / "cache" / f"{name}.h5")
-    raw = {"name": name, "layout": layout, "path": str(root), "cache": cache,
-           "classes": CLASSES, "labeled": "all", "target_spacing": [1.0, 1.0, 3.0], "hu_window": [-160, 240]}
+    raw = {
+        "name": name,
+        "layout": layout,
+        "path": str(root),
+        "cache": cache,
+        "classes": CLASSES,
+        "labeled": "all",
+        "target_spacing": [1.0, 1.0, 3.0],
+        "hu_window": [-160, 240],
+    }
     if layout == "pddca":
         raw["class_map"] = dict(PDDCA_STEMS)
     raw.update(fields)

@@ -19,6 +19,7 @@ HU > -500, plus a margin, always including every labelled voxel), clip HU to the
 
 Writes go to ``<cache>.tmp-<pid>`` (fsync, then ``os.replace``): a reader never sees a partial file.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -30,12 +31,13 @@ import sys
 import warnings
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -85,8 +87,12 @@ class CaseResult:
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (category name, message)
 
 
-def body_bbox(image_hu: np.ndarray, label: np.ndarray | None = None, threshold: float = BODY_THRESHOLD_HU,
-              margin: int = BODY_MARGIN) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def body_bbox(
+    image_hu: np.ndarray,
+    label: np.ndarray | None = None,
+    threshold: float = BODY_THRESHOLD_HU,
+    margin: int = BODY_MARGIN,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """[start, stop) of the body: the largest connected component of ``image > threshold`` plus
     ``margin`` voxels, extended to include every labelled voxel. The full volume if nothing is found."""
 
@@ -156,8 +162,9 @@ def label_stats(label: np.ndarray, num_classes: int, fg_samples: int, seed_key: 
     return {"class_counts": counts, "bboxes": bboxes, "centres": centres, "fg": fg}
 
 
-def preprocess_volume(card: DatasetCard, image, label=None, interpolation: str = "linear"
-                      ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+def preprocess_volume(
+    card: DatasetCard, image, label=None, interpolation: str = "linear"
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Resample to ``card.target_spacing`` (image linear/B-spline, label nearest; origin and direction
     kept), crop to the body, clip HU to the window: ``(image int16 (x, y, z), label uint8 or None, grid
     attrs)``. The grid attrs are what :func:`organseg.io.geometry.restore_original_geometry` needs to
@@ -195,22 +202,25 @@ def preprocess_volume(card: DatasetCard, image, label=None, interpolation: str =
     return img, lab, attrs
 
 
-def preprocess_case(card: DatasetCard, case: CaseFiles, fg_samples: int = 10000,
-                    interpolation: str = "linear") -> CaseResult:
+def preprocess_case(
+    card: DatasetCard, case: CaseFiles, fg_samples: int = 10000, interpolation: str = "linear"
+) -> CaseResult:
     """Read, validate, resample, crop and clip one case (raises CaseError for a bad case)."""
 
     image, label, _ = read_case_sitk(card, case)
     img, lab, attrs = preprocess_volume(card, image, label, interpolation)
     del image, label
     stats = label_stats(lab, card.num_classes, fg_samples, case.case_id)
-    attrs.update({
-        "class_counts": stats["class_counts"],
-        "bboxes": stats["bboxes"],
-        "centres": stats["centres"],
-        "source_image": str(case.image),
-        "source_label": str(case.label) if case.label is not None else "",
-        "source_structures": json.dumps({k: str(v) for k, v in sorted(case.structures.items())}),
-    })
+    attrs.update(
+        {
+            "class_counts": stats["class_counts"],
+            "bboxes": stats["bboxes"],
+            "centres": stats["centres"],
+            "source_image": str(case.image),
+            "source_label": str(case.label) if case.label is not None else "",
+            "source_structures": json.dumps({k: str(v) for k, v in sorted(case.structures.items())}),
+        }
+    )
     return CaseResult(case.case_id, img, lab, stats["fg"], attrs)
 
 
@@ -223,12 +233,15 @@ def _run_case(card: DatasetCard, case: CaseFiles, fg_samples: int, interpolation
         except CaseError as exc:
             result = CaseResult(case.case_id, error=str(exc))
         except MemoryError:
-            result = CaseResult(case.case_id, error=f"{case.case_id}: out of memory while preprocessing "
-                                                    f"(try --workers 1)")
+            result = CaseResult(
+                case.case_id, error=f"{case.case_id}: out of memory while preprocessing (try --workers 1)"
+            )
         except Exception as exc:  # noqa: BLE001 - one bad file must not lose hours of preprocessing
             msg = " ".join(str(exc).split()) or type(exc).__name__
-            result = CaseResult(case.case_id, error=f"{case.case_id}: preprocessing failed "
-                                                    f"({type(exc).__name__}: {msg[:300]})")
+            result = CaseResult(
+                case.case_id,
+                error=f"{case.case_id}: preprocessing failed ({type(exc).__name__}: {msg[:300]})",
+            )
     result.warnings = [(w.category.__name__, str(w.message)) for w in caught]
     return result
 
@@ -241,14 +254,18 @@ def _start_method() -> str:
     """``spawn`` (safe with the progress bar's thread and the open HDF5 file), except when ``__main__``
     cannot be re-imported by a spawned child (``python -`` / ``python -c``): then ``fork``."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    if main_file is not None and not os.path.isfile(main_file) and "fork" in __import__(
-            "multiprocessing").get_all_start_methods():
+    if (
+        main_file is not None
+        and not os.path.isfile(main_file)
+        and "fork" in __import__("multiprocessing").get_all_start_methods()
+    ):
         return "fork"
     return "spawn"
 
 
-def _iter_results(card: DatasetCard, cases: list[CaseFiles], workers: int, fg_samples: int,
-                  interpolation: str) -> Iterator[CaseResult]:
+def _iter_results(
+    card: DatasetCard, cases: list[CaseFiles], workers: int, fg_samples: int, interpolation: str
+) -> Iterator[CaseResult]:
     """Results in case order; with ``workers > 1`` computed by a (spawned) process pool, at most
     ``2 * workers`` cases ahead of the writer (bounded memory)."""
     if workers <= 1 or len(cases) <= 1:
@@ -258,8 +275,12 @@ def _iter_results(card: DatasetCard, cases: list[CaseFiles], workers: int, fg_sa
 
     workers = min(workers, len(cases))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(_start_method()),
-                             initializer=_init_worker, initargs=(threads,))
+    ex = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=mp.get_context(_start_method()),
+        initializer=_init_worker,
+        initargs=(threads,),
+    )
     try:
         todo = iter(cases)
         pending: deque = deque()
@@ -271,8 +292,11 @@ def _iter_results(card: DatasetCard, cases: list[CaseFiles], workers: int, fg_sa
             try:
                 result = fut.result()
             except BrokenProcessPool:
-                raise CaseError(f"{case.case_id}: a preprocessing worker died while processing this case "
-                                f"(out of memory? try --workers 1)", case.case_id) from None
+                raise CaseError(
+                    f"{case.case_id}: a preprocessing worker died while processing this case "
+                    f"(out of memory? try --workers 1)",
+                    case.case_id,
+                ) from None
             nxt = next(todo, None)
             if nxt is not None:
                 pending.append((nxt, ex.submit(_run_case, card, nxt, fg_samples, interpolation)))
@@ -310,8 +334,13 @@ def _write_case(h5: h5py.File, result: CaseResult, compression: str) -> None:
 
 def norm_description(hu_window) -> dict[str, Any]:
     lo, hi = (float(v) for v in hu_window)
-    return {"type": "linear", "window": [lo, hi], "range": [-1.0, 1.0], "pad_value": -1.0,
-            "formula": "2 * (clip(hu, lo, hi) - lo) / (hi - lo) - 1"}
+    return {
+        "type": "linear",
+        "window": [lo, hi],
+        "range": [-1.0, 1.0],
+        "pad_value": -1.0,
+        "formula": "2 * (clip(hu, lo, hi) - lo) / (hi - lo) - 1",
+    }
 
 
 # ---------------------------------------------------------------------------------- fingerprint
@@ -323,8 +352,9 @@ def _file_stamp(path: Path) -> list:
         return [str(path), -1, -1]
 
 
-def fingerprint_inputs(card: DatasetCard, cases: list[CaseFiles], fg_samples: int, compression: str,
-                       interpolation: str) -> dict[str, Any]:
+def fingerprint_inputs(
+    card: DatasetCard, cases: list[CaseFiles], fg_samples: int, compression: str, interpolation: str
+) -> dict[str, Any]:
     """Everything the cache contents depend on: parameters and every input file's path, size and mtime."""
     return {
         "format_version": FORMAT_VERSION,
@@ -393,8 +423,7 @@ def inspect_cache(path: str | os.PathLike) -> tuple[str | None, dict[str, Any]]:
             case_ids = json.loads(attrs.get("case_ids", "[]"))
             if not case_ids:
                 return "no cases", attrs
-            missing = [c for c in case_ids
-                       if not (f"cases/{c}/image" in f and f"cases/{c}/label" in f)]
+            missing = [c for c in case_ids if not (f"cases/{c}/image" in f and f"cases/{c}/label" in f)]
             if missing:
                 return f"case group(s) missing: {', '.join(missing[:3])}", attrs
             return None, attrs
@@ -456,9 +485,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def build_cache(card: DatasetCard, workers: int = 2, skip_bad: bool = False, force: bool = False,
-                fg_samples: int = 10000, compression: str = "lzf", progress: bool = True,
-                interpolation: str = "linear") -> Path:
+def build_cache(
+    card: DatasetCard,
+    workers: int = 2,
+    skip_bad: bool = False,
+    force: bool = False,
+    fg_samples: int = 10000,
+    compression: str = "lzf",
+    progress: bool = True,
+    interpolation: str = "linear",
+) -> Path:
     """Build (or verify) ``card.cache``; returns its path.
 
     No-op when a complete cache with the same fingerprint exists (unless ``force``). A bad case raises
@@ -467,7 +503,7 @@ def build_cache(card: DatasetCard, workers: int = 2, skip_bad: bool = False, for
     """
     _check_options(card, compression, interpolation, fg_samples)
     cache = Path(card.cache).expanduser()
-    make_dirs(cache.parent)   # a folder that cannot be made is the user's to fix: one line
+    make_dirs(cache.parent)  # a folder that cannot be made is the user's to fix: one line
     remove_stale_temps(cache)
 
     cases = list_cases(card)
@@ -477,8 +513,11 @@ def build_cache(card: DatasetCard, workers: int = 2, skip_bad: bool = False, for
         return cache
 
     _info(f"preprocessing {len(cases)} case(s) of {card.name} -> {cache} ({reason})")
-    with (_written_atomically(cache) as tmp, open_h5(tmp, "w") as h5,
-          _progress_bar(card.name, len(cases), progress) as advance):
+    with (
+        _written_atomically(cache) as tmp,
+        open_h5(tmp, "w") as h5,
+        _progress_bar(card.name, len(cases), progress) as advance,
+    ):
         _write_root_attrs(h5, card, inputs)
         tally = _write_cases(h5, card, cases, inputs, workers, skip_bad, advance)
         _mark_complete(h5, card, tally)
@@ -547,8 +586,14 @@ def _progress_bar(name: str, total: int, enabled: bool) -> Iterator[Callable[[],
     if not enabled:
         yield lambda: None
         return
-    bar = Progress(TextColumn("[bold]preprocess[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+    bar = Progress(
+        TextColumn("[bold]preprocess[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
     try:
         bar.start()
         task = bar.add_task(name, total=total)
@@ -580,13 +625,21 @@ def _write_root_attrs(h5: h5py.File, card: DatasetCard, inputs: dict[str, Any]) 
 @dataclass
 class _Tally:
     """The cases a build wrote, and the bad ones it skipped with their errors."""
+
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _write_cases(h5: h5py.File, card: DatasetCard, cases: list[CaseFiles], inputs: dict[str, Any],
-                 workers: int, skip_bad: bool, advance: Callable[[], None]) -> _Tally:
+def _write_cases(
+    h5: h5py.File,
+    card: DatasetCard,
+    cases: list[CaseFiles],
+    inputs: dict[str, Any],
+    workers: int,
+    skip_bad: bool,
+    advance: Callable[[], None],
+) -> _Tally:
     """Preprocess the cases (a pool when ``workers > 1``); write each good one as it comes, in case order."""
     tally = _Tally()
     shown_once: set[str] = set()

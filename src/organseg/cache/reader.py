@@ -7,13 +7,15 @@ reopened when it changes. Patches are read with h5py slicing of the in-bounds sl
 
 This module deliberately imports neither SimpleITK nor torch.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any
 
 import h5py
 import numpy as np
@@ -26,8 +28,20 @@ FORMAT_VERSION = 1
 #: normalised value of air (and of voxels outside the volume in ``read_patch``)
 PAD_VALUE = -1.0
 
-_GEOMETRY_KEYS = ("spacing", "shape", "origin", "direction", "orig_spacing", "orig_origin", "orig_direction",
-                  "orig_shape", "resampled_origin", "resampled_shape", "crop_start", "crop_stop")
+_GEOMETRY_KEYS = (
+    "spacing",
+    "shape",
+    "origin",
+    "direction",
+    "orig_spacing",
+    "orig_origin",
+    "orig_direction",
+    "orig_shape",
+    "resampled_origin",
+    "resampled_shape",
+    "crop_start",
+    "crop_stop",
+)
 
 
 class CacheError(OrgansegError, ValueError):
@@ -46,9 +60,16 @@ class CacheReader:
     locking=False)`` (or ``organseg.cache.build.open_h5``) while a reader holds it.
     """
 
-    def __init__(self, path: str | os.PathLike, *, rdcc_nbytes: int = 8 << 20, rdcc_nslots: int = 5003,
-                 max_open_cases: int = 4, opener: Callable[[Path], IO[bytes]] | None = None,
-                 locking: bool | str = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        rdcc_nbytes: int = 8 << 20,
+        rdcc_nslots: int = 5003,
+        max_open_cases: int = 4,
+        opener: Callable[[Path], IO[bytes]] | None = None,
+        locking: bool | str = False,
+    ):
         self.path = Path(path)
         self._locking = locking
         self._rdcc = (int(rdcc_nbytes), int(rdcc_nslots))
@@ -61,8 +82,9 @@ class CacheReader:
             f = self._open()
         except OSError as exc:
             detail = " ".join(str(exc).split())[:160]
-            raise CacheError(f"{self.path}: cache is corrupt ({detail}); rebuild it with "
-                             f"`organseg preprocess <card.yaml>`") from None
+            raise CacheError(
+                f"{self.path}: cache is corrupt ({detail}); rebuild it with `organseg preprocess <card.yaml>`"
+            ) from None
         try:
             attrs = {k: f.attrs[k] for k in f.attrs}
             try:
@@ -71,11 +93,14 @@ class CacheReader:
                 card = {}
             hint = f"`organseg preprocess {card.get('source') or '<card.yaml>'}`"
             if not bool(attrs.get("complete", False)):
-                raise CacheError(f"{self.path}: cache is incomplete (interrupted build?); rebuild it with "
-                                 f"{hint}")
+                raise CacheError(
+                    f"{self.path}: cache is incomplete (interrupted build?); rebuild it with {hint}"
+                )
             if int(attrs.get("format_version", -1)) != FORMAT_VERSION:
-                raise CacheError(f"{self.path}: cache format_version {attrs.get('format_version')} is not "
-                                 f"{FORMAT_VERSION}; rebuild it with {hint}")
+                raise CacheError(
+                    f"{self.path}: cache format_version {attrs.get('format_version')} is not "
+                    f"{FORMAT_VERSION}; rebuild it with {hint}"
+                )
             self.card: dict[str, Any] = card
             self.classes: list[str] = list(json.loads(attrs["classes"]))
             self.fingerprint: str = str(attrs["fingerprint"])
@@ -85,11 +110,15 @@ class CacheReader:
             self.hu_window: tuple[float, float] = tuple(float(v) for v in attrs["hu_window"])
             missing = [c for c in self.case_ids if f"cases/{c}/image" not in f]
             if missing:
-                raise CacheError(f"{self.path}: cache is corrupt (case group(s) {missing[:3]} missing); "
-                                 f"rebuild it with {hint}")
+                raise CacheError(
+                    f"{self.path}: cache is corrupt (case group(s) {missing[:3]} missing); "
+                    f"rebuild it with {hint}"
+                )
         except KeyError as exc:
-            raise CacheError(f"{self.path}: cache is corrupt (root attribute {exc} missing); rebuild it with "
-                             f"`organseg preprocess <card.yaml>`") from None
+            raise CacheError(
+                f"{self.path}: cache is corrupt (root attribute {exc} missing); rebuild it with "
+                f"`organseg preprocess <card.yaml>`"
+            ) from None
         finally:
             f.close()
         lo, hi = self.hu_window
@@ -144,7 +173,7 @@ class CacheReader:
         self._h5 = None
         self._pid = None
 
-    def __enter__(self) -> "CacheReader":
+    def __enter__(self) -> CacheReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -203,8 +232,11 @@ class CacheReader:
 
     def sources(self, case_id: str) -> dict[str, Any]:
         a = self._case_attrs(case_id)
-        return {"image": str(a.get("source_image", "")), "label": str(a.get("source_label", "")),
-                "structures": json.loads(a.get("source_structures", "{}"))}
+        return {
+            "image": str(a.get("source_image", "")),
+            "label": str(a.get("source_label", "")),
+            "structures": json.loads(a.get("source_structures", "{}")),
+        }
 
     def fg_coords(self, case_id: str, class_index: int) -> np.ndarray:
         """(N, 3) int32 voxel coordinates sampled uniformly from class ``class_index`` (empty if absent)."""
@@ -215,8 +247,11 @@ class CacheReader:
             if not 0 < int(class_index) < self.num_classes:
                 raise ValueError(f"fg_coords: class index {class_index} not in 1..{self.num_classes - 1}")
             ds = self._file().get(f"cases/{case_id}/fg/{int(class_index)}")
-            coords = np.asarray(ds[()], dtype=np.int32).reshape(-1, 3) if ds is not None \
+            coords = (
+                np.asarray(ds[()], dtype=np.int32).reshape(-1, 3)
+                if ds is not None
                 else np.zeros((0, 3), dtype=np.int32)
+            )
             coords.setflags(write=False)
             self._fg[key] = coords
         return coords
@@ -244,8 +279,9 @@ class CacheReader:
         out -= np.float32(1.0)
         return out
 
-    def read_patch(self, case_id: str, start: Sequence[int], size: Sequence[int]
-                   ) -> tuple[np.ndarray, np.ndarray]:
+    def read_patch(
+        self, case_id: str, start: Sequence[int], size: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(image float32 normalised, label uint8) of the box ``[start, start + size)`` in (x, y, z) voxels.
 
         The box may extend past the volume (``start`` may be negative): outside voxels are padded with
@@ -253,7 +289,7 @@ class CacheReader:
         """
         start = np.asarray(start, dtype=np.int64).reshape(3)
         size = np.asarray(size, dtype=np.int64).reshape(3)
-        if np.any(size <= 0):   # the config's patch_size
+        if np.any(size <= 0):  # the config's patch_size
             raise ConfigError(f"read_patch: size must be positive, got {tuple(size)}")
         shape = np.asarray(self.shape(case_id), dtype=np.int64)
         lo = np.clip(start, 0, shape)

@@ -5,6 +5,7 @@ Runs the plan in ``experiments/demo_plan.yaml`` with the same ``organseg`` comma
 (printed before each step), so the demo doubles as a walkthrough of the staged method: each later
 FocusNetV2 stage names the previous stage's selected checkpoint (``init_from`` / ``shape_from``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,9 @@ LOGS = Path("lightning_logs/organseg")
 
 def sh(args: list[str]) -> None:
     print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    subprocess.run(args, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})   # progress lines as they come
+    subprocess.run(
+        args, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )  # progress lines as they come
 
 
 def selected_checkpoint(run_id: str) -> Path:
@@ -77,15 +80,21 @@ def dice_table(summaries: dict[str, dict]) -> str:
         return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
     for organ in organs:
-        lines.append(f"| {organ} | " + " | ".join(cell(summaries[r]["per_organ"].get(organ)) for r in runs) + " |")
+        lines.append(
+            f"| {organ} | " + " | ".join(cell(summaries[r]["per_organ"].get(organ)) for r in runs) + " |"
+        )
     lines.append("| **mean** | " + " | ".join(cell(summaries[r]["mean"]) for r in runs) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--plan", default=PLAN, help="demo plan YAML (default: %(default)s)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these runs of the plan (and what they need)")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these runs of the plan (and what they need)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     plan = load_plan(args.plan)
@@ -93,7 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t0 = time.time()
     ph = plan["phantom"]
-    sh([exe, "phantom", ph["kind"], "--out", ph["out"], "--cases", str(ph["cases"]), "--seed", str(ph["seed"])])
+    sh(
+        [
+            exe,
+            "phantom",
+            ph["kind"],
+            "--out",
+            ph["out"],
+            "--cases",
+            str(ph["cases"]),
+            "--seed",
+            str(ph["seed"]),
+        ]
+    )
     sh([exe, "preprocess", plan["card"]])
 
     wanted = runs_needed(plan, args.only)
@@ -116,8 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         if name not in run_ids:
             continue
         out = LOGS / run_ids[name] / "eval_test"
-        sh([exe, "evaluate", "--ckpt", str(selected_checkpoint(run_ids[name])), "--split", "test",
-            "--out", str(out)])
+        sh(
+            [
+                exe,
+                "evaluate",
+                "--ckpt",
+                str(selected_checkpoint(run_ids[name])),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+            ]
+        )
         summaries[name] = json.loads((out / "summary.json").read_text())
     if summaries:
         table = dice_table(summaries)
@@ -125,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         report.write_text(f"# make demo, {stamp}: test-set Dice (phantom, demo budget)\n\n{table}\n")
         print(f"\nTest-set Dice per organ (mean over the test cases):\n{table}\n\nwritten to {report}")
     print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min")
-    print(f"  runs:        {LOGS}/demo-{stamp}-*  (config_fit.yaml, checkpoints/, eval_test/ with report.md, "
-          "per_case.csv, summary.json, overlays/*.png)")
+    print(
+        f"  runs:        {LOGS}/demo-{stamp}-*  (config_fit.yaml, checkpoints/, eval_test/ with report.md, "
+        "per_case.csv, summary.json, overlays/*.png)"
+    )
     print("  W&B (offline): lightning_logs/wandb/  -> `wandb sync` it to upload")
     return 0
 

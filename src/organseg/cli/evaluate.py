@@ -3,6 +3,7 @@ split of a cached dataset, written as CSV + Markdown + summary.json + PNG overla
 
 The checkpoint carries its dataset cards, so ``--data`` is only needed to evaluate on another dataset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,16 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="per-organ Dice / HD95 / ASSD of a checkpoint (CSV, Markdown, PNG)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "evaluate",
+        help="per-organ Dice / HD95 / ASSD of a checkpoint (CSV, Markdown, PNG)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `organseg fit`")
-    p.add_argument("--data", default=None, help="dataset card (default: the first card stored in the checkpoint)")
+    p.add_argument(
+        "--data", default=None, help="dataset card (default: the first card stored in the checkpoint)"
+    )
     p.add_argument("--split", default="test", help="which split of the card to evaluate (train/val/test/all)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval_<dataset>_<split>)")
     p.add_argument("--overlays", type=int, default=3, help="number of cases to draw PNG overlays for")
@@ -29,7 +36,14 @@ def run(args) -> int:
     model, card, _ = load_segmenter(args.ckpt, args.device, args.data)
     ckpt = Path(args.ckpt).resolve()
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{card.name}_{args.split}"
-    evaluate_split(model, card, args.split, out, title=f"{card.name} / {args.split} / {ckpt.name}",
-                   extra={"checkpoint": str(ckpt), "dataset": card.name}, overlays=args.overlays,
-                   device=args.device)
+    evaluate_split(
+        model,
+        card,
+        args.split,
+        out,
+        title=f"{card.name} / {args.split} / {ckpt.name}",
+        extra={"checkpoint": str(ckpt), "dataset": card.name},
+        overlays=args.overlays,
+        device=args.device,
+    )
     return 0

@@ -7,6 +7,7 @@
 - W&B logger by default (offline without credentials, files under ``lightning_logs/``), a
   best-Dice + last checkpoint, and the resolved config saved in each run's own folder.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -43,7 +44,7 @@ class RunConfigCallback(SaveConfigCallback):
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         stage = getattr(stage, "value", stage)
-        (folder / f"config_{stage}.yaml").write_text(text)   # one per stage; a requeued job overwrites its own
+        (folder / f"config_{stage}.yaml").write_text(text)  # one per stage; a requeued job overwrites its own
         logger = trainer.logger
         if isinstance(logger, WandbLogger):
             logger.experiment.config.update({"cli": yaml.safe_load(text)}, allow_val_change=True)
@@ -71,7 +72,7 @@ class OrgansegCLI(LightningCLI):
         def raise_instead_of_exit(p) -> None:
             p.exit_on_error = False
             sub = getattr(p, "_subcommands_action", None)
-            for child in (sub.choices.values() if sub is not None else ()):
+            for child in sub.choices.values() if sub is not None else ():
                 raise_instead_of_exit(child)
 
         raise_instead_of_exit(parser)
@@ -83,12 +84,18 @@ class OrgansegCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ValidationImages, "val_images")   # W&B contour images; n_slices: 0 = off
-        parser.set_defaults({
-            "checkpoint.monitor": "val/dice_mean", "checkpoint.mode": "max", "checkpoint.save_last": True,
-            "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.3f}",
-            "checkpoint.auto_insert_metric_name": False,
-        })
+        parser.add_lightning_class_args(
+            ValidationImages, "val_images"
+        )  # W&B contour images; n_slices: 0 = off
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/dice_mean",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.3f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
         for name in ("num_classes", "classes", "patch_size"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         # FocusNetV2 stages also take the small organs (SOL/SOS order) and the voxel size (ROIs in mm);
@@ -119,11 +126,13 @@ class OrgansegCLI(LightningCLI):
         # SyncBatchNorm for BatchNorm). A strategy given as a class_path is used exactly as written.
         if config.get("strategy") == "ddp":
             config = {**config, "strategy": DDPStrategy(broadcast_buffers=False)}
-        config, callbacks = slurm.trainer_setup(config, callbacks)   # SLURM: checkpoint + requeue on pre-emption
+        config, callbacks = slurm.trainer_setup(
+            config, callbacks
+        )  # SLURM: checkpoint + requeue on pre-emption
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":   # SLURM: a run id and root folder that survive a requeue
+        if self.subcommand == "fit":  # SLURM: a run id and root folder that survive a requeue
             slurm.apply_job_defaults(self.config["fit"])
 
     def before_fit(self) -> None:
@@ -140,14 +149,23 @@ def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
     Path("lightning_logs").mkdir(exist_ok=True)
     trainer_defaults = {
         "default_root_dir": "lightning_logs",
-        "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                   # resume="allow": the CLI would otherwise pass resume=None over WandbLogger's own "allow"
-                   "init_args": {"save_dir": "lightning_logs", "project": "organseg", "resume": "allow"}},
+        "logger": {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            # resume="allow": the CLI would otherwise pass resume=None over WandbLogger's own "allow"
+            "init_args": {"save_dir": "lightning_logs", "project": "organseg", "resume": "allow"},
+        },
         "log_every_n_steps": 10,
     }
     return OrgansegCLI(
-        SegmentationModuleBase, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=None if argv == sys.argv[1:] else argv, trainer_defaults=trainer_defaults, save_config_callback=RunConfigCallback,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False}, parser_kwargs={"parser_mode": "omegaconf"},
-        seed_everything_default=0, auto_configure_optimizers=False,
+        SegmentationModuleBase,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None if argv == sys.argv[1:] else argv,
+        trainer_defaults=trainer_defaults,
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
     )

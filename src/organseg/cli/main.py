@@ -10,6 +10,7 @@ Errors: an :class:`organseg.errors.OrgansegError` (the user's to fix) is printed
 ``organseg <command>: error: <message>``, exit status 2; every other exception is a bug and keeps its
 traceback. ``ORGANSEG_DEBUG=1`` shows the traceback of user errors too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,16 @@ def _tool_parser() -> argparse.ArgumentParser:
         prog="organseg",
         description="Organ-at-risk segmentation experiments (FocusNetV2, co-training WAM) on Lightning.",
         epilog="Lightning subcommands: organseg {fit,validate,test} -c experiments/... -c data_modules/... "
-               "(see `organseg fit --help`).",
+        "(see `organseg fit --help`).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,phantom,preprocess,evaluate,predict,pseudolabel,sweep}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{fit,validate,test,phantom,preprocess,evaluate,predict,pseudolabel,sweep}"
+    )
     for name in LIGHTNING_SUBCOMMANDS:
-        sub.add_parser(name, help=f"Lightning {name} (LightningCLI; run `organseg {name} --help`)", add_help=False)
-    for name, module in TOOL_SUBCOMMANDS.items():
+        sub.add_parser(
+            name, help=f"Lightning {name} (LightningCLI; run `organseg {name} --help`)", add_help=False
+        )
+    for module in TOOL_SUBCOMMANDS.values():
         importlib.import_module(module).register(sub)
     return parser
 

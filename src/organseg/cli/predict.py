@@ -12,6 +12,7 @@ Writes ``<out>/<case>_seg.nii.gz`` (uint8 class indices), ``<out>/labels.json`` 
 and, for a DICOM series, ``<out>/<case>_rtstruct.dcm`` (one ROI per organ present, via rt-utils).
 Existing outputs are never replaced without ``--overwrite``; every file is written atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from organseg.io.dicom import read_headers
 from organseg.io.rtstruct import write_rtstruct
 from organseg.io.writers import write_image, write_json
 
-if TYPE_CHECKING:   # imports torch: loaded by run(), not by `organseg --help`
+if TYPE_CHECKING:  # imports torch: loaded by run(), not by `organseg --help`
     from organseg.inference.raw_images import PredictInput
 
 SEG_SUFFIX = "_seg.nii.gz"
@@ -37,18 +38,35 @@ RTSTRUCT_SUFFIX = "_rtstruct.dcm"
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="label maps (NIfTI + DICOM RTSTRUCT) in the inputs' original geometry",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `organseg fit` (carries its dataset card)")
-    p.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                   help="NIfTI/NRRD/MHA files, folders of them, or DICOM series folders")
+    p = subparsers.add_parser(
+        "predict",
+        help="label maps (NIfTI + DICOM RTSTRUCT) in the inputs' original geometry",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint written by `organseg fit` (carries its dataset card)"
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="NIfTI/NRRD/MHA files, folders of them, or DICOM series folders",
+    )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--device", default="cpu", help="torch device for inference, e.g. cuda:0 (default cpu)")
-    p.add_argument("--rtstruct", choices=("auto", "always", "never"), default="auto",
-                   help="DICOM RTSTRUCT: auto = for DICOM inputs; always = every input must be a DICOM series; "
-                        "never")
-    p.add_argument("--data", default=None,
-                   help="dataset card whose preprocessing to use (default: the first card in the checkpoint)")
+    p.add_argument(
+        "--rtstruct",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="DICOM RTSTRUCT: auto = for DICOM inputs; always = every input must be a DICOM series; never",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset card whose preprocessing to use (default: the first card in the checkpoint)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=run)
 
@@ -93,7 +111,7 @@ def run(args) -> int:
     from organseg.methods.checkpoints import load_segmenter  # noqa: PLC0415
 
     console = Console()
-    items = collect_inputs(args.input)          # cheap checks first: nothing is loaded or written on bad input
+    items = collect_inputs(args.input)  # cheap checks first: nothing is loaded or written on bad input
     out = Path(args.out)
     _check_outputs(items, out, args.rtstruct, args.overwrite)
     model, card, extra = load_segmenter(args.ckpt, args.device, args.data)
@@ -110,13 +128,20 @@ def run(args) -> int:
         line = f"{item.case}: {seg}"
         if item.kind == "dicom" and args.rtstruct != "never":
             rs = out / f"{item.case}{RTSTRUCT_SUFFIX}"
-            rois = write_rtstruct(label, card.classes, read_headers(files), rs,
-                                  description=f"organseg {extra.get('module', '').rsplit('.', 1)[-1]} "
-                                              f"{Path(args.ckpt).name}")
+            rois = write_rtstruct(
+                label,
+                card.classes,
+                read_headers(files),
+                rs,
+                description=f"organseg {extra.get('module', '').rsplit('.', 1)[-1]} {Path(args.ckpt).name}",
+            )
             line += f", {rs} ({len(rois)} ROI(s))"
         written.append(line)
     for line in written:
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"predict: {len(items)} case(s) -> {out} (label names in {out / 'labels.json'})",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"predict: {len(items)} case(s) -> {out} (label names in {out / 'labels.json'})",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0

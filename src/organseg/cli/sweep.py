@@ -25,6 +25,7 @@ The YAML is W&B's sweep format, the same file ``wandb sweep`` takes for an onlin
 
 Not supported locally: ``early_terminate`` (no running-trial heartbeat; ignored with a note).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,21 +58,33 @@ ORGANSEG = [sys.executable, "-m", "organseg.cli.main"]
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("sweep", help="run a W&B sweep YAML locally (no server): trials are `organseg fit` runs",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a W&B sweep YAML locally (no server): trials are `organseg fit` runs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sweep", help="sweep YAML in W&B's format (experiments/sweeps/*.yaml)")
-    p.add_argument("--count", type=int, default=None,
-                   help="number of trials (required for random/bayes; grid: all combinations by default)")
+    p.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        help="number of trials (required for random/bayes; grid: all combinations by default)",
+    )
     p.add_argument("--out", default=None, help="results folder (default: lightning_logs/sweeps/<sweep>-<id>)")
-    p.add_argument("--seed", type=int, default=None, help="seed the engine's proposals (random/bayes/grid order)")
-    p.add_argument("--trial-timeout", type=float, default=None, help="seconds after which a trial is killed (failed)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed the engine's proposals (random/bayes/grid order)"
+    )
+    p.add_argument(
+        "--trial-timeout", type=float, default=None, help="seconds after which a trial is killed (failed)"
+    )
     p.add_argument("--check", action="store_true", help="validate the YAML and its parameters, run nothing")
     p.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------------- the YAML
 def _engine():
-    with warnings.catch_warnings():          # sweeps 0.2 declares pydantic-v1 style models
+    with warnings.catch_warnings():  # sweeps 0.2 declares pydantic-v1 style models
         warnings.simplefilter("ignore")
         import sweeps  # noqa: PLC0415 - lazy: `organseg --help` imports this module
     return sweeps
@@ -81,29 +94,34 @@ def load_sweep(path: str | Path) -> dict:
     """The sweep config, schema-checked by the W&B engine, with the engine's defaults filled in."""
 
     path = Path(path)
-    cfg = read_yaml_mapping(path, prefix="sweep ",
-                            not_mapping="expected a mapping (method, metric, parameters, command)")
+    cfg = read_yaml_mapping(
+        path, prefix="sweep ", not_mapping="expected a mapping (method, metric, parameters, command)"
+    )
     sweeps = _engine()
     violations = sweeps.schema_violations_from_proposed_config(cfg)
     if violations:
         more = f" (+{len(violations) - 1} more)" if len(violations) > 1 else ""
         raise ConfigError(f"sweep {path}: not a valid W&B sweep config: {_one_line(violations[0])}{more}")
     if not (cfg.get("metric") or {}).get("name"):
-        raise ConfigError(f"sweep {path}: needs metric: {{name: ..., goal: maximize|minimize}} "
-                          f"(trials are ranked by it)")
+        raise ConfigError(
+            f"sweep {path}: needs metric: {{name: ..., goal: maximize|minimize}} (trials are ranked by it)"
+        )
     return sweeps.SweepConfig(cfg)
 
 
 def fit_command(cfg: dict, path: str | Path) -> list[str]:
     """The ``organseg fit`` arguments of ``command:`` before and after ``${args}`` (macros other than
-    ``${args}`` expanded as the agent does); a command that is not ``organseg fit ... ${args}`` is an error."""
+    ``${args}`` expanded as the agent does); a command that is not ``organseg fit ... ${args}`` is an
+    error."""
     from wandb.sdk.launch.sweeps.utils import create_sweep_command  # noqa: PLC0415 - lazy: wandb is slow to import
 
     command = [str(c) for c in (cfg.get("command") or [])]
     if "${args}" not in command:
-        raise ConfigError(f"sweep {path}: command must pass the parameters as ${{args}} (--key=value, what "
-                          f"LightningCLI parses), e.g. [${{env}}, ${{program}}, fit, -c, <config>, ${{args}}]")
-    command = create_sweep_command(command)                  # ${envvar:NAME}
+        raise ConfigError(
+            f"sweep {path}: command must pass the parameters as ${{args}} (--key=value, what "
+            f"LightningCLI parses), e.g. [${{env}}, ${{program}}, fit, -c, <config>, ${{args}}]"
+        )
+    command = create_sweep_command(command)  # ${envvar:NAME}
     words = {"env": [], "interpreter": [sys.executable], "program": [str(cfg.get("program", "organseg"))]}
     argv: list[str] = []
     for c in command:
@@ -115,13 +133,19 @@ def fit_command(cfg: dict, path: str | Path) -> list[str]:
         else:
             argv.append(c)
     if "fit" not in argv:
-        raise ConfigError(f"sweep {path}: command must run `organseg fit ... ${{args}}` "
-                          f"(got {' '.join(command)})")
-    launcher, rest = argv[:argv.index("fit")], argv[argv.index("fit") + 1:]
+        raise ConfigError(
+            f"sweep {path}: command must run `organseg fit ... ${{args}}` (got {' '.join(command)})"
+        )
+    launcher, rest = argv[: argv.index("fit")], argv[argv.index("fit") + 1 :]
     names = [Path(w).name for w in launcher]
-    if not (names == ["organseg"] or names[-2:] == ["-m", "organseg.cli.main"] or (names and names[-1] == "cli/main.py")):
-        raise ConfigError(f"sweep {path}: command must run `organseg fit ... ${{args}}` "
-                          f"(got {' '.join(command)})")
+    if not (
+        names == ["organseg"]
+        or names[-2:] == ["-m", "organseg.cli.main"]
+        or (names and names[-1] == "cli/main.py")
+    ):
+        raise ConfigError(
+            f"sweep {path}: command must run `organseg fit ... ${{args}}` (got {' '.join(command)})"
+        )
     return rest
 
 
@@ -163,17 +187,23 @@ def _flatten(tree: Any, prefix: str = "") -> set[str]:
 
 def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _cli_error(stderr: str) -> str:
     """The innermost part of a jsonargparse error (``Parser key "x": Expected ... Got value: ...``)."""
-    lines = [ln.strip() for ln in (stderr.split("error:", 1)[-1] if "error:" in stderr else stderr).splitlines()]
+    lines = [
+        ln.strip() for ln in (stderr.split("error:", 1)[-1] if "error:" in stderr else stderr).splitlines()
+    ]
     keyed = [i for i, ln in enumerate(lines) if ln.startswith('Parser key "') or "Option '" in ln]
     if keyed:
-        lines = lines[keyed[-1]:]
-        stop = [i for i, ln in enumerate(lines) if ln.startswith(("- Expected a <class 'NoneType'>", "Given value"))]
-        lines = lines[:stop[0]] if stop else lines
+        lines = lines[keyed[-1] :]
+        stop = [
+            i
+            for i, ln in enumerate(lines)
+            if ln.startswith(("- Expected a <class 'NoneType'>", "Given value"))
+        ]
+        lines = lines[: stop[0]] if stop else lines
     return _one_line(" ".join(lines))
 
 
@@ -199,20 +229,25 @@ def check_parameters(cfg: dict, fit_args: list[str], path: str | Path) -> dict:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"sweep {path}: unknown parameter {key!r}: not a key of the config "
-                              f"`organseg fit {' '.join(base)}` composes{hint}")
+            raise ConfigError(
+                f"sweep {path}: unknown parameter {key!r}: not a key of the config "
+                f"`organseg fit {' '.join(base)}` composes{hint}"
+            )
     samples = {k: _samples(v) for k, v in cfg["parameters"].items()}
     for i in range(max(len(s) for s in samples.values())):
         params = {k: {"value": s[i % len(s)]} for k, s in samples.items()}
         code, _, err = print_config(trial_args(fit_args, params))
         if code != 0:
             shown = ", ".join(f"{k}={v['value']!r}" for k, v in params.items())
-            raise ConfigError(f"sweep {path}: a parameter value does not parse ({shown}): {_cli_error(err)} "
-                              f"[${{args}} passes str(value): use null-free values, lists as [a, b]]")
-    logger = ((composed.get("trainer") or {}).get("logger") or {})
+            raise ConfigError(
+                f"sweep {path}: a parameter value does not parse ({shown}): {_cli_error(err)} "
+                f"[${{args}} passes str(value): use null-free values, lists as [a, b]]"
+            )
+    logger = (composed.get("trainer") or {}).get("logger") or {}
     if not (isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")):
-        raise ConfigError(f"sweep {path}: trainer.logger must be a WandbLogger (a trial's metric is read "
-                          f"from its W&B run)")
+        raise ConfigError(
+            f"sweep {path}: trainer.logger must be a WandbLogger (a trial's metric is read from its W&B run)"
+        )
     return composed
 
 
@@ -221,8 +256,8 @@ def check_parameters(cfg: dict, fit_args: list[str], path: str | Path) -> dict:
 class Trial:
     index: int
     run_id: str
-    params: dict[str, Any]                    # {key: value}
-    state: str = "running"                    # finished | failed
+    params: dict[str, Any]  # {key: value}
+    state: str = "running"  # finished | failed
     metric: float | None = None
     seconds: float = 0.0
     note: str = ""
@@ -245,8 +280,16 @@ def read_metric(wandb_dir: Path, run_id: str, name: str) -> tuple[float | None, 
     return float(value), ""
 
 
-def run_trial(trial: Trial, fit_args: list[str], out: Path, save_dir: Path, metric: str,
-              group: str, timeout: float | None, project: str = "organseg") -> None:
+def run_trial(
+    trial: Trial,
+    fit_args: list[str],
+    out: Path,
+    save_dir: Path,
+    metric: str,
+    group: str,
+    timeout: float | None,
+    project: str = "organseg",
+) -> None:
     """Run one ``organseg fit`` trial (log: ``out/trial-NN.log``) and read its metric from the W&B run
     under ``save_dir`` (the WandbLogger's ``save_dir``; its run folder is ``save_dir/project/<run id>``)."""
     argv = [*ORGANSEG, "fit", *trial_args(fit_args, {k: {"value": v} for k, v in trial.params.items()})]
@@ -294,7 +337,8 @@ def _short(key: str) -> str:
 
 def _native(v: Any) -> Any:
     """The engine proposes numpy scalars; the agent gets JSON from the server. Plain Python values keep
-    ``str()`` in ``${args}`` and the results table the same under numpy 2 (whose repr is ``np.float64(x)``)."""
+    ``str()`` in ``${args}`` and the results table the same under numpy 2 (whose repr is
+    ``np.float64(x)``)."""
     if isinstance(v, (list, tuple)):
         return [_native(x) for x in v]
     if isinstance(v, dict):
@@ -324,17 +368,42 @@ def write_results(trials: list[Trial], cfg: dict, out: Path) -> str:
         w = csv.writer(f)
         w.writerow(["rank", "trial", "run_id", "state", metric, *keys, "seconds", "run_dir", "note"])
         for r, t in enumerate(order, 1):
-            w.writerow([r if t.metric is not None else "", t.index, t.run_id, t.state,
-                        "" if t.metric is None else t.metric, *[_fmt(t.params.get(k), full=True) for k in keys],
-                        f"{t.seconds:.1f}", t.run_dir, t.note])
+            w.writerow(
+                [
+                    r if t.metric is not None else "",
+                    t.index,
+                    t.run_id,
+                    t.state,
+                    "" if t.metric is None else t.metric,
+                    *[_fmt(t.params.get(k), full=True) for k in keys],
+                    f"{t.seconds:.1f}",
+                    t.run_dir,
+                    t.note,
+                ]
+            )
     head = ["rank", "run", metric, *[_short(k) for k in keys], "s", "state"]
-    lines = [f"Sweep `{cfg.get('name', '')}` ({cfg['method']}, {goal} {metric}): {len(trials)} trials",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"Sweep `{cfg.get('name', '')}` ({cfg['method']}, {goal} {metric}): {len(trials)} trials",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r, t in enumerate(order, 1):
         state = t.state if not t.note else f"{t.state}: {t.note}".replace("|", "/")
-        lines.append("| " + " | ".join([str(r) if t.metric is not None else "-", t.run_id,
-                                        "" if t.metric is None else f"{t.metric:.4f}",
-                                        *[_fmt(t.params.get(k)) for k in keys], f"{t.seconds:.0f}", state]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r) if t.metric is not None else "-",
+                    t.run_id,
+                    "" if t.metric is None else f"{t.metric:.4f}",
+                    *[_fmt(t.params.get(k)) for k in keys],
+                    f"{t.seconds:.0f}",
+                    state,
+                ]
+            )
+            + " |"
+        )
     text = "\n".join(lines) + "\n"
     with atomic_open(out / "results.md", "w") as f:
         f.write(text)
@@ -351,7 +420,9 @@ def run(args) -> int:
     if args.count is None and cfg["method"] != "grid" and not args.check:
         raise ConfigError(f"sweep {path}: --count is required for method {cfg['method']}")
     composed = check_parameters(cfg, fit_args, path)
-    print(f"sweep {path}: {len(cfg['parameters'])} parameters checked against the composed config", flush=True)
+    print(
+        f"sweep {path}: {len(cfg['parameters'])} parameters checked against the composed config", flush=True
+    )
     if args.check:
         return 0
     if cfg.get("early_terminate"):
@@ -380,7 +451,7 @@ def run(args) -> int:
     index = 0
     while cap is None or index < cap:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # sklearn GP convergence chatter on tiny sweeps
+            warnings.simplefilter("ignore")  # sklearn GP convergence chatter on tiny sweeps
             proposal = sweeps.next_run(cfg, engine_runs)
         if proposal is None:
             print("the grid is exhausted", flush=True)
@@ -391,8 +462,16 @@ def run(args) -> int:
         shown = " ".join(f"{_short(k)}={_fmt(v)}" for k, v in params.items())
         print(f"trial {index + 1}{'/' + str(cap) if cap else ''} {trial.run_id}: {shown}", flush=True)
         try:
-            run_trial(trial, fit_args, out, save_dir, metric, f"sweep-{name}-{sweep_id}", args.trial_timeout,
-                      project)
+            run_trial(
+                trial,
+                fit_args,
+                out,
+                save_dir,
+                metric,
+                f"sweep-{name}-{sweep_id}",
+                args.trial_timeout,
+                project,
+            )
         except KeyboardInterrupt:
             write_results(trials, cfg, out)
             print(f"interrupted; results so far: {out / 'results.md'}", file=sys.stderr)

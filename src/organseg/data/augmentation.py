@@ -6,6 +6,7 @@ which move with the spatial transforms like the label does.
 No random left/right flip: organs come in _l/_r classes, and a flip without swapping the labels
 would teach the network the wrong side.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,18 +17,18 @@ import torchio as tio
 
 @dataclass
 class AugmentationConfig:
-    affine_p: float = 0.3                 # probability of a random scale/rotation
+    affine_p: float = 0.3  # probability of a random scale/rotation
     scales: tuple[float, float] = (0.9, 1.1)
-    degrees: tuple[float, float, float] = (10.0, 10.0, 5.0)   # around x, y, z (z: in-plane rotation)
+    degrees: tuple[float, float, float] = (10.0, 10.0, 5.0)  # around x, y, z (z: in-plane rotation)
     noise_p: float = 0.2
-    noise_std: tuple[float, float] = (0.0, 0.05)   # in normalised intensity units ([-1, 1] window)
+    noise_std: tuple[float, float] = (0.0, 0.05)  # in normalised intensity units ([-1, 1] window)
     blur_p: float = 0.1
-    blur_std: tuple[float, float] = (0.0, 0.5)      # mm
+    blur_std: tuple[float, float] = (0.0, 0.5)  # mm
     gamma_p: float = 0.0
-    extra: list = field(default_factory=list)       # further tio transforms (instances), appended
+    extra: list = field(default_factory=list)  # further tio transforms (instances), appended
 
     @classmethod
-    def from_any(cls, value) -> "AugmentationConfig | None":
+    def from_any(cls, value) -> AugmentationConfig | None:
         if value is None or value is False:
             return None
         if isinstance(value, cls):
@@ -45,8 +46,15 @@ class AugmentationConfig:
     def build(self) -> tio.Transform:
         transforms: list[tio.Transform] = []
         if self.affine_p > 0:
-            transforms.append(tio.RandomAffine(scales=self.scales, degrees=self.degrees, isotropic=False,
-                                               default_pad_value="minimum", p=self.affine_p))
+            transforms.append(
+                tio.RandomAffine(
+                    scales=self.scales,
+                    degrees=self.degrees,
+                    isotropic=False,
+                    default_pad_value="minimum",
+                    p=self.affine_p,
+                )
+            )
         if self.blur_p > 0:
             transforms.append(tio.RandomBlur(std=self.blur_std, p=self.blur_p, include=["image"]))
         if self.noise_p > 0:

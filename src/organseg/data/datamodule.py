@@ -4,10 +4,12 @@ Several cards (few-organ datasets) must declare the same ``classes`` list (the u
 space) and differ in ``labeled``; each sample carries its dataset's ``labeled[C]`` vector, so a
 loss can tell "background" from "not annotated here".
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -47,13 +49,26 @@ class CTDataModule(pl.LightningDataModule):
     dataset used only for testing).
     """
 
-    def __init__(self, cards: Sequence[str], patch_size: Sequence[int] = (96, 96, 32), batch_size: int = 2,
-                 patches_per_epoch: int = 200, num_workers: int = 2, foreground_probability: float = 0.67,
-                 organ_weights: dict[str, float] | None = None, dataset_weights: Sequence[float] | None = None,
-                 augmentation: dict[str, Any] | None = None, preprocess: bool = True,
-                 train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 val_max_cases: int | None = None, heatmap_sigma_mm: float | None = None,
-                 pseudo_labels: Sequence[str | None] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        cards: Sequence[str],
+        patch_size: Sequence[int] = (96, 96, 32),
+        batch_size: int = 2,
+        patches_per_epoch: int = 200,
+        num_workers: int = 2,
+        foreground_probability: float = 0.67,
+        organ_weights: dict[str, float] | None = None,
+        dataset_weights: Sequence[float] | None = None,
+        augmentation: dict[str, Any] | None = None,
+        preprocess: bool = True,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "test",
+        val_max_cases: int | None = None,
+        heatmap_sigma_mm: float | None = None,
+        pseudo_labels: Sequence[str | None] | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.save_hyperparameters()
         if isinstance(cards, (str, Path)):
@@ -62,8 +77,10 @@ class CTDataModule(pl.LightningDataModule):
         classes = self.cards[0].classes
         for card in self.cards[1:]:
             if card.classes != classes:
-                raise CardError(f"{card.source}: classes differ from {self.cards[0].source}; cards in one "
-                                f"DataModule must share the unified class list")
+                raise CardError(
+                    f"{card.source}: classes differ from {self.cards[0].source}; cards in one "
+                    f"DataModule must share the unified class list"
+                )
         self.classes = list(classes)
         self.patch_size = [int(p) for p in patch_size]
         if organ_weights:
@@ -72,8 +89,10 @@ class CTDataModule(pl.LightningDataModule):
                 raise CardError(f"organ_weights names unknown organ(s) {bad}")
         self.augmentation = AugmentationConfig.from_any(augmentation)
         if pseudo_labels is not None and len(pseudo_labels) != len(self.cards):
-            raise CardError(f"pseudo_labels has {len(pseudo_labels)} entries for {len(self.cards)} cards "
-                            f"(one file or null per card, in the cards' order)")
+            raise CardError(
+                f"pseudo_labels has {len(pseudo_labels)} entries for {len(self.cards)} cards "
+                f"(one file or null per card, in the cards' order)"
+            )
         self.pseudo_labels = list(pseudo_labels) if pseudo_labels is not None else [None] * len(self.cards)
         self._pseudo_readers: list | None = None
         self._readers: list | None = None
@@ -115,16 +134,26 @@ class CTDataModule(pl.LightningDataModule):
         """One PseudoLabelReader (or None) per card, validated against the card's cache."""
         if self._pseudo_readers is None:
             self._pseudo_readers = [
-                None if p is None else PseudoLabelReader(p, cache_fingerprint=r.fingerprint, case_ids=r.case_ids)
-                for p, r in zip(self.pseudo_labels, self.readers())]
+                None
+                if p is None
+                else PseudoLabelReader(p, cache_fingerprint=r.fingerprint, case_ids=r.case_ids)
+                for p, r in zip(self.pseudo_labels, self.readers())
+            ]
         return self._pseudo_readers
 
     def sources(self, split: str) -> list[CacheSource]:
         readers = self.readers()
         pseudo = self.pseudo_readers() if split == self.hparams.train_split else [None] * len(readers)
-        return [CacheSource(card.name, r, list(r.case_ids) if split == "all" else s[split],
-                            np.asarray(card.labeled_mask, dtype=bool), q)
-                for card, r, s, q in zip(self.cards, readers, self._splits, pseudo)]
+        return [
+            CacheSource(
+                card.name,
+                r,
+                list(r.case_ids) if split == "all" else s[split],
+                np.asarray(card.labeled_mask, dtype=bool),
+                q,
+            )
+            for card, r, s, q in zip(self.cards, readers, self._splits, pseudo)
+        ]
 
     def class_voxel_counts(self, split: str = "train") -> np.ndarray:
         """Voxels per class summed over a split's cases (for inverse-frequency loss weights)."""
@@ -164,17 +193,31 @@ class CTDataModule(pl.LightningDataModule):
             weights = [1.0] + [float(hp.organ_weights.get(o, 1.0)) for o in self.classes[1:]]
         aug = self.augmentation
         self.train_stream = PatchStream(
-            self.sources(hp.train_split), self.patch_size, hp.batch_size, hp.patches_per_epoch,
-            foreground_probability=hp.foreground_probability, organ_weights=weights,
-            dataset_weights=hp.dataset_weights, transform=aug.build() if aug else None,
-            margin=aug.margin(self.patch_size) if aug else (0, 0, 0), seed=hp.seed, rank=rank, world_size=world,
+            self.sources(hp.train_split),
+            self.patch_size,
+            hp.batch_size,
+            hp.patches_per_epoch,
+            foreground_probability=hp.foreground_probability,
+            organ_weights=weights,
+            dataset_weights=hp.dataset_weights,
+            transform=aug.build() if aug else None,
+            margin=aug.margin(self.patch_size) if aug else (0, 0, 0),
+            seed=hp.seed,
+            rank=rank,
+            world_size=world,
             heatmap_classes=[self.classes.index(o) for o in self.small_organs] if hp.heatmap_sigma_mm else (),
-            heatmap_sigma_mm=hp.heatmap_sigma_mm or 5.0)
+            heatmap_sigma_mm=hp.heatmap_sigma_mm or 5.0,
+        )
         trainer = getattr(self, "trainer", None)
         self.train_stream.epoch_offset = trainer.current_epoch if trainer is not None else 0
-        return DataLoader(self.train_stream, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0, worker_init_fn=init_worker,
-                          multiprocessing_context="spawn" if hp.num_workers > 0 else None)
+        return DataLoader(
+            self.train_stream,
+            batch_size=hp.batch_size,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            worker_init_fn=init_worker,
+            multiprocessing_context="spawn" if hp.num_workers > 0 else None,
+        )
 
     def _case_loader(self, split: str, max_cases: int | None = None) -> DataLoader:
         rank, world = self._rank_world()
@@ -183,9 +226,14 @@ class CTDataModule(pl.LightningDataModule):
             sources = [CacheSource(s.name, s.reader, s.case_ids[:max_cases], s.labeled) for s in sources]
         # whole cases are big: at most one worker, which reads the next case while this one is inferred
         workers = min(1, self.hparams.num_workers)
-        return DataLoader(CaseStream(sources, rank=rank, world_size=world), batch_size=1, num_workers=workers,
-                          persistent_workers=workers > 0, multiprocessing_context="spawn" if workers else None,
-                          worker_init_fn=init_worker)
+        return DataLoader(
+            CaseStream(sources, rank=rank, world_size=world),
+            batch_size=1,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            multiprocessing_context="spawn" if workers else None,
+            worker_init_fn=init_worker,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._case_loader(self.hparams.val_split, self.hparams.val_max_cases)

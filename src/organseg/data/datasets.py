@@ -14,10 +14,11 @@ the bytes of float32) and ``label`` uint8 (an eighth of int64); ``CTDataModule.o
 restores float32 (image, heatmap) / int64 (label, pseudo) on the training device, so modules see the
 batch dtypes of docs/architecture.md §4.4.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,11 +34,12 @@ from organseg.spatial.heatmaps import gaussian_heatmaps
 @dataclass
 class CacheSource:
     """One preprocessed dataset: its cache reader, the cases of one split, and what it annotates."""
+
     name: str
-    reader: "object"           # organseg.cache.reader.CacheReader (picklable, opens h5py per process)
+    reader: object  # organseg.cache.reader.CacheReader (picklable, opens h5py per process)
     case_ids: list[str]
-    labeled: np.ndarray        # bool [C] in the unified class list
-    pseudo: "object | None" = None  # organseg.data.pseudo_labels.PseudoLabelReader (hard pseudo-labels) or None
+    labeled: np.ndarray  # bool [C] in the unified class list
+    pseudo: object | None = None  # organseg.data.pseudo_labels.PseudoLabelReader (hard pseudo-labels) or None
 
 
 # volumes moved as label maps (nearest neighbour) by the augmentation; the others are scalar images
@@ -56,12 +58,24 @@ class PatchStream(IterableDataset):
     Workers must be persistent (the DataModule sets it) so the per-iteration epoch counter advances.
     """
 
-    def __init__(self, sources: Sequence[CacheSource], patch_size: Sequence[int], batch_size: int,
-                 patches_per_epoch: int, foreground_probability: float = 0.67,
-                 organ_weights: Sequence[float] | None = None, dataset_weights: Sequence[float] | None = None,
-                 transform: tio.Transform | None = None, margin: Sequence[int] = (0, 0, 0),
-                 jitter: float = 0.5, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 heatmap_classes: Sequence[int] = (), heatmap_sigma_mm: float = 5.0):
+    def __init__(
+        self,
+        sources: Sequence[CacheSource],
+        patch_size: Sequence[int],
+        batch_size: int,
+        patches_per_epoch: int,
+        foreground_probability: float = 0.67,
+        organ_weights: Sequence[float] | None = None,
+        dataset_weights: Sequence[float] | None = None,
+        transform: tio.Transform | None = None,
+        margin: Sequence[int] = (0, 0, 0),
+        jitter: float = 0.5,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        heatmap_classes: Sequence[int] = (),
+        heatmap_sigma_mm: float = 5.0,
+    ):
         self.sources = list(sources)
         if not self.sources or not any(s.case_ids for s in self.sources):
             raise ConfigError("PatchStream: no training cases")
@@ -78,8 +92,8 @@ class PatchStream(IterableDataset):
         self.jitter = jitter
         self.seed = seed
         self.rank, self.world_size = rank, world_size
-        self.epoch_offset = 0      # set by the DataModule from trainer.current_epoch (resume)
-        self._iterations = 0       # advances once per epoch inside each persistent worker
+        self.epoch_offset = 0  # set by the DataModule from trainer.current_epoch (resume)
+        self._iterations = 0  # advances once per epoch inside each persistent worker
         self.heatmap_classes = list(heatmap_classes)
         self.heatmap_sigma_mm = heatmap_sigma_mm
         # every sample carries ``pseudo`` once any source has pseudo-labels (zeros = "no pseudo organ"
@@ -122,13 +136,19 @@ class PatchStream(IterableDataset):
 
     def _draw_patch_start(self, rng: np.random.Generator, reader, case_id: str) -> np.ndarray:
         """Patch origin around a class-balanced centre (from the cached foreground coordinates, no scan)."""
-        centre, _ = draw_centre(rng, reader.shape(case_id), reader.class_counts(case_id),
-                                lambda c: reader.fg_coords(case_id, c), self.foreground_probability,
-                                self.organ_weights)
+        centre, _ = draw_centre(
+            rng,
+            reader.shape(case_id),
+            reader.class_counts(case_id),
+            lambda c: reader.fg_coords(case_id, c),
+            self.foreground_probability,
+            self.organ_weights,
+        )
         return patch_start(rng, centre, self.patch_size, self.jitter)
 
-    def _read_region(self, src: CacheSource, case_id: str, region_start: np.ndarray,
-                     spacing) -> dict[str, torch.Tensor]:
+    def _read_region(
+        self, src: CacheSource, case_id: str, region_start: np.ndarray, spacing
+    ) -> dict[str, torch.Tensor]:
         """Patch + augmentation margin (the transform pulls in real voxels) as [channel, X, Y, Z] tensors."""
         region_size = self.patch_size + 2 * self.margin
         image, label = src.reader.read_patch(case_id, region_start, region_size)
@@ -136,20 +156,31 @@ class PatchStream(IterableDataset):
         if self.heatmap_classes:
             region["heatmap"] = self._heatmaps(src.reader, case_id, region_start, region_size, spacing)
         if self.with_pseudo:
-            region["pseudo"] = torch.from_numpy(self._read_pseudo(src, case_id, region_start, region_size,
-                                                                  label.shape))[None]
+            region["pseudo"] = torch.from_numpy(
+                self._read_pseudo(src, case_id, region_start, region_size, label.shape)
+            )[None]
         return region
 
-    def _heatmaps(self, reader, case_id: str, region_start: np.ndarray, region_size: np.ndarray,
-                  spacing) -> torch.Tensor:
+    def _heatmaps(
+        self, reader, case_id: str, region_start: np.ndarray, region_size: np.ndarray, spacing
+    ) -> torch.Tensor:
         """[K, X, Y, Z] Gaussians at the small organs' cached centres: FocusNetV2's localisation target."""
         centres = reader.centres(case_id)[self.heatmap_classes] - region_start
-        return gaussian_heatmaps(torch.as_tensor(centres, dtype=torch.float32), region_size.tolist(), spacing,
-                                 self.heatmap_sigma_mm)
+        return gaussian_heatmaps(
+            torch.as_tensor(centres, dtype=torch.float32),
+            region_size.tolist(),
+            spacing,
+            self.heatmap_sigma_mm,
+        )
 
     @staticmethod
-    def _read_pseudo(src: CacheSource, case_id: str, region_start: np.ndarray, region_size: np.ndarray,
-                     shape: tuple[int, ...]) -> np.ndarray:
+    def _read_pseudo(
+        src: CacheSource,
+        case_id: str,
+        region_start: np.ndarray,
+        region_size: np.ndarray,
+        shape: tuple[int, ...],
+    ) -> np.ndarray:
         """The region's hard pseudo-labels; zeros for a source without a file, so mixed batches collate."""
         if src.pseudo is None:
             return np.zeros(shape, dtype=np.uint8)
@@ -159,8 +190,14 @@ class PatchStream(IterableDataset):
         """One draw of the transform moves every volume alike (label maps by nearest neighbour)."""
         if self.transform is None:
             return region
-        subject = tio.Subject(**{name: (tio.LabelMap if name in _LABEL_MAPS else tio.ScalarImage)(
-            tensor=volume, affine=_affine(spacing)) for name, volume in region.items()})
+        subject = tio.Subject(
+            **{
+                name: (tio.LabelMap if name in _LABEL_MAPS else tio.ScalarImage)(
+                    tensor=volume, affine=_affine(spacing)
+                )
+                for name, volume in region.items()
+            }
+        )
         moved = self.transform(subject)
         return {name: moved[name].data for name in region}
 
@@ -169,13 +206,15 @@ class PatchStream(IterableDataset):
         crop = (slice(None), *(slice(int(m), int(m + p)) for m, p in zip(self.margin, self.patch_size)))
         return {name: volume[crop] for name, volume in region.items()}
 
-    def _pack(self, patch: dict[str, torch.Tensor], src: CacheSource, d: int, case_id: str,
-              start: np.ndarray) -> dict:
+    def _pack(
+        self, patch: dict[str, torch.Tensor], src: CacheSource, d: int, case_id: str, start: np.ndarray
+    ) -> dict:
         """The sample dict in its compact inter-process dtypes (float16 image/heatmap, uint8 label/pseudo)."""
         extra = {} if "heatmap" not in patch else {"heatmap": patch["heatmap"].to(torch.float16).contiguous()}
         if "pseudo" in patch:
             extra["pseudo"] = patch["pseudo"][0].to(torch.uint8).contiguous()
-        return {**extra,
+        return {
+            **extra,
             "image": patch["image"].to(torch.float16).contiguous(),
             "label": patch["label"][0].to(torch.uint8).contiguous(),
             "labeled": torch.from_numpy(src.labeled.copy()),
@@ -184,17 +223,20 @@ class PatchStream(IterableDataset):
             "dataset": d,
         }
 
+
 class CaseStream(IterableDataset):
     """Whole cached cases (for sliding-window validation/testing), each case exactly once across
     all ranks and workers. Use with ``batch_size=1``."""
 
-    def __init__(self, sources: Sequence[CacheSource], rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self, sources: Sequence[CacheSource], rank: int | None = None, world_size: int | None = None
+    ):
         self.sources = list(sources)
         self.items = [(d, cid) for d, s in enumerate(self.sources) for cid in s.case_ids]
         self.rank, self.world_size = rank, world_size
 
     def shard_items(self, shard) -> list[tuple[int, str]]:
-        return self.items[shard.index::shard.count]
+        return self.items[shard.index :: shard.count]
 
     def __iter__(self) -> Iterator[dict]:
         for d, case_id in self.shard_items(current_shard(self.rank, self.world_size)):
@@ -208,6 +250,8 @@ class CaseStream(IterableDataset):
                 "case_id": case_id,
                 "location": torch.as_tensor([0, 0, 0, *shape], dtype=torch.int64),
                 "spacing": torch.as_tensor(src.reader.spacing(case_id), dtype=torch.float64),
-                "centres": torch.as_tensor(src.reader.centres(case_id), dtype=torch.float32),   # [C,3], NaN absent
+                "centres": torch.as_tensor(
+                    src.reader.centres(case_id), dtype=torch.float32
+                ),  # [C,3], NaN absent
                 "dataset": d,
             }

@@ -16,13 +16,14 @@ File layout (HDF5, written atomically)::
 The fingerprint covers the cache's fingerprint and the checkpoints' contents, so a file made from
 another cache build or other checkpoints is detected (one-line error naming the file) and never used.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -49,8 +50,12 @@ def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
 def pseudo_fingerprint(cache_fingerprint: str, checkpoints: Sequence[dict], classes: Sequence[str]) -> str:
     """Digest of what the pseudo-labels depend on: the cache build, the experts' weights, the organs
     each contributes and the label space."""
-    spec = {"format": FORMAT_VERSION, "cache": cache_fingerprint, "classes": list(classes),
-            "experts": [{"sha256": c["sha256"], "organs": list(c["organs"])} for c in checkpoints]}
+    spec = {
+        "format": FORMAT_VERSION,
+        "cache": cache_fingerprint,
+        "classes": list(classes),
+        "experts": [{"sha256": c["sha256"], "organs": list(c["organs"])} for c in checkpoints],
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -68,13 +73,20 @@ class PseudoLabelReader:
     file (other cache build, changed expert checkpoint, missing cases) raises :class:`PseudoLabelError`.
     """
 
-    def __init__(self, path: str | os.PathLike, cache_fingerprint: str | None = None,
-                 case_ids: Sequence[str] | None = None, check_checkpoints: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        cache_fingerprint: str | None = None,
+        case_ids: Sequence[str] | None = None,
+        check_checkpoints: bool = True,
+    ):
         self.path = Path(path)
         hint = "rerun `organseg pseudolabel ...` to regenerate it"
         if not self.path.is_file():
-            raise PseudoLabelError(f"{self.path}: pseudo-label file not found; create it with "
-                                   f"`organseg pseudolabel --ckpt ... --card ... --out {self.path}`")
+            raise PseudoLabelError(
+                f"{self.path}: pseudo-label file not found; create it with "
+                f"`organseg pseudolabel --ckpt ... --card ... --out {self.path}`"
+            )
         try:
             f = _open(self.path)
         except OSError:
@@ -82,14 +94,18 @@ class PseudoLabelReader:
         with f:
             a = f.attrs
             if int(a.get("format_version", -1)) != FORMAT_VERSION or not bool(a.get("complete", False)):
-                raise PseudoLabelError(f"{self.path}: incomplete or not an organseg pseudo-label file; {hint}")
+                raise PseudoLabelError(
+                    f"{self.path}: incomplete or not an organseg pseudo-label file; {hint}"
+                )
             self.fingerprint = str(a["fingerprint"])
             self.cache_fingerprint = str(a["cache_fingerprint"])
             self.classes = list(json.loads(a["classes"]))
             self.checkpoints = list(json.loads(a["checkpoints"]))
             self.case_ids = list(json.loads(a["case_ids"]))
         if cache_fingerprint is not None and cache_fingerprint != self.cache_fingerprint:
-            raise PseudoLabelError(f"{self.path}: stale pseudo-labels (made from another build of the cache); {hint}")
+            raise PseudoLabelError(
+                f"{self.path}: stale pseudo-labels (made from another build of the cache); {hint}"
+            )
         missing = sorted(set(case_ids or ()) - set(self.case_ids))
         if missing:
             raise PseudoLabelError(f"{self.path}: no pseudo-labels for case(s) {missing[:3]}; {hint}")
@@ -99,7 +115,9 @@ class PseudoLabelReader:
             for c in self.checkpoints:
                 p = Path(c["path"])
                 if p.is_file() and file_sha256(p) != c["sha256"]:
-                    raise PseudoLabelError(f"{self.path}: stale pseudo-labels (checkpoint {p} changed since); {hint}")
+                    raise PseudoLabelError(
+                        f"{self.path}: stale pseudo-labels (checkpoint {p} changed since); {hint}"
+                    )
         self._h5: h5py.File | None = None
         self._pid: int | None = None
 
@@ -133,9 +151,17 @@ class PseudoLabelReader:
         return out
 
 
-def write_pseudo_file(out: str | os.PathLike, labels: Iterable[tuple[str, np.ndarray]], *, fingerprint: str,
-                      cache: str | os.PathLike, cache_fingerprint: str, classes: Sequence[str],
-                      checkpoints: Sequence[dict], card_name: str) -> Path:
+def write_pseudo_file(
+    out: str | os.PathLike,
+    labels: Iterable[tuple[str, np.ndarray]],
+    *,
+    fingerprint: str,
+    cache: str | os.PathLike,
+    cache_fingerprint: str,
+    classes: Sequence[str],
+    checkpoints: Sequence[dict],
+    card_name: str,
+) -> Path:
     """Write (case id, uint8 label map in the cache geometry) pairs as a pseudo-label file, atomically
     (readers see the old file or the complete new one; an error leaves nothing behind)."""
 
@@ -148,10 +174,16 @@ def write_pseudo_file(out: str | os.PathLike, labels: Iterable[tuple[str, np.nda
         for cid, arr in labels:
             arr = np.asarray(arr)
             if arr.ndim != 3 or arr.min(initial=0) < 0 or arr.max(initial=0) >= len(classes):
-                raise PseudoLabelError(f"{out}: case {cid}: pseudo-labels must be a 3-D map of class indices "
-                                       f"0..{len(classes) - 1}")
-            g.create_dataset(cid, data=arr.astype(np.uint8), compression="lzf",
-                             chunks=tuple(int(min(c, n)) for c, n in zip(CHUNKS, arr.shape)))
+                raise PseudoLabelError(
+                    f"{out}: case {cid}: pseudo-labels must be a 3-D map of class indices "
+                    f"0..{len(classes) - 1}"
+                )
+            g.create_dataset(
+                cid,
+                data=arr.astype(np.uint8),
+                compression="lzf",
+                chunks=tuple(int(min(c, n)) for c, n in zip(CHUNKS, arr.shape)),
+            )
             ids.append(cid)
         h5.attrs["fingerprint"] = fingerprint
         h5.attrs["cache"] = str(Path(cache).resolve())

@@ -1,13 +1,15 @@
 """Class-balanced patch centres drawn from the cache's foreground coordinates (no volume scan)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def class_probabilities(counts: np.ndarray, foreground_probability: float,
-                        organ_weights: Sequence[float] | None = None) -> np.ndarray:
+def class_probabilities(
+    counts: np.ndarray, foreground_probability: float, organ_weights: Sequence[float] | None = None
+) -> np.ndarray:
     """P(centre class) for one case: background gets ``1 - foreground_probability``; the rest is
     shared by the organs present in this case in proportion to ``organ_weights`` (default equal),
     so a 30-voxel lens is drawn as often as a 30k-voxel temporal lobe."""
@@ -25,8 +27,14 @@ def class_probabilities(counts: np.ndarray, foreground_probability: float,
     return p
 
 
-def draw_centre(rng: np.random.Generator, shape: Sequence[int], counts: np.ndarray, fg_coords,
-                foreground_probability: float, organ_weights=None) -> tuple[np.ndarray, int]:
+def draw_centre(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    counts: np.ndarray,
+    fg_coords,
+    foreground_probability: float,
+    organ_weights=None,
+) -> tuple[np.ndarray, int]:
     """(centre voxel (3,), chosen class). ``fg_coords(c)`` returns the cached (N,3) coordinates of class c.
     A background draw is a uniform voxel of the case (mostly background, sometimes an organ)."""
     p = class_probabilities(counts, foreground_probability, organ_weights)
@@ -38,7 +46,9 @@ def draw_centre(rng: np.random.Generator, shape: Sequence[int], counts: np.ndarr
     return np.array([rng.integers(s) for s in shape], dtype=np.int64), 0
 
 
-def patch_start(rng: np.random.Generator, centre: np.ndarray, patch_size: Sequence[int], jitter: float) -> np.ndarray:
+def patch_start(
+    rng: np.random.Generator, centre: np.ndarray, patch_size: Sequence[int], jitter: float
+) -> np.ndarray:
     """Patch origin so that ``centre`` lies inside the patch, displaced by up to ``jitter`` x patch/2
     from the middle (an organ is not always at the patch centre; no positional shortcut)."""
     size = np.asarray(patch_size)

@@ -1,4 +1,5 @@
 """Who am I in the (rank, worker) grid? Used to give every process its own stream and its own cases."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

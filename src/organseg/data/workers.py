@@ -5,6 +5,7 @@ SLURM sends the pre-emption warning (``#SBATCH --signal=SIGUSR1@90``, see
 SIGUSR1's default action before the main process could checkpoint: workers ignore it, the trainer
 process handles it (``organseg.runtime.slurm``).
 """
+
 from __future__ import annotations
 
 import signal

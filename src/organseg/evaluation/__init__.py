@@ -7,6 +7,7 @@
     print(format_table(summarize(all_rows)))
     save_overlays(image, label, pred, classes, out_dir / "overlays" / "case_001.png", spacing=spacing)
 """
+
 from .metrics import (
     EMPTY_MASK_POLICY,
     STATUS_ABSENT,

@@ -1,6 +1,7 @@
 """Evaluate a segmentation model on one split of a cached dataset: per case and organ Dice / HD95 / ASSD,
 a report (CSV, Markdown, summary.json) and PNG overlays of the first cases. ``organseg evaluate``
 (:mod:`organseg.cli.evaluate`) loads the checkpoint and calls :func:`evaluate_split`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,18 @@ def split_case_ids(card: DatasetCard, reader: CacheReader, split: str) -> list[s
     return case_ids
 
 
-def evaluate_split(model, card: DatasetCard, split: str, out: Path, *, title: str, extra: dict,
-                   overlays: int = 3, device: str = "cpu", console: Console | None = None) -> dict:
+def evaluate_split(
+    model,
+    card: DatasetCard,
+    split: str,
+    out: Path,
+    *,
+    title: str,
+    extra: dict,
+    overlays: int = 3,
+    device: str = "cpu",
+    console: Console | None = None,
+) -> dict:
     """Run ``model.predict_case`` on every case of ``split`` and write the report to ``out``; returns
     the report's paths. The cache is built first if it is missing or stale (a no-op otherwise)."""
     console = console or Console()
@@ -42,14 +53,19 @@ def evaluate_split(model, card: DatasetCard, split: str, out: Path, *, title: st
     case_ids = split_case_ids(card, reader, split)
     labeled = card.labeled_mask
     rows = []
-    for i, cid in enumerate(track(case_ids, description=f"evaluating {len(case_ids)} cases", console=console)):
+    for i, cid in enumerate(
+        track(case_ids, description=f"evaluating {len(case_ids)} cases", console=console)
+    ):
         image, label = reader.read_case(cid)
         pred = model.predict_case(torch.from_numpy(image)[None, None].to(device))[0].cpu().numpy()
         rows += case_metrics(pred, label, reader.spacing(cid), card.classes, labeled=labeled, case_id=cid)
         if i < overlays:
-            save_overlays(image, label, pred, card.classes, out / "overlays" / f"{cid}.png",
-                          spacing=reader.spacing(cid))
+            save_overlays(
+                image, label, pred, card.classes, out / "overlays" / f"{cid}.png", spacing=reader.spacing(cid)
+            )
     paths = write_report(rows, out, title=title, extra={**extra, "split": split, "cases": case_ids})
     console.print(format_table(summarize(rows)))
-    console.print(f"report: {out}  ({', '.join(p.name for p in paths.values())}; overlays in {out / 'overlays'})")
+    console.print(
+        f"report: {out}  ({', '.join(p.name for p in paths.values())}; overlays in {out / 'overlays'})"
+    )
     return paths

@@ -36,6 +36,7 @@ the means instead of silently dropped, and they cannot be "better" than any real
 The image diagonal is ``sqrt(sum((shape_i * spacing_i) ** 2))``, the diagonal of the image's
 physical extent.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,7 +87,14 @@ EMPTY_MASK_POLICY = (
 METRIC_KEYS = ("dice", "hd95", "assd")
 ROW_KEYS = ("case_id", "organ", "dice", "hd95", "assd", "n_ref", "n_pred", "status")
 SUMMARY_KEYS = (
-    "organ", "n", "dice_mean", "dice_std", "hd95_mean", "hd95_std", "assd_mean", "assd_std",
+    "organ",
+    "n",
+    "dice_mean",
+    "dice_std",
+    "hd95_mean",
+    "hd95_std",
+    "assd_mean",
+    "assd_std",
 )
 
 
@@ -172,9 +180,7 @@ def binary_metrics(
         # MONAI 1.5-1.6 passes its own deprecated argument internally (always_return_as_numpy)
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
         hd95 = compute_hausdorff_distance(p1, g1, include_background=True, percentile=95, spacing=sp)
-        assd = compute_average_surface_distance(
-            p1, g1, include_background=True, symmetric=True, spacing=sp
-        )
+        assd = compute_average_surface_distance(p1, g1, include_background=True, symmetric=True, spacing=sp)
     return float(dice.reshape(-1)[0]), float(hd95.reshape(-1)[0]), float(assd.reshape(-1)[0])
 
 
@@ -223,8 +229,7 @@ def case_metrics(
         row = {"case_id": str(case_id), "organ": str(classes[c])}
         box = union_bbox([ref_boxes[c - 1], pred_boxes[c - 1]], label.shape, CROP_PAD)
         if box is None:
-            row.update(dice=math.nan, hd95=math.nan, assd=math.nan, n_ref=0, n_pred=0,
-                       status=STATUS_ABSENT)
+            row.update(dice=math.nan, hd95=math.nan, assd=math.nan, n_ref=0, n_pred=0, status=STATUS_ABSENT)
             rows.append(row)
             continue
         p = pred[box] == c

@@ -6,6 +6,7 @@ backend switch, no figure registry, safe from worker threads and headless machin
 Arrays are indexed (x, y, z); an axial slice is ``volume[:, :, z]``, drawn with x to the right and
 y upwards, in mm when ``spacing`` is given (so anisotropic voxels keep the right aspect ratio).
 """
+
 from __future__ import annotations
 
 import os
@@ -69,7 +70,9 @@ def choose_slices(areas: np.ndarray, n_slices: int = 3, min_fraction: float = 0.
     zs = np.arange(n_z)
     for _ in range(n_slices):
         new = (good & ~covered[None, :]).sum(axis=1)
-        dist = np.min(np.abs(zs[:, None] - np.asarray(chosen)[None, :]), axis=1) if chosen else np.full(n_z, n_z)
+        dist = (
+            np.min(np.abs(zs[:, None] - np.asarray(chosen)[None, :]), axis=1) if chosen else np.full(n_z, n_z)
+        )
         # lexicographic: new organs, organs present, spread, area; never repeat a slice
         key = np.lexsort((fg, dist, n_present, new))[::-1]
         pick = next((int(z) for z in key if int(z) not in chosen), None)
@@ -193,8 +196,16 @@ def save_overlays(
     if slice_labels is not None and len(slice_labels) != len(zs):
         raise ValueError(f"{len(slice_labels)} slice_labels for {len(zs)} slices")
     for i, (ax, z) in enumerate(zip(axes, zs)):
-        ax.imshow(image[:, :, z].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
-                  interpolation="nearest", aspect="equal")
+        ax.imshow(
+            image[:, :, z].T,
+            cmap="gray",
+            vmin=lo,
+            vmax=hi,
+            origin="lower",
+            extent=extent,
+            interpolation="nearest",
+            aspect="equal",
+        )
         lab_z = label[:, :, z]
         pred_z = None if pred is None else pred[:, :, z]
         present = set(np.unique(lab_z).tolist())
@@ -222,8 +233,13 @@ def save_overlays(
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     if title:
         fig.suptitle(str(title), fontsize=10)
-    fig.subplots_adjust(left=0.06, right=1.0 - 1.7 / (panel_w * len(zs) + 1.9), wspace=0.25,
-                        top=0.86 if title else 0.9, bottom=0.1)
+    fig.subplots_adjust(
+        left=0.06,
+        right=1.0 - 1.7 / (panel_w * len(zs) + 1.9),
+        wspace=0.25,
+        top=0.86 if title else 0.9,
+        bottom=0.1,
+    )
 
     out_path = Path(out_path)
     with atomic_open(out_path, "wb") as f:

@@ -3,6 +3,7 @@
 Every file is written atomically (temporary file in the same folder, then :func:`os.replace`), so
 an interrupted run never leaves a half-written report behind.
 """
+
 from __future__ import annotations
 
 import csv
@@ -153,8 +154,12 @@ def write_report(
     md += [f"{n_cases} case(s), {len(organ_rows)} organ(s).", "", format_table(summary), ""]
     failures = {k: v for k, v in sorted(status_counts.items()) if k != STATUS_OK}
     if failures:
-        md += ["Rows by status: " + ", ".join(f"{k}: {v}" for k, v in failures.items())
-               + f" (ok: {status_counts.get(STATUS_OK, 0)}).", ""]
+        md += [
+            "Rows by status: "
+            + ", ".join(f"{k}: {v}" for k, v in failures.items())
+            + f" (ok: {status_counts.get(STATUS_OK, 0)}).",
+            "",
+        ]
     md += [EMPTY_MASK_POLICY, ""]
     atomic_write_text(paths["report"], "\n".join(md))
 

@@ -42,18 +42,19 @@ For 512 x 512 x 150, C = 18, K = 4, pz = 32 (stride 16): buffer 0.77 GB + labels
 holds that plus a count map, and the softmax in ``predict_probabilities`` makes a second copy).
 The buffer scales with X * Y * pz, not with Z.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from organseg.errors import ConfigError
-from organseg.spatial.roi import paste_roi, roi_box
 from organseg.spatial.heatmaps import log_parabola_offset
+from organseg.spatial.roi import paste_roi, roi_box
 
 __all__ = ["predict_focusnet", "blend_slabs", "window_starts"]
 
@@ -84,10 +85,15 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap:
 
 
 @torch.no_grad()
-def blend_slabs(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                patch_size: Sequence[int], overlap: float = 0.5, sw_batch_size: int = 1,
-                device: torch.device | str | None = None, progress: bool = False,
-                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+def blend_slabs(
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Gaussian-blended sliding window streamed in z: yields ``(z0, z1, blended [C, X, Y, z1 - z0])``
     for consecutive z ranges covering the volume, each final (no later window touches it).
 
@@ -105,8 +111,9 @@ def blend_slabs(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.
     device = torch.device(device) if device is not None else image.device
     xs, ys, zs = window_starts(size, patch, overlap)
     px, py, pz = patch
-    weight = compute_importance_map(patch, mode="gaussian", sigma_scale=0.125, device=device,
-                                    dtype=torch.float32)
+    weight = compute_importance_map(
+        patch, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32
+    )
     acc = wsum = None
     origin = zs[0]  # = 0
     total = len(xs) * len(ys) * len(zs)
@@ -125,19 +132,19 @@ def blend_slabs(predictor: Callable[[torch.Tensor], torch.Tensor], image: torch.
             for j in range(pz - shift):
                 acc[..., j].copy_(acc[..., j + shift])
                 wsum[..., j].copy_(wsum[..., j + shift])
-            acc[..., pz - shift:] = 0
-            wsum[..., pz - shift:] = 0
+            acc[..., pz - shift :] = 0
+            wsum[..., pz - shift :] = 0
             origin = z0
         for i in range(0, len(xy), sw_batch_size):
-            batch = xy[i:i + sw_batch_size]
-            win = torch.cat([image[:, :, x:x + px, y:y + py, z0:z0 + pz] for x, y in batch]).to(device)
+            batch = xy[i : i + sw_batch_size]
+            win = torch.cat([image[:, :, x : x + px, y : y + py, z0 : z0 + pz] for x, y in batch]).to(device)
             out = predictor(win).float()
             if acc is None:
                 acc = torch.zeros((out.shape[1], *size[:2], pz), dtype=torch.float32, device=device)
                 wsum = torch.zeros((*size[:2], pz), dtype=torch.float32, device=device)
             for b, (x, y) in enumerate(batch):
-                acc[:, x:x + px, y:y + py, :] += out[b] * weight
-                wsum[x:x + px, y:y + py, :] += weight
+                acc[:, x : x + px, y : y + py, :] += out[b] * weight
+                wsum[x : x + px, y : y + py, :] += weight
             done += len(batch)
             if progress:
                 print(f"\rS-Net+SOL windows {done}/{total}", end="" if done < total else "\n", flush=True)
@@ -177,12 +184,21 @@ class _PeakTracker:
             x, y, zl = flat // (Y * L), (flat // L) % Y, flat % L
             self.peak[k], self.idx[k] = m, (x, y, z0 + zl)
             nb = self.nb[k]
-            nb[0] = [self._log(heat[k, x - 1, y, zl]) if x > 0 else None,
-                     self._log(heat[k, x + 1, y, zl]) if x < X - 1 else None]
-            nb[1] = [self._log(heat[k, x, y - 1, zl]) if y > 0 else None,
-                     self._log(heat[k, x, y + 1, zl]) if y < Y - 1 else None]
-            below = (self._log(heat[k, x, y, zl - 1]) if zl > 0 else
-                     self._log(self.prev_last[k, x, y]) if self.prev_last is not None else None)
+            nb[0] = [
+                self._log(heat[k, x - 1, y, zl]) if x > 0 else None,
+                self._log(heat[k, x + 1, y, zl]) if x < X - 1 else None,
+            ]
+            nb[1] = [
+                self._log(heat[k, x, y - 1, zl]) if y > 0 else None,
+                self._log(heat[k, x, y + 1, zl]) if y < Y - 1 else None,
+            ]
+            below = (
+                self._log(heat[k, x, y, zl - 1])
+                if zl > 0
+                else self._log(self.prev_last[k, x, y])
+                if self.prev_last is not None
+                else None
+            )
             above = self._log(heat[k, x, y, zl + 1]) if zl < L - 1 else None
             self.pending[k] = zl == L - 1 and z0 + L < self.size[2]
             nb[2] = [below, above]
@@ -206,10 +222,19 @@ def _ceil_to(v: int, d: int) -> int:
 
 
 @torch.no_grad()
-def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96, 96, 32),
-                     overlap: float = 0.5, threshold: float = 0.3, device: torch.device | str = "cpu",
-                     progress: bool = False, sw_batch_size: int = 1, subvoxel: bool = True,
-                     return_snet_labels: bool = False, small_organs_from: str = "sos") -> dict:
+def predict_focusnet(
+    model,
+    image: torch.Tensor,
+    patch_size: Sequence[int] = (96, 96, 32),
+    overlap: float = 0.5,
+    threshold: float = 0.3,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    sw_batch_size: int = 1,
+    subvoxel: bool = True,
+    return_snet_labels: bool = False,
+    small_organs_from: str = "sos",
+) -> dict:
     """Locate-zoom-paste FocusNetV2 inference on one CT ``image`` [1, 1, X, Y, Z] (normalised like
     training); see the module doc for the steps and the memory bound.
 
@@ -240,14 +265,36 @@ def predict_focusnet(model, image: torch.Tensor, patch_size: Sequence[int] = (96
     was_training = model.training
     model.eval().to(device)
     try:
-        return _predict(model, image.detach().float().cpu(), patch, overlap, threshold, device, progress,
-                        sw_batch_size, subvoxel, return_snet_labels, small_organs_from == "sos")
+        return _predict(
+            model,
+            image.detach().float().cpu(),
+            patch,
+            overlap,
+            threshold,
+            device,
+            progress,
+            sw_batch_size,
+            subvoxel,
+            return_snet_labels,
+            small_organs_from == "sos",
+        )
     finally:
         model.train(was_training)
 
 
-def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch_size, subvoxel,
-             return_snet_labels, small_only_from_sos) -> dict:
+def _predict(
+    model,
+    image,
+    patch,
+    overlap,
+    threshold,
+    device,
+    progress,
+    sw_batch_size,
+    subvoxel,
+    return_snet_labels,
+    small_only_from_sos,
+) -> dict:
     size = tuple(int(s) for s in image.shape[2:])
     num_classes, k_small = int(model.num_classes), int(model.num_small)
     # MONAI's padding for volumes smaller than the patch: half before, the rest after, with the minimum
@@ -270,13 +317,19 @@ def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch
         if snet_labels is not None:
             snet_labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
         if small_only_from_sos and small:
-            slab[small] = -math.inf   # these slices are final: the buffer is free to overwrite here
+            slab[small] = -math.inf  # these slices are final: the buffer is free to overwrite here
         labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
         lo, hi = max(z0, before[2]), min(z1, before[2] + size[2])
         if k_small and hi > lo:
-            tracker.update(lo - before[2], slab[num_classes:num_classes + k_small,
-                                                before[0]:before[0] + size[0], before[1]:before[1] + size[1],
-                                                lo - z0:hi - z0])
+            tracker.update(
+                lo - before[2],
+                slab[
+                    num_classes : num_classes + k_small,
+                    before[0] : before[0] + size[0],
+                    before[1] : before[1] + size[1],
+                    lo - z0 : hi - z0,
+                ],
+            )
     crop = tuple(slice(b, b + s) for b, s in zip(before, size))
     if any(before) or any(after):
         labels = labels[crop].clone()
@@ -293,8 +346,10 @@ def _predict(model, image, patch, overlap, threshold, device, progress, sw_batch
         c_pad = centres[k] + torch.tensor(before, dtype=torch.float32)  # padded-volume coordinates
         # one window around the centre, big enough for the ROI, shifted inside the (padded) volume
         roi = model.roi_sizes[k]
-        wsize = [min(max(p, _ceil_to(r, d)), (s // d) * d)
-                 for p, r, d, s in zip(patch, roi, model.snet.divisor, psize)]
+        wsize = [
+            min(max(p, _ceil_to(r, d)), (s // d) * d)
+            for p, r, d, s in zip(patch, roi, model.snet.divisor, psize)
+        ]
         wstart, _ = roi_box(c_pad, wsize, fit_within=psize)
         win = image[(slice(None), slice(None), *(slice(a, a + w) for a, w in zip(wstart, wsize)))].to(device)
         _, features, heat = model.snet_sol(win)

@@ -5,6 +5,7 @@ whole-case ``predict_case`` and undo the crop and the resampling
 (:func:`organseg.io.geometry.restore_original_geometry`). ``organseg predict`` (:mod:`organseg.cli.predict`)
 adds the checkpoint, the outputs and RTSTRUCT writing around it.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,15 +24,16 @@ from organseg.io.dicom import DicomError, read_dicom_series, series_ids
 from organseg.io.geometry import restore_original_geometry
 from organseg.io.layouts import IMAGE_ENDINGS, CaseError, read_validated_image
 
-_CHANNEL = re.compile(r"_\d{4}$")   # nnU-Net's channel suffix: imagesTs/<case>_0000.nii.gz -> <case>
+_CHANNEL = re.compile(r"_\d{4}$")  # nnU-Net's channel suffix: imagesTs/<case>_0000.nii.gz -> <case>
 
 
 # ---------------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class PredictInput:
     """One case to segment: an image file, or a folder holding one DICOM series (``kind`` "dicom")."""
+
     case: str
-    kind: str   # "image" | "dicom"
+    kind: str  # "image" | "dicom"
     path: Path
 
 
@@ -47,14 +49,16 @@ def case_name(path: Path) -> str:
 
 def _image_files(folder: Path) -> list[Path]:
 
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                  and p.name.lower().endswith(IMAGE_ENDINGS))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_ENDINGS)
+    )
 
 
 def collect_inputs(paths: list[str]) -> list[PredictInput]:
     """The cases named by ``--input`` (one-line InputError for a missing path, an unsupported file, a
     folder with no images, or a folder with several DICOM series)."""
-
 
     found: list[PredictInput] = []
     for raw in paths:
@@ -78,24 +82,32 @@ def collect_inputs(paths: list[str]) -> list[PredictInput]:
             found.append(PredictInput(path.name, "dicom", path))
             continue
         if len(ids) > 1:
-            raise DicomError(f"{path}: {len(ids)} DICOM series in one folder ({', '.join(ids)}); "
-                             f"put each series in its own folder")
+            raise DicomError(
+                f"{path}: {len(ids)} DICOM series in one folder ({', '.join(ids)}); "
+                f"put each series in its own folder"
+            )
         subs = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
         series_dirs = [(d, series_ids(d)) for d in subs]
         series_dirs = [(d, s) for d, s in series_dirs if s]
         if not series_dirs:
-            raise InputError(f"input {path}: no readable images in this folder (NIfTI/NRRD/MHA files or one "
-                             f"DICOM series per folder)")
+            raise InputError(
+                f"input {path}: no readable images in this folder (NIfTI/NRRD/MHA files or one "
+                f"DICOM series per folder)"
+            )
         for d, s in series_dirs:
             if len(s) > 1:
-                raise DicomError(f"{d}: {len(s)} DICOM series in one folder ({', '.join(s)}); "
-                                 f"put each series in its own folder")
+                raise DicomError(
+                    f"{d}: {len(s)} DICOM series in one folder ({', '.join(s)}); "
+                    f"put each series in its own folder"
+                )
             found.append(PredictInput(d.name, "dicom", d))
     seen: dict[str, Path] = {}
     for item in found:
         if item.case in seen:
-            raise InputError(f"input {item.path}: case name {item.case!r} also comes from {seen[item.case]}; "
-                             f"outputs would collide")
+            raise InputError(
+                f"input {item.path}: case name {item.case!r} also comes from {seen[item.case]}; "
+                f"outputs would collide"
+            )
         seen[item.case] = item.path
     return found
 
@@ -103,10 +115,11 @@ def collect_inputs(paths: list[str]) -> list[PredictInput]:
 def read_input(item: PredictInput) -> tuple[Any, list[Path]]:
     """``(float32 HU SimpleITK image, DICOM files in slice order or [])`` of one input."""
 
-
     if item.kind == "dicom":
         return read_dicom_series(item.path)
-    image = sitk.Cast(read_validated_image(item.path, item.case, "image"), sitk.sitkFloat32)   # validated, one-line errors
+    image = sitk.Cast(
+        read_validated_image(item.path, item.case, "image"), sitk.sitkFloat32
+    )  # validated, one-line errors
     view = sitk.GetArrayViewFromImage(image)
     if not np.all(np.isfinite(view)):
         raise CaseError(f"{item.case}: image has non-finite voxels (NaN/inf) ({item.path})", item.case)
@@ -133,11 +146,10 @@ def preprocess_for_model(image, card, interpolation: str = "linear") -> tuple[np
 def predict_image(model, image, card, interpolation: str = "linear", device: str = "cpu"):
     """A uint8 label map with exactly ``image``'s size, spacing, origin and direction."""
 
-
     x, attrs = preprocess_for_model(image, card, interpolation)
     with torch.inference_mode():
         labels = model.predict_case(torch.from_numpy(x)[None, None].to(device))
     labels = labels[0].cpu().numpy().astype(np.uint8)
     out = sitk.Cast(restore_original_geometry(labels, attrs, "nearest"), sitk.sitkUInt8)
-    out.CopyInformation(image)   # restore_original_geometry built exactly this grid; make it bit-identical
+    out.CopyInformation(image)  # restore_original_geometry built exactly this grid; make it bit-identical
     return out

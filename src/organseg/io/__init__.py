@@ -4,17 +4,29 @@ SimpleITK's (z, y, x) arrays are transposed to organseg's (x, y, z) here and now
 (``image_to_xyz`` / ``xyz_to_image``). Submodules are imported lazily so that ``organseg.io.card``
 stays cheap to import.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "DatasetCard": "card", "CardError": "card",
-    "CaseError": "layouts", "CaseFiles": "layouts", "list_cases": "layouts", "read_case": "layouts",
-    "read_case_sitk": "layouts", "IMAGE_ENDINGS": "layouts",
-    "Geometry": "geometry", "image_to_xyz": "geometry", "xyz_to_image": "geometry",
-    "resample_image": "geometry", "resample_label": "geometry", "resample_xyz": "geometry",
-    "resample_to_grid": "geometry", "resampled_size": "geometry", "cropped_origin": "geometry",
+    "DatasetCard": "card",
+    "CardError": "card",
+    "CaseError": "layouts",
+    "CaseFiles": "layouts",
+    "list_cases": "layouts",
+    "read_case": "layouts",
+    "read_case_sitk": "layouts",
+    "IMAGE_ENDINGS": "layouts",
+    "Geometry": "geometry",
+    "image_to_xyz": "geometry",
+    "xyz_to_image": "geometry",
+    "resample_image": "geometry",
+    "resample_label": "geometry",
+    "resample_xyz": "geometry",
+    "resample_to_grid": "geometry",
+    "resampled_size": "geometry",
+    "cropped_origin": "geometry",
     "restore_original_geometry": "geometry",
 }
 

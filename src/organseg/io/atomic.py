@@ -1,11 +1,13 @@
 """Write a file so that readers see either the old file or the complete new one, never a half."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from organseg.errors import OutputError
 
@@ -31,7 +33,8 @@ def make_dirs(path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """``with atomic_path(p, ".nii.gz") as tmp: writer(tmp)``: for writers that want a file name (SimpleITK,
     h5py). ``tmp`` lies beside ``p`` (same file system) with ``suffix`` (a format-picking ending); when the
-    block ends it is fsynced and ``os.replace``d onto ``p``; on any error it is removed and ``p`` is untouched."""
+    block ends it is fsynced and ``os.replace``d onto ``p``; on any error it is removed and ``p`` is
+    untouched."""
     path = Path(path)
     make_dirs(path.parent)
     try:
@@ -43,7 +46,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; the result gets a normal file's permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a normal file's permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

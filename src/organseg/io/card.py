@@ -18,6 +18,7 @@ A card is a YAML file (``data_modules/cards/<name>.yaml``)::
 Axis convention everywhere in organseg: arrays are indexed (x, y, z), as torchio and nibabel do;
 SimpleITK's (z, y, x) arrays are transposed once, in ``organseg.io``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,18 +54,21 @@ class DatasetCard:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def load(cls, path: str | Path) -> "DatasetCard":
-        raw = read_yaml_mapping(path, CardError, missing="dataset card not found",
-                                not_mapping="a dataset card must be a mapping")
+    def load(cls, path: str | Path) -> DatasetCard:
+        raw = read_yaml_mapping(
+            path, CardError, missing="dataset card not found", not_mapping="a dataset card must be a mapping"
+        )
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "") -> "DatasetCard":
+    def from_dict(cls, raw: dict, source: str = "") -> DatasetCard:
         where = source or "<card>"
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(raw) - known
         if unknown:
-            raise CardError(f"{where}: unknown card key(s) {sorted(unknown)}; known: {sorted(known - {'source'})}")
+            raise CardError(
+                f"{where}: unknown card key(s) {sorted(unknown)}; known: {sorted(known - {'source'})}"
+            )
         for key in ("name", "layout", "path", "classes"):
             if key not in raw:
                 raise CardError(f"{where}: missing required key '{key}'")
@@ -127,9 +131,14 @@ class DatasetCard:
 
     def preprocessing_params(self) -> dict:
         """Everything that changes the cache contents (part of its fingerprint)."""
-        return {"classes": self.classes, "target_spacing": list(map(float, self.target_spacing)),
-                "hu_window": list(map(float, self.hu_window)), "layout": self.layout,
-                "class_map": self.class_map, "label_values": {str(k): v for k, v in self.label_values.items()}}
+        return {
+            "classes": self.classes,
+            "target_spacing": list(map(float, self.target_spacing)),
+            "hu_window": list(map(float, self.hu_window)),
+            "layout": self.layout,
+            "class_map": self.class_map,
+            "label_values": {str(k): v for k, v in self.label_values.items()},
+        }
 
     def split_cases(self, case_ids: list[str]) -> dict[str, list[str]]:
         """Deterministic train/val/test split; fractions or explicit id lists."""
@@ -141,7 +150,9 @@ class DatasetCard:
         for k, v in explicit.items():
             missing = sorted(set(v) - set(ids))
             if missing:
-                raise CardError(f"{self.source or self.name}: split '{k}' names unknown case(s) {missing[:5]}")
+                raise CardError(
+                    f"{self.source or self.name}: split '{k}' names unknown case(s) {missing[:5]}"
+                )
         rest = [c for c in ids if not any(c in v for v in explicit.values())]
         random.Random(seed).shuffle(rest)
         for k, v in spec.items():
@@ -161,4 +172,6 @@ class DatasetCard:
         return d
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.preprocessing_params(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.preprocessing_params(), sort_keys=True).encode()).hexdigest()[
+            :16
+        ]

@@ -6,13 +6,14 @@ voxel ``(x=col, y=row)``; ``ImageOrientationPatient`` = the first two columns of
 (the x then y index axes); ``PixelSpacing`` = ``[row spacing, column spacing]`` = ``[sy, sx]``;
 ``ImagePositionPatient`` of slice ``k`` = the physical position of voxel ``(0, 0, k)``.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pydicom
@@ -37,7 +38,7 @@ class DicomError(OrgansegError, ValueError):
 def series_ids(folder: str | os.PathLike) -> list[str]:
     """SeriesInstanceUIDs of the DICOM series directly in ``folder`` (GDCM's scan, no recursion)."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)   # "No Series were found" is an answer, not a warning
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "No Series were found" is an answer, not a warning
     try:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     finally:
@@ -54,8 +55,10 @@ def series_files(folder: str | os.PathLike) -> list[Path]:
     if not ids:
         raise DicomError(f"{folder}: no readable DICOM series (and no NIfTI/NRRD/MHA images) in this folder")
     if len(ids) > 1:
-        raise DicomError(f"{folder}: {len(ids)} DICOM series in one folder ({', '.join(ids)}); "
-                         f"put each series in its own folder")
+        raise DicomError(
+            f"{folder}: {len(ids)} DICOM series in one folder ({', '.join(ids)}); "
+            f"put each series in its own folder"
+        )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0])
     return [Path(f) for f in files]
 
@@ -95,10 +98,17 @@ def read_headers(files: Sequence[str | os.PathLike]) -> list:
     return [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
 
 
-def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, *, patient_id: str = "ORGANSEG-PHANTOM",
-                       patient_name: str = "Phantom^Organseg", series_description: str = "organseg phantom CT",
-                       study_uid: str | None = None, series_uid: str | None = None,
-                       frame_of_reference_uid: str | None = None) -> list[Path]:
+def write_dicom_series(
+    image: sitk.Image,
+    folder: str | os.PathLike,
+    *,
+    patient_id: str = "ORGANSEG-PHANTOM",
+    patient_name: str = "Phantom^Organseg",
+    series_description: str = "organseg phantom CT",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+) -> list[Path]:
     """Write a 3D HU image as a CT Image Storage series, one file per z slice (``CT_0001.dcm``, ...).
 
     Proper CT tags: modality CT, one SeriesInstanceUID / StudyInstanceUID / FrameOfReferenceUID,
@@ -125,7 +135,7 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, *, patient_
     make_dirs(folder.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    except OSError as exc:   # e.g. no write permission: the user's to fix, one line
+    except OSError as exc:  # e.g. no write permission: the user's to fix, one line
         raise OutputError.from_os_error(exc) from exc
     try:
         names = []
@@ -152,7 +162,7 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, *, patient_
             ds.SeriesDescription, ds.Manufacturer = series_description, "organseg"
             ds.ImagePositionPatient = [f"{v:.10g}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
             ds.ImageOrientationPatient = iop
-            ds.PixelSpacing = [f"{sy:.10g}", f"{sx:.10g}"]   # [row spacing, column spacing]
+            ds.PixelSpacing = [f"{sy:.10g}", f"{sx:.10g}"]  # [row spacing, column spacing]
             ds.SliceThickness = f"{sz:.10g}"
             ds.SpacingBetweenSlices = f"{sz:.10g}"
             ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -160,7 +170,7 @@ def write_dicom_series(image: sitk.Image, folder: str | os.PathLike, *, patient_
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
             ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = f"{RESCALE_INTERCEPT:g}", "1", "HU"
             ds.WindowCenter, ds.WindowWidth = "40", "400"
-            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()   # [row, col] = (y, x)
+            ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # [row, col] = (y, x)
             pydicom.dcmwrite(str(tmp / name), ds, enforce_file_format=True)
             names.append(name)
         os.replace(tmp, folder)

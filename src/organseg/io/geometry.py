@@ -5,10 +5,12 @@ transposed to organseg's (x, y, z) convention; use :func:`image_to_xyz` / :func:
 everywhere else. Spacing / origin tuples are (x, y, z) in mm; ``direction`` is SimpleITK's row-major
 3x3 direction cosine matrix (9 floats, columns = the x, y, z index axes in physical LPS space).
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,11 +37,13 @@ class Geometry:
     shape: tuple[int, int, int]
 
     @classmethod
-    def of(cls, image: sitk.Image) -> "Geometry":
-        return cls(spacing=tuple(float(v) for v in image.GetSpacing()),
-                   origin=tuple(float(v) for v in image.GetOrigin()),
-                   direction=tuple(float(v) for v in image.GetDirection()),
-                   shape=tuple(int(v) for v in image.GetSize()))
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(
+            spacing=tuple(float(v) for v in image.GetSpacing()),
+            origin=tuple(float(v) for v in image.GetOrigin()),
+            direction=tuple(float(v) for v in image.GetDirection()),
+            shape=tuple(int(v) for v in image.GetSize()),
+        )
 
     def apply(self, image: sitk.Image) -> sitk.Image:
         """Stamp spacing/origin/direction onto ``image`` (whose size must be ``shape``)."""
@@ -50,7 +54,7 @@ class Geometry:
         image.SetDirection(self.direction)
         return image
 
-    def mismatch(self, other: "Geometry", rtol: float = GEOMETRY_RTOL) -> str | None:
+    def mismatch(self, other: Geometry, rtol: float = GEOMETRY_RTOL) -> str | None:
         """A short description of how ``other`` differs from this grid, or None if they agree."""
         if tuple(self.shape) != tuple(other.shape):
             return f"shape {tuple(self.shape)} vs {tuple(other.shape)}"
@@ -67,8 +71,12 @@ class Geometry:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction), "shape": list(self.shape)}
+        return {
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "shape": list(self.shape),
+        }
 
 
 def _fmt(v: Sequence[float]) -> str:
@@ -83,8 +91,9 @@ def image_to_xyz(image: sitk.Image) -> np.ndarray:
     return np.ascontiguousarray(sitk.GetArrayViewFromImage(image).transpose(2, 1, 0))
 
 
-def xyz_to_image(array_xyz: np.ndarray, geometry: Geometry | Mapping[str, Any] | sitk.Image | None = None
-                 ) -> sitk.Image:
+def xyz_to_image(
+    array_xyz: np.ndarray, geometry: Geometry | Mapping[str, Any] | sitk.Image | None = None
+) -> sitk.Image:
     """A numpy (x, y, z) array as a SimpleITK image, optionally with the grid of ``geometry``
     (a :class:`Geometry`, a mapping with spacing/origin/direction, or a reference image)."""
     array_xyz = np.asarray(array_xyz)
@@ -114,9 +123,15 @@ def resampled_size(shape: Sequence[int], spacing: Sequence[float], target_spacin
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
 
 
-def resample_to_grid(image: sitk.Image, size: Sequence[int], spacing: Sequence[float],
-                     origin: Sequence[float], direction: Sequence[float], interpolation: str = "linear",
-                     default_value: float = 0.0) -> sitk.Image:
+def resample_to_grid(
+    image: sitk.Image,
+    size: Sequence[int],
+    spacing: Sequence[float],
+    origin: Sequence[float],
+    direction: Sequence[float],
+    interpolation: str = "linear",
+    default_value: float = 0.0,
+) -> sitk.Image:
     """Resample ``image`` onto an explicit physical grid (SimpleITK ResampleImageFilter)."""
     if interpolation not in INTERPOLATORS:
         raise ConfigError(f"interpolation must be one of {sorted(INTERPOLATORS)}, got {interpolation!r}")
@@ -136,8 +151,12 @@ def _same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, atol=0))
 
 
-def resample_image(image: sitk.Image, target_spacing: Sequence[float], interpolation: str = "linear",
-                   default_value: float = -1024.0) -> sitk.Image:
+def resample_image(
+    image: sitk.Image,
+    target_spacing: Sequence[float],
+    interpolation: str = "linear",
+    default_value: float = -1024.0,
+) -> sitk.Image:
     """Resample an intensity image to ``target_spacing`` keeping its origin and direction
     (``linear`` or ``bspline``). Voxels outside the input get ``default_value`` (air)."""
     if interpolation not in ("linear", "bspline", "nearest"):
@@ -145,8 +164,9 @@ def resample_image(image: sitk.Image, target_spacing: Sequence[float], interpola
     if _same_spacing(image.GetSpacing(), target_spacing):
         return image
     size = resampled_size(image.GetSize(), image.GetSpacing(), target_spacing)
-    return resample_to_grid(image, size, target_spacing, image.GetOrigin(), image.GetDirection(),
-                            interpolation, default_value)
+    return resample_to_grid(
+        image, size, target_spacing, image.GetOrigin(), image.GetDirection(), interpolation, default_value
+    )
 
 
 def resample_label(label: sitk.Image, target_spacing: Sequence[float]) -> sitk.Image:
@@ -154,12 +174,18 @@ def resample_label(label: sitk.Image, target_spacing: Sequence[float]) -> sitk.I
     if _same_spacing(label.GetSpacing(), target_spacing):
         return label
     size = resampled_size(label.GetSize(), label.GetSpacing(), target_spacing)
-    return resample_to_grid(label, size, target_spacing, label.GetOrigin(), label.GetDirection(),
-                            "nearest", 0)
+    return resample_to_grid(
+        label, size, target_spacing, label.GetOrigin(), label.GetDirection(), "nearest", 0
+    )
 
 
-def resample_xyz(array_xyz: np.ndarray, geometry: Geometry, target_spacing: Sequence[float],
-                 interpolation: str = "linear", default_value: float = 0.0) -> tuple[np.ndarray, Geometry]:
+def resample_xyz(
+    array_xyz: np.ndarray,
+    geometry: Geometry,
+    target_spacing: Sequence[float],
+    interpolation: str = "linear",
+    default_value: float = 0.0,
+) -> tuple[np.ndarray, Geometry]:
     """numpy convenience wrapper: resample an (x, y, z) array on ``geometry`` to ``target_spacing``."""
     image = xyz_to_image(array_xyz, geometry)
     if interpolation == "nearest":
@@ -170,16 +196,18 @@ def resample_xyz(array_xyz: np.ndarray, geometry: Geometry, target_spacing: Sequ
 
 
 # ---------------------------------------------------------------------------------- undo the cache
-def cropped_origin(origin: Sequence[float], direction: Sequence[float], spacing: Sequence[float],
-                   start: Sequence[int]) -> tuple[float, float, float]:
+def cropped_origin(
+    origin: Sequence[float], direction: Sequence[float], spacing: Sequence[float], start: Sequence[int]
+) -> tuple[float, float, float]:
     """Physical position of voxel ``start`` of a grid (the origin of a crop starting there)."""
     d = np.asarray(direction, dtype=float).reshape(3, 3)
     o = np.asarray(origin, dtype=float) + d @ (np.asarray(start, float) * np.asarray(spacing, float))
     return tuple(float(v) for v in o)
 
 
-def restore_original_geometry(label_xyz: np.ndarray, geometry: Mapping[str, Any],
-                              interpolation: str = "nearest") -> sitk.Image:
+def restore_original_geometry(
+    label_xyz: np.ndarray, geometry: Mapping[str, Any], interpolation: str = "nearest"
+) -> sitk.Image:
     """Undo the cache's preprocessing for an array on the cached (cropped, resampled) grid.
 
     ``geometry`` is a case's cache attributes (``CacheReader.geometry(case_id)`` or the HDF5 group's
@@ -193,19 +221,28 @@ def restore_original_geometry(label_xyz: np.ndarray, geometry: Mapping[str, Any]
     stop = np.asarray(geometry["crop_stop"], dtype=int)
     full_shape = tuple(int(v) for v in geometry["resampled_shape"])
     if arr.ndim != 3 or tuple(arr.shape) != tuple(int(v) for v in stop - start):
-        raise ValueError(f"array shape {arr.shape} does not match the cached crop "
-                         f"{tuple(int(v) for v in stop - start)}")
+        raise ValueError(
+            f"array shape {arr.shape} does not match the cached crop {tuple(int(v) for v in stop - start)}"
+        )
     full = np.zeros(full_shape, dtype=arr.dtype if arr.dtype != np.bool_ else np.uint8)
     full[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))] = arr
     direction = tuple(float(v) for v in np.asarray(geometry["orig_direction"], float).ravel())
-    src = xyz_to_image(full, {"spacing": geometry["spacing"], "origin": geometry["resampled_origin"],
-                              "direction": direction})
+    src = xyz_to_image(
+        full, {"spacing": geometry["spacing"], "origin": geometry["resampled_origin"], "direction": direction}
+    )
     orig_shape = [int(v) for v in geometry["orig_shape"]]
     orig_spacing = [float(v) for v in geometry["orig_spacing"]]
     orig_origin = [float(v) for v in geometry["orig_origin"]]
-    same_grid = (list(full_shape) == orig_shape and _same_spacing(geometry["spacing"], orig_spacing)
-                 and np.allclose(np.asarray(geometry["resampled_origin"], float), orig_origin,
-                                 rtol=0, atol=1e-6 * max(orig_spacing)))
+    same_grid = (
+        list(full_shape) == orig_shape
+        and _same_spacing(geometry["spacing"], orig_spacing)
+        and np.allclose(
+            np.asarray(geometry["resampled_origin"], float),
+            orig_origin,
+            rtol=0,
+            atol=1e-6 * max(orig_spacing),
+        )
+    )
     if same_grid:
         src.SetSpacing(orig_spacing)
         src.SetOrigin(orig_origin)

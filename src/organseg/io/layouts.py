@@ -12,6 +12,7 @@ Layouts (``card.layout``):
 
 Every problem with a case is a :class:`CaseError` whose message is one line, ``"<case>: <problem> (<file>)"``.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,7 +69,7 @@ def _split_ending(name: str, endings: tuple[str, ...]) -> tuple[str, str] | None
     low = name.lower()
     for e in sorted(endings, key=len, reverse=True):
         if low.endswith(e):
-            return name[: -len(e)], name[-len(e):]
+            return name[: -len(e)], name[-len(e) :]
     return None
 
 
@@ -134,8 +135,11 @@ def _list_nnunet(root: Path) -> list[CaseFiles]:
         else:  # MSD: <case>.nii.gz (an nnU-Net _0000 file takes precedence)
             images.setdefault(stem, p)
     if extra_channels:
-        warnings.warn(f"{images_dir}: only channel _0000 (CT) is used; ignoring {len(extra_channels)} other "
-                      f"channel file(s) such as {extra_channels[0]}", stacklevel=3)
+        warnings.warn(
+            f"{images_dir}: only channel _0000 (CT) is used; ignoring {len(extra_channels)} other "
+            f"channel file(s) such as {extra_channels[0]}",
+            stacklevel=3,
+        )
     labels: dict[str, Path] = {}
     if labels_dir.is_dir():
         for p in _visible_files(labels_dir):
@@ -274,19 +278,27 @@ def read_validated_image(path: Path, case_id: str, what: str) -> sitk.Image:
     except RuntimeError as exc:
         raise CaseError(f"{case_id}: unreadable {what}: {_first_line(exc)} ({path})", case_id) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise CaseError(f"{case_id}: {what} has {image.GetNumberOfComponentsPerPixel()} components per "
-                        f"voxel; expected a scalar 3D volume ({path})", case_id)
+        raise CaseError(
+            f"{case_id}: {what} has {image.GetNumberOfComponentsPerPixel()} components per "
+            f"voxel; expected a scalar 3D volume ({path})",
+            case_id,
+        )
     dim = image.GetDimension()
     if dim == 4 and image.GetSize()[3] == 1:  # a 3D volume stored with a singleton 4th axis
         size = list(image.GetSize())
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
         dim = 3
     if dim != 3:
-        raise CaseError(f"{case_id}: {what} is {dim}D (size {tuple(image.GetSize())}); expected a 3D volume "
-                        f"({path})", case_id)
+        raise CaseError(
+            f"{case_id}: {what} is {dim}D (size {tuple(image.GetSize())}); expected a 3D volume ({path})",
+            case_id,
+        )
     if min(image.GetSize()) < 2:
-        raise CaseError(f"{case_id}: {what} is a single slice (size {tuple(image.GetSize())}); expected a 3D "
-                        f"volume ({path})", case_id)
+        raise CaseError(
+            f"{case_id}: {what} is a single slice (size {tuple(image.GetSize())}); expected a 3D "
+            f"volume ({path})",
+            case_id,
+        )
     return image
 
 
@@ -353,8 +365,9 @@ def read_case_sitk(card: DatasetCard, case: CaseFiles) -> tuple[sitk.Image, sitk
         label_zyx = _merge_structures(card, case, image)
     else:
         if case.label is None:
-            raise CaseError(f"{cid}: no label file (expected labelsTr/{cid}{_ending_of(case.image)}) "
-                            f"({case.image})", cid)
+            raise CaseError(
+                f"{cid}: no label file (expected labelsTr/{cid}{_ending_of(case.image)}) ({case.image})", cid
+            )
         raw = read_validated_image(case.label, cid, "label")
         _check_grid(cid, image, raw, "label", case.label)
         label_zyx = _map_labels(cid, sitk.GetArrayFromImage(raw), card.raw_to_class(), case.label)
@@ -371,8 +384,11 @@ def _ending_of(path: Path) -> str:
 def _merge_structures(card: DatasetCard, case: CaseFiles, image: sitk.Image) -> np.ndarray:
     cid = case.case_id
     if not case.structures:
-        raise CaseError(f"{cid}: no label file (no structure masks named in class_map under "
-                        f"{Path(card.path) / cid / 'structures'})", cid)
+        raise CaseError(
+            f"{cid}: no label file (no structure masks named in class_map under "
+            f"{Path(card.path) / cid / 'structures'})",
+            cid,
+        )
     by_index = sorted(case.structures.items(), key=lambda kv: card.index(card.class_map[kv[0]]))
     size = image.GetSize()
     label = np.zeros((size[2], size[1], size[0]), dtype=np.uint8)
@@ -388,9 +404,12 @@ def _merge_structures(card: DatasetCard, case: CaseFiles, image: sitk.Image) -> 
             overlap = int(np.count_nonzero(label[mask]))
             if overlap:
                 _overlap_warned.add(str(card.path))
-                warnings.warn(f"{cid}: structure masks overlap ({overlap} voxels under {stem}); the later "
-                              f"class index wins (further overlaps are not reported)", OverlapWarning,
-                              stacklevel=3)
+                warnings.warn(
+                    f"{cid}: structure masks overlap ({overlap} voxels under {stem}); the later "
+                    f"class index wins (further overlaps are not reported)",
+                    OverlapWarning,
+                    stacklevel=3,
+                )
         label[mask] = index
     return label
 

@@ -18,6 +18,7 @@ Contours run through the centres of an organ's boundary voxels (OpenCV). An orga
 voxel in a slice would become a one-point "polygon" that has no area in a planning system and that
 rt-utils' reader cannot rasterise; we write it as the voxel's square outline instead.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,8 @@ import copy
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -51,8 +52,10 @@ def slice_indices(label: sitk.Image, headers: Sequence) -> list[int]:
         idx = np.asarray(label.TransformPhysicalPointToContinuousIndex(ipp))
         k = int(round(idx[2]))
         if np.any(np.abs(idx - [0.0, 0.0, k]) > 0.05) or not 0 <= k < label.GetSize()[2]:
-            raise ValueError(f"{getattr(ds, 'filename', '?')}: slice position {ipp} is not on the label map's "
-                             f"grid (continuous index {np.round(idx, 3).tolist()})")
+            raise ValueError(
+                f"{getattr(ds, 'filename', '?')}: slice position {ipp} is not on the label map's "
+                f"grid (continuous index {np.round(idx, 3).tolist()})"
+            )
         out.append(k)
     return out
 
@@ -61,15 +64,16 @@ def _rt_utils_view(headers: list) -> list:
     """The series as rt-utils should see it: the first header replaced by a patched copy (see module doc)."""
     first = copy.deepcopy(headers[0])
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    first.PixelSpacing = [col_spacing, row_spacing]   # rt-utils#92: it reads them in (x, y) order
+    first.PixelSpacing = [col_spacing, row_spacing]  # rt-utils#92: it reads them in (x, y) order
     for key, default in (("StudyID", ""), ("StudyDate", ""), ("StudyTime", "")):
         if key not in first:
             setattr(first, key, default)
     return [first, *headers[1:]]
 
 
-def build_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence, *,
-                   description: str = "organseg prediction"):
+def build_rtstruct(
+    label: sitk.Image, classes: Sequence[str], headers: Sequence, *, description: str = "organseg prediction"
+):
     """An rt-utils ``RTStruct`` with one ROI (contours) per class present in ``label``.
 
     ``label`` is a class-index map on exactly the series' grid (as read by
@@ -84,8 +88,8 @@ def build_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence,
     order = rt_utils_slice_order(headers)
     series = _rt_utils_view([headers[i] for i in order])
     z = slice_indices(label, [headers[i] for i in order])
-    labels_yxz = image_to_xyz(label).transpose(1, 0, 2)[:, :, z]   # rt-utils: (rows, cols, its slices)
-    with _quiet_pydicom():   # rt-utils sets Dataset.is_little_endian/is_implicit_VR, deprecated in pydicom 3
+    labels_yxz = image_to_xyz(label).transpose(1, 0, 2)[:, :, z]  # rt-utils: (rows, cols, its slices)
+    with _quiet_pydicom():  # rt-utils sets Dataset.is_little_endian/is_implicit_VR, deprecated in pydicom 3
         ds = ds_helper.create_rtstruct_dataset(series)
     ds.Manufacturer, ds.ManufacturerModelName = "organseg", "organseg predict (rt-utils)"
     ds.InstitutionName = str(getattr(headers[0], "InstitutionName", ""))
@@ -98,8 +102,12 @@ def build_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence,
             continue
         if c >= len(classes):
             raise ValueError(f"label value {c} has no class name ({len(classes)} classes)")
-        rt.add_roi(mask=labels_yxz == c, name=str(classes[c]), description=f"organseg class {c}",
-                   roi_generation_algorithm="AUTOMATIC")
+        rt.add_roi(
+            mask=labels_yxz == c,
+            name=str(classes[c]),
+            description=f"organseg class {c}",
+            roi_generation_algorithm="AUTOMATIC",
+        )
     _tidy_contours(rt.ds, label)
     return rt
 
@@ -115,14 +123,21 @@ def _tidy_contours(ds, label: sitk.Image) -> None:
             points = np.asarray(contour.ContourData, dtype=float)
             if int(contour.NumberOfContourPoints) == 1:
                 p = points
-                points = np.concatenate([p - half_x - half_y, p + half_x - half_y, p + half_x + half_y,
-                                         p - half_x + half_y])
+                points = np.concatenate(
+                    [p - half_x - half_y, p + half_x - half_y, p + half_x + half_y, p - half_x + half_y]
+                )
                 contour.NumberOfContourPoints = 4
             contour.ContourData = [f"{v:.4f}" for v in points]
 
 
-def write_rtstruct(label: sitk.Image, classes: Sequence[str], headers: Sequence, path: str | os.PathLike, *,
-                   description: str = "organseg prediction") -> list[str]:
+def write_rtstruct(
+    label: sitk.Image,
+    classes: Sequence[str],
+    headers: Sequence,
+    path: str | os.PathLike,
+    *,
+    description: str = "organseg prediction",
+) -> list[str]:
     """Write the RTSTRUCT of ``label`` to ``path`` atomically; returns the ROI names written."""
 
     rt = build_rtstruct(label, classes, headers, description=description)

@@ -1,4 +1,5 @@
 """Atomic writers for prediction outputs: label maps (any SimpleITK format, e.g. ``.nii.gz``) and JSON."""
+
 from __future__ import annotations
 
 import json

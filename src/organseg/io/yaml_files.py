@@ -1,4 +1,5 @@
 """Reading the user's YAML files (dataset cards, sweep configs) with one-line errors naming the file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,13 @@ import yaml
 from organseg.errors import InputError
 
 
-def read_yaml_mapping(path: str | Path, error: type[Exception] = InputError, prefix: str = "",
-                      missing: str = "file not found", not_mapping: str = "expected a mapping") -> dict:
+def read_yaml_mapping(
+    path: str | Path,
+    error: type[Exception] = InputError,
+    prefix: str = "",
+    missing: str = "file not found",
+    not_mapping: str = "expected a mapping",
+) -> dict:
     """The YAML mapping in ``path``; a missing file, invalid YAML or a non-mapping raises
     ``error(f"{prefix}{path}: <problem>")``, one line."""
     path = Path(path)

@@ -13,10 +13,11 @@ there). Annotated voxels are excluded exactly: they contribute zero loss and zer
 ground truth supervises them). The term is weighted by :func:`sigmoid_rampup`, because the averaged
 models' early predictions are poor.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.transforms.utils_morphological_ops import dilate
@@ -24,8 +25,12 @@ from monai.transforms.utils_morphological_ops import dilate
 from organseg.errors import ConfigError
 
 
-def region_mask(label: torch.Tensor, labeled: torch.Tensor | None = None, pseudo: torch.Tensor | None = None,
-                dilation: int | Sequence[int] | None = None) -> torch.Tensor:
+def region_mask(
+    label: torch.Tensor,
+    labeled: torch.Tensor | None = None,
+    pseudo: torch.Tensor | None = None,
+    dilation: int | Sequence[int] | None = None,
+) -> torch.Tensor:
     """bool [B,*S]: voxels that receive the soft-label loss.
 
     Args:
@@ -46,8 +51,10 @@ def region_mask(label: torch.Tensor, labeled: torch.Tensor | None = None, pseudo
     if dilation is None:
         return mask
     if pseudo is None or labeled is None:
-        raise ValueError("region_mask: a dilated region needs pseudo-labels and labeled "
-                         "(supervision=pseudo with a data config that provides pseudo-labels)")
+        raise ValueError(
+            "region_mask: a dilated region needs pseudo-labels and labeled "
+            "(supervision=pseudo with a data config that provides pseudo-labels)"
+        )
     if isinstance(dilation, (int, float)):
         radius = [int(dilation)] * (label.ndim - 1)
     else:
@@ -72,7 +79,7 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, mask: t
     attached to ``logits``, so DDP sees every parameter used)."""
     logp = torch.log_softmax(logits.float(), dim=1)
     ce = -(target_probs.detach().float() * logp).sum(dim=1)
-    ce = torch.where(mask, ce, torch.zeros_like(ce))   # exactly zero loss and gradient outside M
+    ce = torch.where(mask, ce, torch.zeros_like(ce))  # exactly zero loss and gradient outside M
     return ce.sum() / mask.sum().clamp_min(1)
 
 

@@ -1,4 +1,5 @@
 """Heatmap regression loss for SOL-Net (FocusNetV2 small-organ centre heatmaps)."""
+
 from __future__ import annotations
 
 import torch

@@ -9,9 +9,10 @@ of *this* dataset's organs". Two ways to avoid teaching "unannotated organ = bac
   probabilities of background and of every unannotated class are summed into one "merged
   background" before the focal + Dice loss, so the net is never told *which* of those it is.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -36,16 +37,21 @@ def merge_pseudo_labels(label: torch.Tensor, labeled: torch.Tensor, pseudo: torc
     own organs), else 0.
     """
     if label.shape != pseudo.shape:
-        raise ValueError(f"merge_pseudo_labels: label {tuple(label.shape)} and pseudo {tuple(pseudo.shape)} differ")
+        raise ValueError(
+            f"merge_pseudo_labels: label {tuple(label.shape)} and pseudo {tuple(pseudo.shape)} differ"
+        )
     if labeled.ndim != 2 or labeled.shape[0] != label.shape[0]:
-        raise ValueError(f"merge_pseudo_labels: labeled must be [B,C] with B={label.shape[0]}, "
-                         f"got {tuple(labeled.shape)}")
+        raise ValueError(
+            f"merge_pseudo_labels: labeled must be [B,C] with B={label.shape[0]}, got {tuple(labeled.shape)}"
+        )
     label = label.long()
     pseudo = pseudo.long()
     num_classes = labeled.shape[1]
     if pseudo.numel() and (int(pseudo.min()) < 0 or int(pseudo.max()) >= num_classes):
-        raise ValueError(f"merge_pseudo_labels: pseudo-labels outside [0, {num_classes}) "
-                         f"(range {int(pseudo.min())}..{int(pseudo.max())})")
+        raise ValueError(
+            f"merge_pseudo_labels: pseudo-labels outside [0, {num_classes}) "
+            f"(range {int(pseudo.min())}..{int(pseudo.max())})"
+        )
     annotated = labeled.bool().clone()
     annotated[:, 0] = True  # a pseudo "background" never changes anything
     flat = pseudo.reshape(pseudo.shape[0], -1)
@@ -88,15 +94,27 @@ class MarginalFocalDiceLoss(nn.Module):
     samples that annotate c plus the "absent" voxels of the others.
     """
 
-    def __init__(self, num_classes: int, class_weights: Sequence[float] | None = None, gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 1.0, dice_include_background: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        class_weights: Sequence[float] | None = None,
+        gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        dice_include_background: bool = False,
+    ):
         super().__init__()
         self.num_classes = num_classes
         # reuse the exact MONAI pieces of the full-label loss: the merged log-probabilities are a
         # normalised distribution, so their softmax / log_softmax returns them unchanged
-        self.inner = FocalDiceLoss(num_classes, class_weights=class_weights, gamma=gamma,
-                                   focal_weight=focal_weight, dice_weight=dice_weight,
-                                   dice_include_background=dice_include_background)
+        self.inner = FocalDiceLoss(
+            num_classes,
+            class_weights=class_weights,
+            gamma=gamma,
+            focal_weight=focal_weight,
+            dice_weight=dice_weight,
+            dice_include_background=dice_include_background,
+        )
 
     @property
     def focal(self) -> nn.Module:
@@ -107,7 +125,9 @@ class MarginalFocalDiceLoss(nn.Module):
     def dice(self) -> nn.Module:
         return self.inner.dice
 
-    def forward(self, logits: torch.Tensor, label: torch.Tensor, labeled: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, logits: torch.Tensor, label: torch.Tensor, labeled: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """logits [B,C,*S]; label int [B,*S] (unannotated organs 0); labeled bool [B,C]."""
         if logits.shape[1] != self.num_classes:
             raise ValueError(f"logits have {logits.shape[1]} channels, expected {self.num_classes}")

@@ -4,9 +4,10 @@ MONAI's ``DiceFocalLoss`` builds its focal term without ``use_softmax`` (sigmoid
 MONAI #8242), which is wrong for mutually exclusive organ labels, so the two MONAI terms are
 combined here by hand, and each is returned separately so it can be logged on its own.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,8 +29,9 @@ def class_weights_from_counts(counts: Sequence[float], mode: str = "inverse_sqrt
         return [1.0] * len(counts)
     power = {"inverse_frequency": 1.0, "inverse_sqrt_frequency": 0.5}.get(mode)
     if power is None:
-        raise ConfigError(f"class_weights: unknown mode {mode!r} "
-                          "(uniform, inverse_frequency, inverse_sqrt_frequency)")
+        raise ConfigError(
+            f"class_weights: unknown mode {mode!r} (uniform, inverse_frequency, inverse_sqrt_frequency)"
+        )
     freq = counts / max(counts.sum(), 1.0)
     w = np.zeros_like(freq)
     w[freq > 0] = freq[freq > 0] ** -power
@@ -49,8 +51,15 @@ class FocalDiceLoss(nn.Module):
     produce a 0/0 term, which stabilises training on rare classes.
     """
 
-    def __init__(self, num_classes: int, class_weights: Sequence[float] | None = None, gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 1.0, dice_include_background: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        class_weights: Sequence[float] | None = None,
+        gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        dice_include_background: bool = False,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.focal_weight = focal_weight
@@ -58,14 +67,25 @@ class FocalDiceLoss(nn.Module):
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         if weight is not None and weight.numel() != num_classes:
             raise ConfigError(f"class_weights has {weight.numel()} entries, expected {num_classes}")
-        self.focal = FocalLoss(include_background=True, to_onehot_y=True, gamma=gamma, weight=weight,
-                               use_softmax=True)
-        self.dice = DiceLoss(include_background=dice_include_background, to_onehot_y=True, softmax=True,
-                             batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.focal = FocalLoss(
+            include_background=True, to_onehot_y=True, gamma=gamma, weight=weight, use_softmax=True
+        )
+        self.dice = DiceLoss(
+            include_background=dice_include_background,
+            to_onehot_y=True,
+            softmax=True,
+            batch=True,
+            smooth_nr=1e-5,
+            smooth_dr=1e-5,
+        )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """logits [B,C,*S]; target int64 [B,*S] (class indices)."""
         y = target.long().unsqueeze(1)
         focal = self.focal(logits, y)
         dice = self.dice(logits, y)
-        return {"loss": self.focal_weight * focal + self.dice_weight * dice, "loss_focal": focal, "loss_dice": dice}
+        return {
+            "loss": self.focal_weight * focal + self.dice_weight * dice,
+            "loss_focal": focal,
+            "loss_dice": dice,
+        }

@@ -14,6 +14,7 @@ Training loop this is written for (two optimisers, manual optimisation):
 mid-step), the gradient still flows through the network into the prediction, and the AE/head
 parameters get no ``.grad`` at all, so the segmenter step cannot leak into the discriminator.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,14 @@ def _embed(ae, masks: torch.Tensor, kind: str, detach_ae: bool) -> list[torch.Te
     return out
 
 
-def shape_loss(ae: nn.Module, pred_probs: torch.Tensor, true_onehot: torch.Tensor, kind: str = "code_l2",
-               detach_ae: bool = True, code_weight: float = 5.0) -> torch.Tensor:
+def shape_loss(
+    ae: nn.Module,
+    pred_probs: torch.Tensor,
+    true_onehot: torch.Tensor,
+    kind: str = "code_l2",
+    detach_ae: bool = True,
+    code_weight: float = 5.0,
+) -> torch.Tensor:
     """Distance between the shape-AE embeddings of predicted and true masks (``loss_shape``).
 
     ``pred_probs`` / ``true_onehot``: [B, K, *roi] (probabilities / one-hot or binary masks). Zero
@@ -84,8 +91,9 @@ def shape_loss(ae: nn.Module, pred_probs: torch.Tensor, true_onehot: torch.Tenso
     if kind not in ("code_l2", "features", "recon"):
         raise ConfigError(f"shape_loss: unknown kind {kind!r} (code_l2, features, recon)")
     if pred_probs.shape != true_onehot.shape:
-        raise ValueError(f"pred {tuple(pred_probs.shape)} and true {tuple(true_onehot.shape)} "
-                         "differ in shape")
+        raise ValueError(
+            f"pred {tuple(pred_probs.shape)} and true {tuple(true_onehot.shape)} differ in shape"
+        )
     pred = _ae_input(pred_probs, ae.in_channels)
     true = _ae_input(true_onehot, ae.in_channels)
     emb_pred = _embed(ae, pred, kind, detach_ae)
@@ -109,8 +117,9 @@ def reconstruction_loss(ae: nn.Module, masks: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(recon, x)
 
 
-def discriminator_logits(ae: nn.Module, disc: nn.Module, masks: torch.Tensor,
-                         frozen: bool = False) -> torch.Tensor:
+def discriminator_logits(
+    ae: nn.Module, disc: nn.Module, masks: torch.Tensor, frozen: bool = False
+) -> torch.Tensor:
     """Real/fake logits ``disc(ae.encode(masks))`` ([B*K] for a shared single-channel AE).
     ``frozen=True`` for the segmenter step: gradient into ``masks`` only."""
     x = _ae_input(masks, ae.in_channels)
@@ -119,8 +128,9 @@ def discriminator_logits(ae: nn.Module, disc: nn.Module, masks: torch.Tensor,
     return disc(ae.encode(x))
 
 
-def adversarial_losses(disc_logits_real: torch.Tensor | None,
-                       disc_logits_fake: torch.Tensor) -> dict[str, torch.Tensor]:
+def adversarial_losses(
+    disc_logits_real: torch.Tensor | None, disc_logits_fake: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Standard non-saturating GAN losses with BCE-with-logits:
 
     - ``loss_disc`` = ``(BCE(real, 1) + BCE(fake, 0)) / 2``: the discriminator's loss (compute
@@ -132,6 +142,8 @@ def adversarial_losses(disc_logits_real: torch.Tensor | None,
     out = {"loss_adv": F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))}
     if disc_logits_real is not None:
         real = disc_logits_real.float()
-        out["loss_disc"] = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                                  + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        out["loss_disc"] = 0.5 * (
+            F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+            + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        )
     return out

@@ -29,13 +29,15 @@ DDP: the averaged models' parameters do not require grad, so DDP neither reduces
 for them; both nets get gradients every step, so plain ``ddp`` (find_unused_parameters=False) works.
 The averages are updated on every rank from identical (all-reduced) weights, so they stay identical.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -44,19 +46,20 @@ from organseg.errors import ConfigError
 from organseg.losses import FocalDiceLoss
 from organseg.losses.cotraining import region_mask, sigmoid_rampup, soft_cross_entropy
 from organseg.losses.partial_labels import MarginalFocalDiceLoss, merge_pseudo_labels
-from organseg.networks import build_unet
-from organseg.networks.weight_averaging import weight_averaged
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
 from organseg.methods.checkpoints import CHECKPOINT_KEY
 from organseg.methods.unet_baseline import adamw_poly, initial_class_weights, resolve_class_weights
+from organseg.networks import build_unet
+from organseg.networks.weight_averaging import weight_averaged
 
 SUPERVISION = ("pseudo", "marginal", "naive")
 NETS = ("net_a", "net_b")
 WAMS = ("wam_a", "wam_b")
 
 
-def build_network(num_classes: int, filters: Sequence[int], strides: Sequence[Sequence[int]],
-                  network: dict | None = None) -> nn.Module:
+def build_network(
+    num_classes: int, filters: Sequence[int], strides: Sequence[Sequence[int]], network: dict | None = None
+) -> nn.Module:
     """The default DynUNet (``build_unet``), or ``network = {class_path, init_args}`` (e.g.
     ``organseg.networks.snet.SNet``) with ``num_classes`` (or ``out_channels``) filled in."""
     if network is None:
@@ -93,19 +96,33 @@ class CoTrainingWAM(SegmentationModuleBase):
             Gaussian noise std (image units, [-1, 1] HU window); 0 = both nets see the same input.
     """
 
-    def __init__(self, num_classes: int, classes: Sequence[str] | None = None,
-                 patch_size: Sequence[int] = (96, 96, 32),
-                 filters: Sequence[int] = (16, 32, 64, 128),
-                 strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
-                 network: dict | None = None, init_seeds: Sequence[int] = (0, 1),
-                 supervision: Literal["pseudo", "marginal", "naive"] = "pseudo",
-                 lr: float = 2e-3, weight_decay: float = 1e-5, max_epochs_for_schedule: int | None = None,
-                 class_weights: str | list[float] = "inverse_sqrt_frequency", focal_gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 1.0,
-                 ema_decay: float = 0.999, soft_weight: float = 0.5, soft_rampup_steps: int = 1000,
-                 mask_dilation: int | list[int] | None = None,
-                 view_contrast: float = 0.0, view_noise_std: float = 0.0,
-                 sw_overlap: float = 0.5, sw_batch_size: int = 2, hd95_every_n_epochs: int = 1):
+    def __init__(
+        self,
+        num_classes: int,
+        classes: Sequence[str] | None = None,
+        patch_size: Sequence[int] = (96, 96, 32),
+        filters: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+        network: dict | None = None,
+        init_seeds: Sequence[int] = (0, 1),
+        supervision: Literal["pseudo", "marginal", "naive"] = "pseudo",
+        lr: float = 2e-3,
+        weight_decay: float = 1e-5,
+        max_epochs_for_schedule: int | None = None,
+        class_weights: str | list[float] = "inverse_sqrt_frequency",
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        ema_decay: float = 0.999,
+        soft_weight: float = 0.5,
+        soft_rampup_steps: int = 1000,
+        mask_dilation: int | list[int] | None = None,
+        view_contrast: float = 0.0,
+        view_noise_std: float = 0.0,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        hd95_every_n_epochs: int = 1,
+    ):
         super().__init__(num_classes, classes, patch_size, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
         if supervision not in SUPERVISION:
@@ -116,8 +133,9 @@ class CoTrainingWAM(SegmentationModuleBase):
         if soft_weight < 0 or view_contrast < 0 or view_noise_std < 0:
             raise ConfigError("model soft_weight, view_contrast and view_noise_std must be >= 0")
         if mask_dilation is not None and supervision != "pseudo":
-            raise ConfigError("model mask_dilation needs supervision=pseudo (it dilates the pseudo-labelled "
-                              "organs)")
+            raise ConfigError(
+                "model mask_dilation needs supervision=pseudo (it dilates the pseudo-labelled organs)"
+            )
         self.supervision = supervision
         # different initialisations, independent of the global seed (and identical on every DDP rank)
         for name, seed in zip(NETS, seeds):
@@ -131,8 +149,9 @@ class CoTrainingWAM(SegmentationModuleBase):
         self.register_buffer("selected", torch.zeros((), dtype=torch.long))
         weights = initial_class_weights(class_weights, num_classes)
         loss_cls = MarginalFocalDiceLoss if supervision == "marginal" else FocalDiceLoss
-        self.loss_fn = loss_cls(num_classes, weights, gamma=focal_gamma, focal_weight=focal_weight,
-                                dice_weight=dice_weight)
+        self.loss_fn = loss_cls(
+            num_classes, weights, gamma=focal_gamma, focal_weight=focal_weight, dice_weight=dice_weight
+        )
         self._wam_rows: dict[str, list[dict]] = {k: [] for k in WAMS}
         self._wam_dice: dict[str, float] = {}
         self._eval_index: int | None = None
@@ -150,7 +169,7 @@ class CoTrainingWAM(SegmentationModuleBase):
     def train(self, mode: bool = True):
         super().train(mode)
         for wam in self.averaged:
-            wam.eval()       # teachers/deployed models: never dropout, BN on (copied) running statistics
+            wam.eval()  # teachers/deployed models: never dropout, BN on (copied) running statistics
         return self
 
     def setup(self, stage: str) -> None:
@@ -159,9 +178,11 @@ class CoTrainingWAM(SegmentationModuleBase):
         pseudo = getattr(dm, "pseudo_labels", None)
         no_pseudo = pseudo is not None and all(p is None for p in pseudo)
         if stage == "fit" and self.supervision == "pseudo" and no_pseudo:
-            raise ConfigError("model supervision=pseudo but the data config has no pseudo_labels (files from "
-                              "`organseg pseudolabel`, e.g. data_modules/abdomen_fewlabel_pseudo.yaml); "
-                              "or use --model.init_args.supervision=marginal")
+            raise ConfigError(
+                "model supervision=pseudo but the data config has no pseudo_labels (files from "
+                "`organseg pseudolabel`, e.g. data_modules/abdomen_fewlabel_pseudo.yaml); "
+                "or use --model.init_args.supervision=marginal"
+            )
         focal_dice = self.loss_fn.inner if isinstance(self.loss_fn, MarginalFocalDiceLoss) else self.loss_fn
         resolve_class_weights(self, focal_dice, self.hparams.class_weights, stage)
 
@@ -195,9 +216,11 @@ class CoTrainingWAM(SegmentationModuleBase):
         """The hard target of the focal + Dice terms (``pseudo``: GT + pseudo-labels; else the label)."""
         if self.supervision == "pseudo":
             if "pseudo" not in batch:
-                raise ConfigError("model supervision=pseudo: the batch has no 'pseudo' labels; use a data "
-                                  "config with data.init_args.pseudo_labels (`organseg pseudolabel`), or "
-                                  "supervision=marginal")
+                raise ConfigError(
+                    "model supervision=pseudo: the batch has no 'pseudo' labels; use a data "
+                    "config with data.init_args.pseudo_labels (`organseg pseudolabel`), or "
+                    "supervision=marginal"
+                )
             return merge_pseudo_labels(batch["label"], batch["labeled"], batch["pseudo"])
         return batch["label"]
 
@@ -215,11 +238,13 @@ class CoTrainingWAM(SegmentationModuleBase):
         x, label, labeled = batch["image"], batch["label"], batch["labeled"].bool()
         target = self.supervised_target(batch)
         views = (self._view(x), self._view(x))
-        logits = (self.net_a(views[0]), self.net_b(views[1]))     # one forward per network
+        logits = (self.net_a(views[0]), self.net_b(views[1]))  # one forward per network
         w = self.soft_weight_now()
         mask = region_mask(label, labeled, batch.get("pseudo"), self.hparams.mask_dilation)
-        out: dict[str, torch.Tensor] = {"mask_fraction": mask.float().mean(),
-                                        "soft_weight": torch.tensor(w, device=x.device)}
+        out: dict[str, torch.Tensor] = {
+            "mask_fraction": mask.float().mean(),
+            "soft_weight": torch.tensor(w, device=x.device),
+        }
         teachers = (None, None)
         if self.hparams.soft_weight > 0:
             with torch.no_grad():
@@ -227,13 +252,17 @@ class CoTrainingWAM(SegmentationModuleBase):
         total = focal = dice = soft = 0.0
         for k, name in enumerate(NETS):
             terms = self.supervised_loss(logits[k], target, labeled)
-            peer = teachers[1 - k]                                 # F_a <- E_b, F_b <- E_a
+            peer = teachers[1 - k]  # F_a <- E_b, F_b <- E_a
             s = soft_cross_entropy(logits[k], peer, mask) if peer is not None else logits[k].sum() * 0.0
             out[f"{name}/loss_focal"], out[f"{name}/loss_dice"] = terms["loss_focal"], terms["loss_dice"]
             out[f"{name}/loss_soft"] = s
             out[f"{name}/loss"] = terms["loss"] + w * s
-            total, focal, dice, soft = (total + out[f"{name}/loss"], focal + terms["loss_focal"],
-                                        dice + terms["loss_dice"], soft + s)
+            total, focal, dice, soft = (
+                total + out[f"{name}/loss"],
+                focal + terms["loss_focal"],
+                dice + terms["loss_dice"],
+                soft + s,
+            )
         out.update(loss=total, loss_focal=focal, loss_dice=dice, loss_soft=soft)
         return out
 
@@ -245,7 +274,7 @@ class CoTrainingWAM(SegmentationModuleBase):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.update_averages()       # after every optimiser step (not every batch under accumulation)
+        self.update_averages()  # after every optimiser step (not every batch under accumulation)
 
     @torch.no_grad()
     def update_averages(self) -> None:
@@ -253,14 +282,15 @@ class CoTrainingWAM(SegmentationModuleBase):
             wam.update_parameters(net)
 
     def configure_optimizers(self):
-        params = [*self.net_a.parameters(), *self.net_b.parameters()]    # never the averaged models
-        return adamw_poly(self, params, self.hparams.lr, self.hparams.weight_decay,
-                          self.hparams.max_epochs_for_schedule)
+        params = [*self.net_a.parameters(), *self.net_b.parameters()]  # never the averaged models
+        return adamw_poly(
+            self, params, self.hparams.lr, self.hparams.weight_decay, self.hparams.max_epochs_for_schedule
+        )
 
     # ---------------------------------------------------------------- validation: both averaged models
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         hd95 = self._with_hd95()
-        first = int(self.selected)           # the currently selected model first (it feeds any W&B images)
+        first = int(self.selected)  # the currently selected model first (it feeds any W&B images)
         for index in (first, 1 - first):
             name = WAMS[index]
             with self._evaluating(index):
@@ -269,7 +299,7 @@ class CoTrainingWAM(SegmentationModuleBase):
     def on_validation_epoch_end(self) -> None:
         local, self._wam_rows = self._wam_rows, {k: [] for k in WAMS}
         gathered = {}
-        for name in WAMS:                         # every rank gathers, in the same order
+        for name in WAMS:  # every rank gathers, in the same order
             self._rows = list(local[name])
             gathered[name] = self._gather_rows()
         if not gathered[WAMS[0]] or self.trainer.sanity_checking:
@@ -289,15 +319,20 @@ class CoTrainingWAM(SegmentationModuleBase):
             if math.isnan(mine) or (not math.isnan(theirs) and theirs > mine):
                 self.selected.fill_(other)
         self.log("val/selected", float(self.selected), sync_dist=False)
-        self.print(f"epoch {self.current_epoch}: averaged models val/dice_mean wam_a {a:.3f}, wam_b {b:.3f}; "
-                   f"selected {self.selected_name}")
-        self._rows = list(local[self.selected_name])    # base logs val/dice/* of the selected model
+        self.print(
+            f"epoch {self.current_epoch}: averaged models val/dice_mean wam_a {a:.3f}, wam_b {b:.3f}; "
+            f"selected {self.selected_name}"
+        )
+        self._rows = list(local[self.selected_name])  # base logs val/dice/* of the selected model
         super().on_validation_epoch_end()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY]["cowam"] = {"selected": self.selected_name, "averaged_models": list(WAMS),
-                                              "val_dice_mean": dict(self._wam_dice)}
+        checkpoint[CHECKPOINT_KEY]["cowam"] = {
+            "selected": self.selected_name,
+            "averaged_models": list(WAMS),
+            "val_dice_mean": dict(self._wam_dice),
+        }
 
 
 def _nan_if_none(x) -> float:

@@ -6,10 +6,11 @@
 - self-training: :class:`SelfTrainingUNet`, ground truth + fixed hard pseudo-labels (batch ``pseudo``);
 - marginal loss: :class:`MarginalUNet`, Shi et al. 2021's merged-background focal + Dice.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -28,19 +29,48 @@ class MarginalUNet(UNetBaseline):
 
     # the signature is UNetBaseline's, spelled out: LightningCLI links arguments and restores checkpoints
     # by the class's own signature, which *args/**kwargs would hide
-    def __init__(self, num_classes: int, classes: Sequence[str] | None = None,
-                 patch_size: Sequence[int] = (96, 96, 32),
-                 filters: Sequence[int] = (16, 32, 64, 128),
-                 strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
-                 lr: float = 2e-3, weight_decay: float = 1e-5, max_epochs_for_schedule: int | None = None,
-                 class_weights: str | list[float] = "inverse_sqrt_frequency", focal_gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 1.0,
-                 sw_overlap: float = 0.5, sw_batch_size: int = 2, hd95_every_n_epochs: int = 1):
-        super().__init__(num_classes, classes, patch_size, filters, strides, lr, weight_decay,
-                         max_epochs_for_schedule, class_weights, focal_gamma, focal_weight, dice_weight,
-                         sw_overlap, sw_batch_size, hd95_every_n_epochs)
-        self.loss_fn = MarginalFocalDiceLoss(self.num_classes, list(self.loss_fn.focal.class_weight.tolist()),
-                                             gamma=focal_gamma, focal_weight=focal_weight, dice_weight=dice_weight)
+    def __init__(
+        self,
+        num_classes: int,
+        classes: Sequence[str] | None = None,
+        patch_size: Sequence[int] = (96, 96, 32),
+        filters: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+        lr: float = 2e-3,
+        weight_decay: float = 1e-5,
+        max_epochs_for_schedule: int | None = None,
+        class_weights: str | list[float] = "inverse_sqrt_frequency",
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        hd95_every_n_epochs: int = 1,
+    ):
+        super().__init__(
+            num_classes,
+            classes,
+            patch_size,
+            filters,
+            strides,
+            lr,
+            weight_decay,
+            max_epochs_for_schedule,
+            class_weights,
+            focal_gamma,
+            focal_weight,
+            dice_weight,
+            sw_overlap,
+            sw_batch_size,
+            hd95_every_n_epochs,
+        )
+        self.loss_fn = MarginalFocalDiceLoss(
+            self.num_classes,
+            list(self.loss_fn.focal.class_weight.tolist()),
+            gamma=focal_gamma,
+            focal_weight=focal_weight,
+            dice_weight=dice_weight,
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_fn(self(batch["image"]), batch["label"], batch["labeled"])
@@ -53,8 +83,10 @@ class SelfTrainingUNet(UNetBaseline):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "pseudo" not in batch:
-            raise ConfigError("SelfTrainingUNet needs pseudo-labels in the batch: set "
-                              "data.init_args.pseudo_labels (files from `organseg pseudolabel`)")
+            raise ConfigError(
+                "SelfTrainingUNet needs pseudo-labels in the batch: set "
+                "data.init_args.pseudo_labels (files from `organseg pseudolabel`)"
+            )
         target = merge_pseudo_labels(batch["label"], batch["labeled"], batch["pseudo"])
         return _log_terms(self, self.loss_fn(self(batch["image"]), target), batch)
 
@@ -69,8 +101,9 @@ def checkpoint_organs(extra: dict, where: str) -> list[str]:
     """Organs a checkpoint's model was trained to segment: the union of its cards' ``labeled``."""
     cards = extra.get("cards") or []
     if not cards:
-        raise CheckpointError(f"checkpoint {where}: carries no dataset card, so which organs it annotates "
-                              f"is unknown")
+        raise CheckpointError(
+            f"checkpoint {where}: carries no dataset card, so which organs it annotates is unknown"
+        )
     organs: list[str] = []
     for c in cards:
         organs += [o for o in c.get("labeled", []) if o not in organs]
@@ -89,23 +122,33 @@ class MultiModel(SegmentationModuleBase):
         device: where the experts are loaded (Lightning moves them afterwards).
     """
 
-    def __init__(self, num_classes: int, classes: Sequence[str] | None = None,
-                 patch_size: Sequence[int] = (96, 96, 32), checkpoints: Sequence[str] = (),
-                 exclude_organs: Iterable[str] = (), device: str = "cpu",
-                 sw_overlap: float = 0.5, sw_batch_size: int = 2, hd95_every_n_epochs: int = 1):
+    def __init__(
+        self,
+        num_classes: int,
+        classes: Sequence[str] | None = None,
+        patch_size: Sequence[int] = (96, 96, 32),
+        checkpoints: Sequence[str] = (),
+        exclude_organs: Iterable[str] = (),
+        device: str = "cpu",
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        hd95_every_n_epochs: int = 1,
+    ):
         super().__init__(num_classes, classes, patch_size, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
 
         if not checkpoints:
-            raise ConfigError("MultiModel: checkpoints is empty "
-                              "(give the single-dataset models' checkpoints)")
+            raise ConfigError(
+                "MultiModel: checkpoints is empty (give the single-dataset models' checkpoints)"
+            )
         exclude = set(exclude_organs)
         experts, self.expert_organs, self.expert_organ_names, self.expert_checkpoints = [], [], [], []
         for path in checkpoints:
             model, extra = load_module(path, device)
             if list(model.classes) != self.classes:
-                raise CheckpointError(f"checkpoint {path}: classes {model.classes} "
-                                      f"differ from {self.classes}")
+                raise CheckpointError(
+                    f"checkpoint {path}: classes {model.classes} differ from {self.classes}"
+                )
             organs = [o for o in checkpoint_organs(extra, str(path)) if o not in exclude]
             if not organs:
                 continue
@@ -118,10 +161,24 @@ class MultiModel(SegmentationModuleBase):
             p.requires_grad_(False)
 
     @classmethod
-    def from_checkpoints(cls, checkpoints: Sequence[str], classes: Sequence[str],
-                         exclude_organs: Iterable[str] = (), device: str = "cpu") -> "MultiModel":
-        return cls(len(classes), list(classes), checkpoints=[os.fspath(c) for c in checkpoints],
-                   exclude_organs=list(exclude_organs), device=device).eval().to(device)
+    def from_checkpoints(
+        cls,
+        checkpoints: Sequence[str],
+        classes: Sequence[str],
+        exclude_organs: Iterable[str] = (),
+        device: str = "cpu",
+    ) -> MultiModel:
+        return (
+            cls(
+                len(classes),
+                list(classes),
+                checkpoints=[os.fspath(c) for c in checkpoints],
+                exclude_organs=list(exclude_organs),
+                device=device,
+            )
+            .eval()
+            .to(device)
+        )
 
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
@@ -130,8 +187,14 @@ class MultiModel(SegmentationModuleBase):
         out = torch.zeros((image.shape[0], *image.shape[2:]), dtype=torch.uint8, device=image.device)
         best = torch.zeros(out.shape, dtype=torch.float32, device=image.device)
         for expert, organs in zip(self.experts, self.expert_organs):
-            probs = predict_probabilities(expert, image, expert.patch_size, overlap=expert.sw_overlap,
-                                          sw_batch_size=expert.sw_batch_size, progress=progress)
+            probs = predict_probabilities(
+                expert,
+                image,
+                expert.patch_size,
+                overlap=expert.sw_overlap,
+                sw_batch_size=expert.sw_batch_size,
+                progress=progress,
+            )
             winner = probs.argmax(1)
             for c in organs:
                 take = (winner == c) & (probs[:, c] > best)
@@ -143,8 +206,10 @@ class MultiModel(SegmentationModuleBase):
         raise NotImplementedError("MultiModel has no single forward pass; use predict_case")
 
     def training_step(self, batch: dict, batch_idx: int):
-        raise ConfigError("MultiModel combines trained checkpoints and cannot be trained; train each "
-                          "single-dataset model with experiments/cowam/single_dataset.yaml")
+        raise ConfigError(
+            "MultiModel combines trained checkpoints and cannot be trained; train each "
+            "single-dataset model with experiments/cowam/single_dataset.yaml"
+        )
 
     def configure_optimizers(self):
         return None

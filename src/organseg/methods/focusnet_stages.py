@@ -53,12 +53,13 @@ Conventions and choices:
   detached predictions, so each backward touches a disjoint parameter set: use
   ``trainer.strategy: ddp_find_unused_parameters_true`` (see experiments/focusnetv2/joint.yaml).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,20 +69,20 @@ from monai.losses import DiceLoss, FocalLoss
 
 from organseg.errors import CheckpointError, ConfigError
 from organseg.inference.locate_zoom_paste import check_small_organs_from, predict_focusnet
-from organseg.spatial.roi import crop_rois
 from organseg.losses import FocalDiceLoss
 from organseg.losses.heatmap import HeatmapMSELoss
 from organseg.losses.shape import adversarial_losses, discriminator_logits, reconstruction_loss, shape_loss
-from organseg.networks.focusnetv2 import FocusNetArchitecture
-from organseg.spatial.heatmaps import decode_centres
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
 from organseg.methods.checkpoints import CHECKPOINT_KEY, read_checkpoint
 from organseg.methods.unet_baseline import adamw_poly, initial_class_weights, resolve_class_weights
+from organseg.networks.focusnetv2 import FocusNetArchitecture
+from organseg.spatial.heatmaps import decode_centres
+from organseg.spatial.roi import crop_rois
 
 # the H&N card's small organs (data_modules/cards/hn_phantom.yaml), the default when none are given
 DEFAULT_SMALL_ORGANS = ["lens_l", "lens_r", "optic_nerve_l", "optic_nerve_r", "chiasm", "pituitary"]
 PARTS = ("snet", "sol", "sos", "shape_ae", "disc")
-DEFAULT_ARCHITECTURE = FocusNetArchitecture()   # = experiments/focusnetv2/architecture.yaml
+DEFAULT_ARCHITECTURE = FocusNetArchitecture()  # = experiments/focusnetv2/architecture.yaml
 
 
 class FocusNetStageBase(SegmentationModuleBase):
@@ -104,25 +105,35 @@ class FocusNetStageBase(SegmentationModuleBase):
     """
 
     trainable: tuple[str, ...] = ()
-    init_parts: tuple[str, ...] = ()          # container parts loaded from ``init_from``
-    init_kinds: tuple[str, ...] = ()          # stage class names accepted as ``init_from``
+    init_parts: tuple[str, ...] = ()  # container parts loaded from ``init_from``
+    init_kinds: tuple[str, ...] = ()  # stage class names accepted as ``init_from``
     log_localisation = True
 
-    def __init__(self, *, architecture: FocusNetArchitecture = DEFAULT_ARCHITECTURE,
-                 small_organs: list[str] | None = None, spacing: list[float] = (1.0, 1.0, 3.0),
-                 init_from: str | None = None, loc_threshold: float = 0.3, lr: float = 1e-3,
-                 weight_decay: float = 1e-5, max_epochs_for_schedule: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        architecture: FocusNetArchitecture = DEFAULT_ARCHITECTURE,
+        small_organs: list[str] | None = None,
+        spacing: list[float] = (1.0, 1.0, 3.0),
+        init_from: str | None = None,
+        loc_threshold: float = 0.3,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        max_epochs_for_schedule: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         # one call for the whole stage: Lightning collects the arguments of every __init__ up the chain
         self.save_hyperparameters()
         self.architecture = FocusNetArchitecture.of(architecture)
-        self.hparams["architecture"] = self.architecture.as_dict()   # plain values in checkpoints and logs
+        self.hparams["architecture"] = self.architecture.as_dict()  # plain values in checkpoints and logs
         if small_organs is None:
             small_organs = [o for o in DEFAULT_SMALL_ORGANS if o in self.classes]
         unknown = [o for o in small_organs if o not in self.classes]
         if unknown or not small_organs:
-            raise ConfigError(f"small_organs {list(small_organs)}: unknown {unknown} or empty "
-                              f"(classes: {self.classes})")
+            raise ConfigError(
+                f"small_organs {list(small_organs)}: unknown {unknown} or empty (classes: {self.classes})"
+            )
         self.small_organs = list(small_organs)
         self.small_classes = [self.classes.index(o) for o in self.small_organs]
         self.spacing = [float(s) for s in spacing]
@@ -146,7 +157,7 @@ class FocusNetStageBase(SegmentationModuleBase):
     def train(self, mode: bool = True):
         super().train(mode)
         for name in self.frozen_parts:
-            getattr(self.focusnet, name).eval()   # frozen norms/statistics never drift
+            getattr(self.focusnet, name).eval()  # frozen norms/statistics never drift
         return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -158,13 +169,18 @@ class FocusNetStageBase(SegmentationModuleBase):
         dm = getattr(self._trainer, "datamodule", None)
         if stage == "fit" and dm is not None and hasattr(dm, "small_organs"):
             if list(dm.small_organs) != self.small_organs:
-                raise ConfigError(f"model small_organs {self.small_organs} differ from the data's "
-                                  f"{list(dm.small_organs)} (heatmap channel order); set/link model "
-                                  f"small_organs")
+                raise ConfigError(
+                    f"model small_organs {self.small_organs} differ from the data's "
+                    f"{list(dm.small_organs)} (heatmap channel order); set/link model "
+                    f"small_organs"
+                )
             card_spacing = [list(c.target_spacing) for c in getattr(dm, "cards", []) if c.target_spacing]
             if card_spacing and any([float(v) for v in s] != self.spacing for s in card_spacing):
-                warnings.warn(f"model spacing {self.spacing} differs from the card target_spacing "
-                              f"{card_spacing[0]}: roi_mm is converted with the model's; set model.init_args.spacing")
+                warnings.warn(
+                    f"model spacing {self.spacing} differs from the card target_spacing "
+                    f"{card_spacing[0]}: roi_mm is converted with the model's; set model.init_args.spacing",
+                    stacklevel=2,
+                )
         if stage == "fit" and not self._init_loaded:
             self.load_init()
 
@@ -191,10 +207,15 @@ class FocusNetStageBase(SegmentationModuleBase):
         if theirs is None or theirs == mine:
             return
         keys = [*mine, *(k for k in theirs if k not in mine)]
-        diff = "; ".join(f"{k} {_flow(theirs.get(k))} vs {_flow(mine.get(k))}"
-                         for k in keys if theirs.get(k) != mine.get(k))
-        raise CheckpointError(f"checkpoint {path}: architecture {_flow(theirs)} differs from this stage's "
-                              f"{_flow(mine)} ({diff})")
+        diff = "; ".join(
+            f"{k} {_flow(theirs.get(k))} vs {_flow(mine.get(k))}"
+            for k in keys
+            if theirs.get(k) != mine.get(k)
+        )
+        raise CheckpointError(
+            f"checkpoint {path}: architecture {_flow(theirs)} differs from this stage's "
+            f"{_flow(mine)} ({diff})"
+        )
 
     def load_parts(self, path: str | Path, parts: Sequence[str], kinds: Sequence[str]) -> None:
         """Copy container ``parts`` from a stage checkpoint at ``path`` whose module class name is one
@@ -204,26 +225,33 @@ class FocusNetStageBase(SegmentationModuleBase):
         module = str((ckpt.get(CHECKPOINT_KEY) or {}).get("module", ""))
         kind = module.rsplit(".", 1)[-1]
         if kind not in kinds:
-            raise CheckpointError(f"checkpoint {path}: written by {module or 'an unknown module'}, "
-                                  f"expected one of {list(kinds)}")
+            raise CheckpointError(
+                f"checkpoint {path}: written by {module or 'an unknown module'}, "
+                f"expected one of {list(kinds)}"
+            )
         self.check_architecture(path, ckpt)
         classes = (ckpt.get(CHECKPOINT_KEY) or {}).get("classes")
         if classes is not None and list(classes) != list(self.classes):
             # same count, other order: the shapes match, but S-Net's output channels would mean other organs
-            raise CheckpointError(f"checkpoint {path}: classes {list(classes)} differ from this stage's "
-                                  f"{list(self.classes)}")
-        state = {k[len("focusnet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("focusnet.")}
+            raise CheckpointError(
+                f"checkpoint {path}: classes {list(classes)} differ from this stage's {list(self.classes)}"
+            )
+        state = {k[len("focusnet.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("focusnet.")}
         own = self.focusnet.state_dict()
         wanted = {k: v for k, v in own.items() if k.split(".", 1)[0] in parts}
         missing = sorted(k for k in wanted if k not in state)
         if missing:
-            raise CheckpointError(f"checkpoint {path}: lacks {len(missing)} focusnet parameters of "
-                                  f"{list(parts)} (e.g. {missing[0]})")
+            raise CheckpointError(
+                f"checkpoint {path}: lacks {len(missing)} focusnet parameters of "
+                f"{list(parts)} (e.g. {missing[0]})"
+            )
         bad = sorted(k for k in wanted if tuple(state[k].shape) != tuple(wanted[k].shape))
         if bad:
-            raise CheckpointError(f"checkpoint {path}: shape of {bad[0]} is {tuple(state[bad[0]].shape)}, "
-                                  f"this model has {tuple(wanted[bad[0]].shape)} "
-                                  f"(different widths/classes/small organs?)")
+            raise CheckpointError(
+                f"checkpoint {path}: shape of {bad[0]} is {tuple(state[bad[0]].shape)}, "
+                f"this model has {tuple(wanted[bad[0]].shape)} "
+                f"(different widths/classes/small organs?)"
+            )
         with torch.no_grad():
             for k in wanted:
                 own[k].copy_(state[k].to(own[k].dtype))
@@ -248,19 +276,33 @@ class FocusNetStageBase(SegmentationModuleBase):
         log_loss_terms(self, terms, bs)
 
     def configure_optimizers(self):
-        return adamw_poly(self, self.trainable_parameters(), self.hparams.lr, self.hparams.weight_decay,
-                          self.hparams.max_epochs_for_schedule)
+        return adamw_poly(
+            self,
+            self.trainable_parameters(),
+            self.hparams.lr,
+            self.hparams.weight_decay,
+            self.hparams.max_epochs_for_schedule,
+        )
 
     # ---------------------------------------------------------------- whole-case inference
     @torch.no_grad()
     def snet_sol_case(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sliding-window (patch size, Gaussian blending) S-Net logits [B,C,*S] and SOL heatmaps [B,K,*S]."""
+
         def predictor(x):
             logits, _, heat = self.focusnet.snet_sol(x)
             return logits, heat
+
         logits, heat = sliding_window_inference(
-            image, roi_size=self.patch_size, sw_batch_size=self.sw_batch_size, predictor=predictor,
-            overlap=self.sw_overlap, mode="gaussian", padding_mode="constant", cval=float(image.min()))
+            image,
+            roi_size=self.patch_size,
+            sw_batch_size=self.sw_batch_size,
+            predictor=predictor,
+            overlap=self.sw_overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=float(image.min()),
+        )
         return logits, heat
 
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
@@ -285,7 +327,11 @@ class FocusNetStageBase(SegmentationModuleBase):
                 true = batch["centres"][b, cls].double().cpu()
                 present = bool(torch.isfinite(true).all())
                 ok = bool(found[b, k])
-                err = float(((centres[b, k].double().cpu() - true) * spacing).norm()) if present and ok else math.nan
+                err = (
+                    float(((centres[b, k].double().cpu() - true) * spacing).norm())
+                    if present and ok
+                    else math.nan
+                )
                 rows.append({"organ": organ, "present": present, "found": ok, "error_mm": err})
         return rows
 
@@ -314,8 +360,11 @@ class FocusNetStageBase(SegmentationModuleBase):
         finite = [e for e in errors if not math.isnan(e)]
         # a never-found organ counts as a large error so the mean cannot improve by losing organs
         if errors:
-            self.log("val/loc_error_mm_mean", sum(finite + [1000.0] * (len(errors) - len(finite))) / len(errors),
-                     sync_dist=False)
+            self.log(
+                "val/loc_error_mm_mean",
+                sum(finite + [1000.0] * (len(errors) - len(finite))) / len(errors),
+                sync_dist=False,
+            )
 
 
 # ==================================================================== stage 1
@@ -332,19 +381,31 @@ class SNetStage(FocusNetStageBase):
     init_kinds = ("SNetStage",)
     log_localisation = False
 
-    def __init__(self, *, class_weights: str | list[float] = "inverse_sqrt_frequency",
-                 focal_gamma: float = 2.0, focal_weight: float = 1.0, dice_weight: float = 1.0,
-                 lr: float = 2e-3, **kwargs):
+    def __init__(
+        self,
+        *,
+        class_weights: str | list[float] = "inverse_sqrt_frequency",
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        lr: float = 2e-3,
+        **kwargs,
+    ):
         super().__init__(lr=lr, **kwargs)
-        self.loss_fn = FocalDiceLoss(self.num_classes, initial_class_weights(class_weights, self.num_classes),
-                                     gamma=focal_gamma, focal_weight=focal_weight, dice_weight=dice_weight)
+        self.loss_fn = FocalDiceLoss(
+            self.num_classes,
+            initial_class_weights(class_weights, self.num_classes),
+            gamma=focal_gamma,
+            focal_weight=focal_weight,
+            dice_weight=dice_weight,
+        )
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
 
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        return SegmentationModuleBase.predict_case(self, image, progress)   # S-Net only
+        return SegmentationModuleBase.predict_case(self, image, progress)  # S-Net only
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_fn(self.focusnet.snet(batch["image"]), batch["label"])
@@ -365,15 +426,18 @@ class SOLStage(FocusNetStageBase):
     init_parts = ("snet",)
     init_kinds = ("SNetStage", "SOLStage")
 
-    def __init__(self, *, heatmap_alpha: float = 0.0, lr: float = 4e-4, hd95_every_n_epochs: int = 0,
-                 **kwargs):
+    def __init__(
+        self, *, heatmap_alpha: float = 0.0, lr: float = 4e-4, hd95_every_n_epochs: int = 0, **kwargs
+    ):
         super().__init__(lr=lr, hd95_every_n_epochs=hd95_every_n_epochs, **kwargs)
         self.heatmap_loss = HeatmapMSELoss(heatmap_alpha)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "heatmap" not in batch:
-            raise ConfigError("SOLStage needs heatmap targets: use a data config with heatmap_sigma_mm "
-                              "(data_modules/hn_phantom_focusnet.yaml)")
+            raise ConfigError(
+                "SOLStage needs heatmap targets: use a data config with heatmap_sigma_mm "
+                "(data_modules/hn_phantom_focusnet.yaml)"
+            )
         with torch.no_grad():
             _, features = self.focusnet.snet.forward_features(batch["image"])
         loss = self.heatmap_loss(self.focusnet.sol(features), batch["heatmap"])
@@ -389,8 +453,10 @@ class _ROIMixin:
         """Per small organ found in some sample of the batch: ``{"k", "index" [N] (batch rows),
         "centres" [N,3] (jittered), "target" [N,1,*roi_k] float (crop of label == class)}``."""
         if "heatmap" not in batch:
-            raise ConfigError(f"{type(self).__name__} needs heatmap targets: use a data config with "
-                              "heatmap_sigma_mm (data_modules/hn_phantom_focusnet.yaml)")
+            raise ConfigError(
+                f"{type(self).__name__} needs heatmap targets: use a data config with "
+                "heatmap_sigma_mm (data_modules/hn_phantom_focusnet.yaml)"
+            )
         centres, found = self.true_centres(batch["heatmap"])
         out = []
         for k, cls in enumerate(self.small_classes):
@@ -399,8 +465,9 @@ class _ROIMixin:
                 continue
             c = self.jittered(centres[index, k].cpu(), jitter)
             mask = (batch["label"][index] == cls).float()[:, None]
-            out.append({"k": k, "index": index, "centres": c,
-                        "target": crop_rois(mask, c, self.roi_sizes[k])})
+            out.append(
+                {"k": k, "index": index, "centres": c, "target": crop_rois(mask, c, self.roi_sizes[k])}
+            )
         return out
 
 
@@ -418,33 +485,48 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
     init_parts = ("snet", "sol")
     init_kinds = ("SOLStage", "SOSStage")
 
-    def __init__(self, *, jitter_voxels: list[int] = (3, 3, 1), focal_gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 1.0, small_organs_from: str = "sos",
-                 lr: float = 2e-4, weight_decay: float = 1e-4, hd95_every_n_epochs: int = 0, **kwargs):
+    def __init__(
+        self,
+        *,
+        jitter_voxels: list[int] = (3, 3, 1),
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        small_organs_from: str = "sos",
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        hd95_every_n_epochs: int = 0,
+        **kwargs,
+    ):
         super().__init__(lr=lr, weight_decay=weight_decay, hd95_every_n_epochs=hd95_every_n_epochs, **kwargs)
         self.small_organs_from = check_small_organs_from(small_organs_from)
         self.jitter_voxels = [int(j) for j in jitter_voxels]
-        self.sos_focal = FocalLoss(gamma=focal_gamma)          # sigmoid, binary
+        self.sos_focal = FocalLoss(gamma=focal_gamma)  # sigmoid, binary
         self.sos_dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
-    def sos_outputs(self, batch: dict, features: torch.Tensor, heatmaps: torch.Tensor,
-                    jitter: Sequence[int]) -> list[dict]:
+    def sos_outputs(
+        self, batch: dict, features: torch.Tensor, heatmaps: torch.Tensor, jitter: Sequence[int]
+    ) -> list[dict]:
         """``gt_rois`` plus each organ's SOS ``logits`` [N,1,*roi_k] at the same boxes."""
         rois = self.gt_rois(batch, jitter)
         for r in rois:
             i = r["index"]
-            r["logits"], _ = self.focusnet.sos_logits(features[i], heatmaps[i], batch["image"][i], r["centres"],
-                                                      r["k"])
+            r["logits"], _ = self.focusnet.sos_logits(
+                features[i], heatmaps[i], batch["image"][i], r["centres"], r["k"]
+            )
         return rois
 
     def sos_loss(self, rois: list[dict]) -> dict[str, torch.Tensor]:
-        if not rois:   # no small organ in this batch: a zero loss that still touches SOS (DDP-safe)
+        if not rois:  # no small organ in this batch: a zero loss that still touches SOS (DDP-safe)
             zero = sum(p.sum() for p in self.focusnet.sos.parameters()) * 0.0
             return {"loss": zero, "loss_focal": zero.detach(), "loss_dice": zero.detach()}
         focal = torch.stack([self.sos_focal(r["logits"], r["target"]) for r in rois]).mean()
         dice = torch.stack([self.sos_dice(r["logits"], r["target"]) for r in rois]).mean()
-        return {"loss": self.hparams.focal_weight * focal + self.hparams.dice_weight * dice,
-                "loss_focal": focal, "loss_dice": dice}
+        return {
+            "loss": self.hparams.focal_weight * focal + self.hparams.dice_weight * dice,
+            "loss_focal": focal,
+            "loss_dice": dice,
+        }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
@@ -456,12 +538,21 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
     @torch.no_grad()
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Locate-zoom-paste over whole cases with the bounded-memory pipeline
-        (``organseg.inference.locate_zoom_paste.predict_focusnet``): S-Net labels, SOL centres, SOS masks pasted."""
+        (``organseg.inference.locate_zoom_paste.predict_focusnet``): S-Net labels, SOL centres, SOS masks
+        pasted."""
         labels, centres, found = [], [], []
         for b in range(image.shape[0]):
-            out = predict_focusnet(self.focusnet, image[b:b + 1], self.patch_size, overlap=self.sw_overlap,
-                                   threshold=self.loc_threshold, device=image.device, progress=progress,
-                                   sw_batch_size=self.sw_batch_size, small_organs_from=self.small_organs_from)
+            out = predict_focusnet(
+                self.focusnet,
+                image[b : b + 1],
+                self.patch_size,
+                overlap=self.sw_overlap,
+                threshold=self.loc_threshold,
+                device=image.device,
+                progress=progress,
+                sw_batch_size=self.sw_batch_size,
+                small_organs_from=self.small_organs_from,
+            )
             labels.append(out["labels"])
             centres.append(torch.as_tensor(out["centres"]))
             found.append(torch.as_tensor(out["found"]))
@@ -486,19 +577,28 @@ class ShapeAEStage(_ROIMixin, FocusNetStageBase):
     init_kinds = ("SOSStage", "ShapeAEStage")
     log_localisation = False
 
-    def __init__(self, *, jitter_voxels: list[int] = (3, 3, 1), lr: float = 2e-4, weight_decay: float = 1e-4,
-                 hd95_every_n_epochs: int = 0, **kwargs):
+    def __init__(
+        self,
+        *,
+        jitter_voxels: list[int] = (3, 3, 1),
+        lr: float = 2e-4,
+        weight_decay: float = 1e-4,
+        hd95_every_n_epochs: int = 0,
+        **kwargs,
+    ):
         super().__init__(lr=lr, weight_decay=weight_decay, hd95_every_n_epochs=hd95_every_n_epochs, **kwargs)
         self.jitter_voxels = [int(j) for j in jitter_voxels]
         self._recon_rows: list[dict] = []
 
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        return SegmentationModuleBase.predict_case(self, image, progress)   # S-Net only
+        return SegmentationModuleBase.predict_case(self, image, progress)  # S-Net only
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         rois = self.gt_rois(batch, self.jitter_voxels)
         if rois:
-            loss = torch.stack([reconstruction_loss(self.focusnet.shape_ae, r["target"]) for r in rois]).mean()
+            loss = torch.stack(
+                [reconstruction_loss(self.focusnet.shape_ae, r["target"]) for r in rois]
+            ).mean()
         else:
             loss = sum(p.sum() for p in self.focusnet.shape_ae.parameters()) * 0.0
         self._log_terms({"loss_recon": loss, "loss": loss}, batch["image"].shape[0])
@@ -512,8 +612,9 @@ class ShapeAEStage(_ROIMixin, FocusNetStageBase):
                     c = batch["centres"][b, cls]
                     if not bool(torch.isfinite(c).all()):
                         continue
-                    mask = crop_rois((batch["label"][b:b + 1] == cls).float()[:, None], c[None].cpu(),
-                                     self.roi_sizes[k])
+                    mask = crop_rois(
+                        (batch["label"][b : b + 1] == cls).float()[:, None], c[None].cpu(), self.roi_sizes[k]
+                    )
                     recon, _ = self.focusnet.shape_ae(mask)
                     pred = torch.sigmoid(recon) > 0.5
                     truth = mask > 0.5
@@ -558,21 +659,38 @@ class JointStage(SOSStage):
     init_parts = ("snet", "sol", "sos")
     init_kinds = ("SOSStage", "JointStage")
 
-    def __init__(self, *, shape_from: str | None = None,
-                 class_weights: str | list[float] = "inverse_sqrt_frequency", seg_weight: float = 1.0,
-                 heatmap_weight: float = 2.0, heatmap_alpha: float = 0.0, shape_weight: float = 1.0,
-                 shape_kind: str = "code_l2", adv_weight: float = 0.01, recon_weight: float = 1.0,
-                 detach_sos_inputs: bool = True, lr: float = 1e-4, lr_disc: float = 2e-4, **kwargs):
+    def __init__(
+        self,
+        *,
+        shape_from: str | None = None,
+        class_weights: str | list[float] = "inverse_sqrt_frequency",
+        seg_weight: float = 1.0,
+        heatmap_weight: float = 2.0,
+        heatmap_alpha: float = 0.0,
+        shape_weight: float = 1.0,
+        shape_kind: str = "code_l2",
+        adv_weight: float = 0.01,
+        recon_weight: float = 1.0,
+        detach_sos_inputs: bool = True,
+        lr: float = 1e-4,
+        lr_disc: float = 2e-4,
+        **kwargs,
+    ):
         if kwargs.get("max_epochs_for_schedule") is not None:
-            raise ConfigError("JointStage has no learning-rate schedule (upstream): leave "
-                              "max_epochs_for_schedule unset")
+            raise ConfigError(
+                "JointStage has no learning-rate schedule (upstream): leave max_epochs_for_schedule unset"
+            )
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
         self.shape_from = shape_from
-        hp = self.hparams   # SOSStage's focal_gamma / focal_weight / dice_weight also weight the S-Net loss
-        self.loss_fn = FocalDiceLoss(self.num_classes, initial_class_weights(class_weights, self.num_classes),
-                                     gamma=hp.focal_gamma, focal_weight=hp.focal_weight,
-                                     dice_weight=hp.dice_weight)
+        hp = self.hparams  # SOSStage's focal_gamma / focal_weight / dice_weight also weight the S-Net loss
+        self.loss_fn = FocalDiceLoss(
+            self.num_classes,
+            initial_class_weights(class_weights, self.num_classes),
+            gamma=hp.focal_gamma,
+            focal_weight=hp.focal_weight,
+            dice_weight=hp.dice_weight,
+        )
         self.heatmap_loss = HeatmapMSELoss(heatmap_alpha)
 
     def setup(self, stage: str) -> None:
@@ -588,8 +706,10 @@ class JointStage(SOSStage):
         hp = self.hparams
         seg = [p for n in ("snet", "sol", "sos") for p in getattr(self.focusnet, n).parameters()]
         shape = [*self.focusnet.shape_ae.parameters(), *self.focusnet.disc.parameters()]
-        return (torch.optim.AdamW(seg, lr=hp.lr, weight_decay=hp.weight_decay),
-                torch.optim.Adam(shape, lr=hp.lr_disc, weight_decay=hp.weight_decay))
+        return (
+            torch.optim.AdamW(seg, lr=hp.lr, weight_decay=hp.weight_decay),
+            torch.optim.Adam(shape, lr=hp.lr_disc, weight_decay=hp.weight_decay),
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
@@ -607,26 +727,41 @@ class JointStage(SOSStage):
         zero = image.new_zeros(())
         if rois:
             probs = [torch.sigmoid(r["logits"]) for r in rois]
-            loss_shape = torch.stack([shape_loss(ae, p, r["target"], kind=hp.shape_kind)
-                                      for p, r in zip(probs, rois)]).mean()
-            loss_adv = torch.stack([adversarial_losses(None, discriminator_logits(ae, disc, p, frozen=True))
-                                    ["loss_adv"] for p in probs]).mean()
+            loss_shape = torch.stack(
+                [shape_loss(ae, p, r["target"], kind=hp.shape_kind) for p, r in zip(probs, rois)]
+            ).mean()
+            loss_adv = torch.stack(
+                [
+                    adversarial_losses(None, discriminator_logits(ae, disc, p, frozen=True))["loss_adv"]
+                    for p in probs
+                ]
+            ).mean()
         else:
             probs, loss_shape, loss_adv = [], zero, zero
-        loss_g = (hp.seg_weight * seg["loss"] + hp.heatmap_weight * loss_heat + sos["loss"]
-                  + hp.shape_weight * loss_shape + hp.adv_weight * loss_adv)
+        loss_g = (
+            hp.seg_weight * seg["loss"]
+            + hp.heatmap_weight * loss_heat
+            + sos["loss"]
+            + hp.shape_weight * loss_shape
+            + hp.adv_weight * loss_adv
+        )
         opt_g.zero_grad()
         self.manual_backward(loss_g)
         opt_g.step()
 
         # discriminator step: AE + head on true masks vs detached SOS probabilities
         if rois:
-            loss_disc = torch.stack([
-                adversarial_losses(discriminator_logits(ae, disc, r["target"]),
-                                   discriminator_logits(ae, disc, p.detach()))["loss_disc"]
-                for p, r in zip(probs, rois)]).mean()
+            loss_disc = torch.stack(
+                [
+                    adversarial_losses(
+                        discriminator_logits(ae, disc, r["target"]),
+                        discriminator_logits(ae, disc, p.detach()),
+                    )["loss_disc"]
+                    for p, r in zip(probs, rois)
+                ]
+            ).mean()
             loss_recon = torch.stack([reconstruction_loss(ae, r["target"]) for r in rois]).mean()
-        else:   # nothing to compare: a zero loss over the shape parameters keeps both steps uniform
+        else:  # nothing to compare: a zero loss over the shape parameters keeps both steps uniform
             loss_disc = sum(p.sum() for p in [*ae.parameters(), *disc.parameters()]) * 0.0
             loss_recon = zero
         loss_d = loss_disc + hp.recon_weight * loss_recon
@@ -634,11 +769,21 @@ class JointStage(SOSStage):
         self.manual_backward(loss_d)
         opt_d.step()
 
-        self._log_terms({"loss": loss_g.detach(), "loss_seg": seg["loss"].detach(),
-                         "loss_focal": seg["loss_focal"].detach(), "loss_dice": seg["loss_dice"].detach(),
-                         "loss_heatmap": loss_heat.detach(), "loss_sos": sos["loss"].detach(),
-                         "loss_shape": loss_shape.detach(), "loss_adv": loss_adv.detach(),
-                         "loss_disc": loss_disc.detach(), "loss_recon": loss_recon.detach()}, image.shape[0])
+        self._log_terms(
+            {
+                "loss": loss_g.detach(),
+                "loss_seg": seg["loss"].detach(),
+                "loss_focal": seg["loss_focal"].detach(),
+                "loss_dice": seg["loss_dice"].detach(),
+                "loss_heatmap": loss_heat.detach(),
+                "loss_sos": sos["loss"].detach(),
+                "loss_shape": loss_shape.detach(),
+                "loss_adv": loss_adv.detach(),
+                "loss_disc": loss_disc.detach(),
+                "loss_recon": loss_recon.detach(),
+            },
+            image.shape[0],
+        )
         return loss_g.detach()
 
 
@@ -653,10 +798,18 @@ def _flow(value) -> str:
 def _gather(rows: list[dict]) -> list[dict]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows)   # every rank calls it
+        dist.all_gather_object(gathered, rows)  # every rank calls it
         rows = [r for part in gathered for r in part]
     return rows
 
 
-__all__ = ["FocusNetStageBase", "SNetStage", "SOLStage", "SOSStage", "ShapeAEStage", "JointStage",
-           "DEFAULT_SMALL_ORGANS", "DEFAULT_ARCHITECTURE"]
+__all__ = [
+    "FocusNetStageBase",
+    "SNetStage",
+    "SOLStage",
+    "SOSStage",
+    "ShapeAEStage",
+    "JointStage",
+    "DEFAULT_SMALL_ORGANS",
+    "DEFAULT_ARCHITECTURE",
+]

@@ -6,11 +6,12 @@ pseudo-labelled card does *not* annotate; overlaps go to the more confident expe
 (:class:`organseg.methods.cowam_baselines.MultiModel`). The file format is
 :mod:`organseg.data.pseudo_labels`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,14 +29,20 @@ from organseg.data.pseudo_labels import (
 from organseg.methods.cowam_baselines import MultiModel
 
 
-def write_pseudo_labels(card, checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike,
-                        device: str = "cpu", force: bool = False, progress: bool = True) -> Path:
+def write_pseudo_labels(
+    card,
+    checkpoints: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    device: str = "cpu",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Run the experts on every cached case of ``card`` and write ``out`` atomically.
 
     A no-op (returns ``out``) when ``out`` exists with the same fingerprint, unless ``force``.
     """
     out = Path(out)
-    build_cache(card, progress=False)   # a no-op when up to date
+    build_cache(card, progress=False)  # a no-op when up to date
     reader = CacheReader(card.cache)
     if list(reader.classes) != list(card.classes):
         raise PseudoLabelError(f"{card.source or card.name}: classes differ from its cache {card.cache}")
@@ -43,10 +50,14 @@ def write_pseudo_labels(card, checkpoints: Sequence[str | os.PathLike], out: str
     own = set(card.labeled)
     model = MultiModel.from_checkpoints(checkpoints, classes=card.classes, exclude_organs=own, device=device)
     if not model.expert_checkpoints:
-        raise PseudoLabelError(f"{card.source or card.name}: the checkpoints annotate no organ that this dataset "
-                               f"lacks ({sorted(own)} are its own); nothing to pseudo-label")
-    entries = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p), "organs": organs}
-               for p, organs in zip(model.expert_checkpoints, model.expert_organ_names)]
+        raise PseudoLabelError(
+            f"{card.source or card.name}: the checkpoints annotate no organ that this dataset "
+            f"lacks ({sorted(own)} are its own); nothing to pseudo-label"
+        )
+    entries = [
+        {"path": str(Path(p).resolve()), "sha256": file_sha256(p), "organs": organs}
+        for p, organs in zip(model.expert_checkpoints, model.expert_organ_names)
+    ]
     fp = pseudo_fingerprint(reader.fingerprint, entries, card.classes)
     if out.is_file() and not force:
         try:
@@ -68,8 +79,18 @@ def write_pseudo_labels(card, checkpoints: Sequence[str | os.PathLike], out: str
                 pred = model.predict_case(torch.from_numpy(image)[None, None].to(device))[0]
             yield cid, pred.cpu().numpy().astype(np.uint8)
 
-    write_pseudo_file(out, labels(), fingerprint=fp, cache=card.cache, cache_fingerprint=reader.fingerprint,
-                      classes=card.classes, checkpoints=entries, card_name=card.name)
-    print(f"wrote {out}: pseudo-labels of {len(ids)} cases for organs "
-          f"{sorted({o for e in entries for o in e['organs']})}")
+    write_pseudo_file(
+        out,
+        labels(),
+        fingerprint=fp,
+        cache=card.cache,
+        cache_fingerprint=reader.fingerprint,
+        classes=card.classes,
+        checkpoints=entries,
+        card_name=card.name,
+    )
+    print(
+        f"wrote {out}: pseudo-labels of {len(ids)} cases for organs "
+        f"{sorted({o for e in entries for o in e['organs']})}"
+    )
     return out

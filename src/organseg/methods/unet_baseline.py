@@ -1,13 +1,14 @@
 """The baseline every method is judged against: a 3D U-Net with weighted focal + Dice loss."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from organseg.losses import FocalDiceLoss, class_weights_from_counts
-from organseg.networks import build_unet
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
+from organseg.networks import build_unet
 
 
 def resolve_class_weights(module, loss_fn: FocalDiceLoss, mode, stage: str) -> None:
@@ -48,22 +49,33 @@ class UNetBaseline(SegmentationModuleBase):
         focal_gamma / focal_weight / dice_weight: the loss ``focal_weight*Focal(gamma) + dice_weight*Dice``.
     """
 
-    def __init__(self, num_classes: int, classes: Sequence[str] | None = None,
-                 patch_size: Sequence[int] = (96, 96, 32),
-                 filters: Sequence[int] = (16, 32, 64, 128),
-                 strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
-                 lr: float = 2e-3, weight_decay: float = 1e-5, max_epochs_for_schedule: int | None = None,
-                 class_weights: str | list[float] = "inverse_sqrt_frequency", focal_gamma: float = 2.0,
-                 focal_weight: float = 1.0, dice_weight: float = 1.0,
-                 sw_overlap: float = 0.5, sw_batch_size: int = 2, hd95_every_n_epochs: int = 1):
+    def __init__(
+        self,
+        num_classes: int,
+        classes: Sequence[str] | None = None,
+        patch_size: Sequence[int] = (96, 96, 32),
+        filters: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
+        lr: float = 2e-3,
+        weight_decay: float = 1e-5,
+        max_epochs_for_schedule: int | None = None,
+        class_weights: str | list[float] = "inverse_sqrt_frequency",
+        focal_gamma: float = 2.0,
+        focal_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        sw_overlap: float = 0.5,
+        sw_batch_size: int = 2,
+        hd95_every_n_epochs: int = 1,
+    ):
         super().__init__(num_classes, classes, patch_size, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
         self.net = build_unet(1, num_classes, filters, strides)
         # a fixed list is used as given; a mode is resolved from the training cache in setup(). The weights
         # live in the focal loss's buffer, so a checkpoint restores exactly what training used.
         weights = initial_class_weights(class_weights, num_classes)
-        self.loss_fn = FocalDiceLoss(num_classes, weights, gamma=focal_gamma, focal_weight=focal_weight,
-                                     dice_weight=dice_weight)
+        self.loss_fn = FocalDiceLoss(
+            num_classes, weights, gamma=focal_gamma, focal_weight=focal_weight, dice_weight=dice_weight
+        )
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -79,5 +91,10 @@ class UNetBaseline(SegmentationModuleBase):
         return terms["loss"]
 
     def configure_optimizers(self):
-        return adamw_poly(self, self.parameters(), self.hparams.lr, self.hparams.weight_decay,
-                          self.hparams.max_epochs_for_schedule)
+        return adamw_poly(
+            self,
+            self.parameters(),
+            self.hparams.lr,
+            self.hparams.weight_decay,
+            self.hparams.max_epochs_for_schedule,
+        )

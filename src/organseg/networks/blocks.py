@@ -9,9 +9,10 @@ train and eval; InstanceNorm behaves the same in both and is the nnU-Net choice 
 ``norm="batch"`` restores upstream's layer type; ``norm=None`` (identity) exists for tests that measure
 receptive fields (InstanceNorm makes every output depend on every input through the mean).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -60,8 +61,13 @@ class SEBlock3d(nn.Module):
     def __init__(self, channels: int, reduction: int = 2):
         super().__init__()
         hidden = max(channels // reduction, 1)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Conv3d(channels, hidden, 1), nn.ReLU(),
-                                  nn.Conv3d(hidden, channels, 1), nn.Sigmoid())
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool3d(1),
+            nn.Conv3d(channels, hidden, 1),
+            nn.ReLU(),
+            nn.Conv3d(hidden, channels, 1),
+            nn.Sigmoid(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -76,18 +82,28 @@ class ResidualSEBlock3d(nn.Module):
     only (upstream). Convs have no bias (each is followed by a norm or by SE + add).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int] = 3,
-                 dilation: int | Sequence[int] = 1, norm: str | None = "instance", se_reduction: int = 2,
-                 negative_slope: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        dilation: int | Sequence[int] = 1,
+        norm: str | None = "instance",
+        se_reduction: int = 2,
+        negative_slope: float = 0.01,
+    ):
         super().__init__()
         k, d = as_triple(kernel_size), as_triple(dilation)
         self.pre = norm_act(norm, in_channels, negative_slope)
         self.conv1 = nn.Conv3d(in_channels, out_channels, k, padding=same_padding(k, (1, 1, 1)), bias=False)
         self.mid = norm_act(norm, out_channels, negative_slope)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, k, padding=same_padding(k, d), dilation=d, bias=False)
+        self.conv2 = nn.Conv3d(
+            out_channels, out_channels, k, padding=same_padding(k, d), dilation=d, bias=False
+        )
         self.se = SEBlock3d(out_channels, se_reduction)
-        self.project = (nn.Conv3d(in_channels, out_channels, 1, bias=False)
-                        if in_channels != out_channels else None)
+        self.project = (
+            nn.Conv3d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.pre(x)
@@ -110,10 +126,18 @@ class DenseASPP3d(nn.Module):
     ``growth`` defaults to in_channels // 2 and ``bottleneck`` to in_channels (upstream 64 -> 64, 32).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, rates: Sequence[int | Sequence[int]] = (1, 2, 3, 5),
-                 z_rates: Sequence[int] | None = None, growth: int | None = None, bottleneck: int | None = None,
-                 kernel_size: int | Sequence[int] = 3, norm: str | None = "instance",
-                 negative_slope: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rates: Sequence[int | Sequence[int]] = (1, 2, 3, 5),
+        z_rates: Sequence[int] | None = None,
+        growth: int | None = None,
+        bottleneck: int | None = None,
+        kernel_size: int | Sequence[int] = 3,
+        norm: str | None = "instance",
+        negative_slope: float = 0.01,
+    ):
         super().__init__()
         if len(rates) == 0:
             raise ConfigError("DenseASPP3d needs at least one dilation rate")
@@ -128,16 +152,21 @@ class DenseASPP3d(nn.Module):
                 self.dilations.append((r, r, 1 if z_rates is None else int(z_rates[i])))
             else:
                 if z_rates is not None:
-                    raise ConfigError("give z_rates only with int (in-plane) rates, "
-                                      "not with (x, y, z) triples")
+                    raise ConfigError(
+                        "give z_rates only with int (in-plane) rates, not with (x, y, z) triples"
+                    )
                 self.dilations.append(as_triple(r))
         self.units = nn.ModuleList()
         channels = in_channels
         for d in self.dilations:
-            self.units.append(nn.Sequential(
-                norm_act(norm, channels, negative_slope), nn.Conv3d(channels, bottleneck, 1),
-                norm_act(norm, bottleneck, negative_slope),
-                nn.Conv3d(bottleneck, growth, k, padding=same_padding(k, d), dilation=d)))
+            self.units.append(
+                nn.Sequential(
+                    norm_act(norm, channels, negative_slope),
+                    nn.Conv3d(channels, bottleneck, 1),
+                    norm_act(norm, bottleneck, negative_slope),
+                    nn.Conv3d(bottleneck, growth, k, padding=same_padding(k, d), dilation=d),
+                )
+            )
             channels += growth
         self.concat_channels = channels
         self.out_channels = out_channels

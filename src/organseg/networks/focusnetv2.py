@@ -10,6 +10,7 @@ in ``experiments/focusnetv2/architecture.yaml``, which every stage config compos
 (``architecture: architecture.yaml``); with the data's small organs and voxel spacing it builds the
 container (``build``) and is stored in, and checked against, every stage checkpoint (``record``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -19,11 +20,11 @@ import torch
 from torch import nn
 
 from organseg.errors import ConfigError
-from organseg.spatial.roi import crop_rois, roi_size_voxels
 from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
 from organseg.networks.snet import SNet
 from organseg.networks.sol import SOLNet
 from organseg.networks.sos import SOSNetBank, sos_inputs
+from organseg.spatial.roi import crop_rois, roi_size_voxels
 
 
 class FocusNetV2(nn.Module):
@@ -35,16 +36,27 @@ class FocusNetV2(nn.Module):
         roi_sizes: per small organ, the SOS ROI in voxels (x, y, z) (x, y divisible by 2).
     """
 
-    def __init__(self, num_classes: int, small_classes: Sequence[int], roi_sizes: Sequence[Sequence[int]],
-                 base_channels: int = 16, aspp_rates: Sequence[int] = (1, 2, 3, 5), sol_hidden: int = 32,
-                 sos_base: int = 16, ae_code_channels: int = 32, ae_base: int = 16):
+    def __init__(
+        self,
+        num_classes: int,
+        small_classes: Sequence[int],
+        roi_sizes: Sequence[Sequence[int]],
+        base_channels: int = 16,
+        aspp_rates: Sequence[int] = (1, 2, 3, 5),
+        sol_hidden: int = 32,
+        sos_base: int = 16,
+        ae_code_channels: int = 32,
+        ae_base: int = 16,
+    ):
         super().__init__()
         if len(small_classes) != len(roi_sizes):
             raise ConfigError(f"{len(small_classes)} small organs but {len(roi_sizes)} ROI sizes")
         self.num_classes = num_classes
         self.small_classes = [int(c) for c in small_classes]
         self.roi_sizes = [tuple(int(v) for v in r) for r in roi_sizes]
-        self.snet = SNet(1, num_classes=num_classes, base_channels=base_channels, aspp_rates=tuple(aspp_rates))
+        self.snet = SNet(
+            1, num_classes=num_classes, base_channels=base_channels, aspp_rates=tuple(aspp_rates)
+        )
         k = len(self.small_classes)
         self.sol = SOLNet(self.snet.feature_channels, k, hidden=sol_hidden)
         self.sos = SOSNetBank(k, in_channels=self.snet.feature_channels + 2, base_channels=sos_base)
@@ -60,11 +72,17 @@ class FocusNetV2(nn.Module):
         logits, features = self.snet.forward_features(image)
         return logits, features, self.sol(features)
 
-    def sos_logits(self, features: torch.Tensor, heatmaps: torch.Tensor, image: torch.Tensor,
-                   centres: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sos_logits(
+        self,
+        features: torch.Tensor,
+        heatmaps: torch.Tensor,
+        image: torch.Tensor,
+        centres: torch.Tensor,
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Organ k's SOS-Net on ROIs around ``centres`` [B,3] (voxels, finite) cropped from
         concat(features, heatmap k, CT) -> (logits [B,1,*roi_k], ROI starts [B,3])."""
-        x = sos_inputs(features, heatmaps[:, k:k + 1], image)
+        x = sos_inputs(features, heatmaps[:, k : k + 1], image)
         rois, starts = crop_rois(x, centres, self.roi_sizes[k], return_starts=True)
         # CT pads with its air value, not 0 (0 is soft tissue after normalisation)
         if image.numel():
@@ -104,8 +122,11 @@ class FocusNetArchitecture:
             object.__setattr__(self, f, int(getattr(self, f)))
         object.__setattr__(self, "aspp_rates", tuple(int(r) for r in self.aspp_rates))
         roi = self.roi_mm
-        object.__setattr__(self, "roi_mm", {str(o): _floats(v) for o, v in roi.items()}
-                           if isinstance(roi, Mapping) else _floats(roi))
+        object.__setattr__(
+            self,
+            "roi_mm",
+            {str(o): _floats(v) for o, v in roi.items()} if isinstance(roi, Mapping) else _floats(roi),
+        )
 
     @classmethod
     def of(cls, value: FocusNetArchitecture | Mapping) -> FocusNetArchitecture:
@@ -122,20 +143,27 @@ class FocusNetArchitecture:
         """The fields as plain YAML/JSON values (lists, not tuples)."""
         out = asdict(self)
         out["aspp_rates"] = list(self.aspp_rates)
-        out["roi_mm"] = ({o: list(v) for o, v in self.roi_mm.items()} if isinstance(self.roi_mm, dict)
-                         else list(self.roi_mm))
+        out["roi_mm"] = (
+            {o: list(v) for o, v in self.roi_mm.items()}
+            if isinstance(self.roi_mm, dict)
+            else list(self.roi_mm)
+        )
         return out
 
     def record(self, small_organs: Sequence[str], spacing: Sequence[float]) -> dict:
         """What stage checkpoints store and compare: the fields plus the small organs and the spacing."""
-        return {**self.as_dict(), "small_organs": [str(o) for o in small_organs],
-                "spacing": [float(s) for s in spacing]}
+        return {
+            **self.as_dict(),
+            "small_organs": [str(o) for o in small_organs],
+            "spacing": [float(s) for s in spacing],
+        }
 
     def roi_mm_for(self, organ: str) -> tuple[float, float, float]:
         if isinstance(self.roi_mm, dict):
             if organ not in self.roi_mm:
-                raise ConfigError(f"roi_mm has no entry for small organ {organ!r} "
-                                  f"(has {sorted(self.roi_mm)})")
+                raise ConfigError(
+                    f"roi_mm has no entry for small organ {organ!r} (has {sorted(self.roi_mm)})"
+                )
             return self.roi_mm[organ]
         return self.roi_mm
 
@@ -143,15 +171,23 @@ class FocusNetArchitecture:
         """Per small organ, the SOS ROI in voxels (x, y, z) at ``spacing`` (mm)."""
         return [roi_size_voxels(self.roi_mm_for(o), spacing) for o in small_organs]
 
-    def build(self, classes: Sequence[str], small_organs: Sequence[str],
-              spacing: Sequence[float]) -> FocusNetV2:
+    def build(
+        self, classes: Sequence[str], small_organs: Sequence[str], spacing: Sequence[float]
+    ) -> FocusNetV2:
         """The container for the label space ``classes`` (background first) with ``small_organs`` (names
         in ``classes``, SOL/SOS order) at voxel ``spacing`` (mm, x y z)."""
         classes = list(classes)
-        return FocusNetV2(len(classes), [classes.index(o) for o in small_organs],
-                          self.roi_sizes(small_organs, spacing), base_channels=self.base_channels,
-                          aspp_rates=self.aspp_rates, sol_hidden=self.sol_hidden, sos_base=self.sos_base,
-                          ae_code_channels=self.ae_code_channels, ae_base=self.ae_base)
+        return FocusNetV2(
+            len(classes),
+            [classes.index(o) for o in small_organs],
+            self.roi_sizes(small_organs, spacing),
+            base_channels=self.base_channels,
+            aspp_rates=self.aspp_rates,
+            sol_hidden=self.sol_hidden,
+            sos_base=self.sos_base,
+            ae_code_channels=self.ae_code_channels,
+            ae_base=self.ae_base,
+        )
 
 
 def _floats(values) -> tuple[float, ...]:

@@ -22,9 +22,10 @@ or where we depart from it:
   discriminator step updates AE + head (``loss_disc`` plus a reconstruction loss so the code stays
   a shape code), the segmenter step uses ``loss_shape`` (code distance) and ``loss_adv``.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,16 @@ ACT = ("leakyrelu", {"negative_slope": 0.2})
 
 
 def _conv(cin: int, cout: int, kernel_size: int, stride=1, act: bool = True) -> nn.Module:
-    return Convolution(3, cin, cout, strides=stride, kernel_size=kernel_size, act=ACT if act else None,
-                       norm=None, conv_only=not act)
+    return Convolution(
+        3,
+        cin,
+        cout,
+        strides=stride,
+        kernel_size=kernel_size,
+        act=ACT if act else None,
+        norm=None,
+        conv_only=not act,
+    )
 
 
 class ShapeAutoencoder(nn.Module):
@@ -52,23 +61,31 @@ class ShapeAutoencoder(nn.Module):
     Everything is differentiable w.r.t. the input mask.
     """
 
-    def __init__(self, in_channels: int = 1, code_channels: int = 32, base: int = 16,
-                 strides: Sequence[Sequence[int]] = ((2, 2, 2), (2, 2, 2), (2, 2, 2)), kernel_size: int = 3):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        code_channels: int = 32,
+        base: int = 16,
+        strides: Sequence[Sequence[int]] = ((2, 2, 2), (2, 2, 2), (2, 2, 2)),
+        kernel_size: int = 3,
+    ):
         super().__init__()
         if kernel_size % 2 == 0:
             raise ConfigError(f"kernel_size must be odd, got {kernel_size}")
         self.in_channels = in_channels
         self.code_channels = code_channels
         self.strides = [tuple(int(v) for v in s) for s in strides]
-        chans = [base * 2 ** i for i in range(len(self.strides))]
+        chans = [base * 2**i for i in range(len(self.strides))]
         self.encoder = nn.ModuleList(
             _conv(cin, cout, kernel_size, stride)
-            for cin, cout, stride in zip([in_channels, *chans[:-1]], chans, self.strides))
+            for cin, cout, stride in zip([in_channels, *chans[:-1]], chans, self.strides)
+        )
         self.to_code = _conv(chans[-1], code_channels, 1, act=False)
         self.from_code = _conv(code_channels, chans[-1], 1)
         # decoder stage i upsamples to the size before encoder stage i and maps chans[i] -> chans[i-1]
-        self.decoder = nn.ModuleList(_conv(chans[i], chans[i - 1], kernel_size)
-                                     for i in range(len(chans) - 1, 0, -1))
+        self.decoder = nn.ModuleList(
+            _conv(chans[i], chans[i - 1], kernel_size) for i in range(len(chans) - 1, 0, -1)
+        )
         self.to_mask = _conv(chans[0], in_channels, kernel_size, act=False)
 
     def _sizes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -87,8 +104,9 @@ class ShapeAutoencoder(nn.Module):
             x = stage(x)
         return self.to_code(x)
 
-    def decode(self, code: torch.Tensor, out_shape: Sequence[int] | None = None,
-               return_features: bool = False):
+    def decode(
+        self, code: torch.Tensor, out_shape: Sequence[int] | None = None, return_features: bool = False
+    ):
         """code -> reconstruction logits [B, in_channels, *out_shape] (default: code size x strides);
         with ``return_features`` also the list of intermediate decoder feature maps (coarse first)."""
         if out_shape is None:

@@ -6,7 +6,7 @@ with our axis order [B, C, X, Y, Z] (upstream is D, H, W = z, y, x).
 Layout for base width b (upstream b = 32; widths b, 1.5b, 2b):
     stem      conv (3,3,1) -> LeakyReLU -> SE block (3,3,1), SE r=4            -> o1  [b,   X,   Y,   Z]
     enc1      maxpool (2,2,1) -> 2 SE blocks                                   -> o2  [1.5b, X/2, Y/2, Z]
-    enc2      maxpool (2,2,2) -> 2 SE blocks -> 2 SE blocks dilated (2,2,1)    -> bottleneck [2b, X/4, Y/4, Z/2]
+    enc2      maxpool (2,2,2) -> 2 SE blocks -> 2 SE blocks dilated (2,2,1) -> bottleneck [2b, X/4, Y/4, Z/2]
     aspp      DenseASPP (growth b, bottleneck 2b), fused 1x1x1 to 4b
     dec1      upsample to o2 size; cat [conv3(o2), up] -> SE block -> 1.5b
     dec2      upsample to o1 size; cat [conv3(o1), up] -> SE block -> b        = features (F = b)
@@ -30,9 +30,10 @@ Choices where upstream gives none or we differ (all reasoned, none verified agai
   cropping of every output (logits and features); patch sizes come from configs and sliding-window
   inference pads to the patch size anyway, so a wrong size is a config error best reported early.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,19 @@ class SNet(nn.Module):
     encoder skip ``skip`` [B, skip_channels, X, Y, Z] (upstream's o1, used by SOS-Net) and the encoder
     ``bottleneck`` [B, 2b, X/4, Y/4, Z/2]."""
 
-    def __init__(self, in_channels: int = 1, *, num_classes: int, base_channels: int = 16,
-                 aspp_rates: Sequence[int | Sequence[int]] = (1, 2, 3, 5),
-                 aspp_z_rates: Sequence[int] | None = None, anisotropic: bool = True,
-                 norm: str | None = "instance", se_reduction: int = 2, aspp_channels: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        *,
+        num_classes: int,
+        base_channels: int = 16,
+        aspp_rates: Sequence[int | Sequence[int]] = (1, 2, 3, 5),
+        aspp_z_rates: Sequence[int] | None = None,
+        anisotropic: bool = True,
+        norm: str | None = "instance",
+        se_reduction: int = 2,
+        aspp_channels: int | None = None,
+    ):
         super().__init__()
         b = base_channels
         c1, c2, c3 = b, (3 * b) // 2, 2 * b
@@ -69,14 +79,22 @@ class SNet(nn.Module):
         def block(cin: int, cout: int, k=3, d=1, r=se_reduction) -> ResidualSEBlock3d:
             return ResidualSEBlock3d(cin, cout, kernel_size=k, dilation=d, norm=norm, se_reduction=r)
 
-        self.stem = nn.Sequential(nn.Conv3d(in_channels, c1, k_full, padding=tuple(k // 2 for k in k_full)),
-                                  nn.LeakyReLU(0.01), block(c1, c1, k_full, r=2 * se_reduction))
+        self.stem = nn.Sequential(
+            nn.Conv3d(in_channels, c1, k_full, padding=tuple(k // 2 for k in k_full)),
+            nn.LeakyReLU(0.01),
+            block(c1, c1, k_full, r=2 * se_reduction),
+        )
         self.enc1 = nn.Sequential(nn.MaxPool3d(pool1), block(c1, c2), block(c2, c2))
-        self.enc2 = nn.Sequential(nn.MaxPool3d(2), block(c2, c3), block(c3, c3),
-                                  block(c3, c3, d=(2, 2, 1) if anisotropic else 2),
-                                  block(c3, c3, d=(2, 2, 1) if anisotropic else 2))
-        self.aspp = DenseASPP3d(c3, aspp_out, rates=aspp_rates, z_rates=aspp_z_rates, growth=b, bottleneck=c3,
-                                norm=norm)
+        self.enc2 = nn.Sequential(
+            nn.MaxPool3d(2),
+            block(c2, c3),
+            block(c3, c3),
+            block(c3, c3, d=(2, 2, 1) if anisotropic else 2),
+            block(c3, c3, d=(2, 2, 1) if anisotropic else 2),
+        )
+        self.aspp = DenseASPP3d(
+            c3, aspp_out, rates=aspp_rates, z_rates=aspp_z_rates, growth=b, bottleneck=c3, norm=norm
+        )
         self.skip2 = nn.Conv3d(c2, c2, 3, padding=1)
         self.dec1 = block(c2 + aspp_out, c2)
         self.skip1 = nn.Conv3d(c1, c1, k_full, padding=tuple(k // 2 for k in k_full))
@@ -88,8 +106,9 @@ class SNet(nn.Module):
         if x.dim() != 5:
             raise ValueError(f"SNet expects [B, C, X, Y, Z], got shape {tuple(x.shape)}")
         if any(s % d for s, d in zip(x.shape[2:], self.divisor)):
-            raise ConfigError(f"SNet input spatial size {tuple(x.shape[2:])} must be divisible by "
-                              f"{self.divisor}")
+            raise ConfigError(
+                f"SNet input spatial size {tuple(x.shape[2:])} must be divisible by {self.divisor}"
+            )
 
     def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """All maps later stages may use: ``logits``, ``features``, ``skip`` (o1), ``bottleneck``."""

@@ -3,9 +3,11 @@
 Its targets and their decoding to centres are in :mod:`organseg.spatial.heatmaps`. Tensors are
 [B, C, X, Y, Z].
 """
+
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
@@ -24,16 +26,26 @@ class SOLNet(nn.Module):
     learns the peaks slowly (a suspected cause of the poor SOL reproductions reported upstream).
     """
 
-    def __init__(self, feature_channels: int, num_small_organs: int, hidden: int = 32,
-                 norm: str | None = "instance", output: str = "sigmoid", init_prob: float = 0.1):
+    def __init__(
+        self,
+        feature_channels: int,
+        num_small_organs: int,
+        hidden: int = 32,
+        norm: str | None = "instance",
+        output: str = "sigmoid",
+        init_prob: float = 0.1,
+    ):
         super().__init__()
         if output not in ("sigmoid", "linear"):
             raise ConfigError(f"SOLNet output must be 'sigmoid' or 'linear', got {output!r}")
         self.num_small_organs = num_small_organs
         self.output = output
         self.body = nn.Sequential(
-            norm_act(norm, feature_channels), nn.Conv3d(feature_channels, hidden, 3, padding=1),
-            norm_act(norm, hidden), nn.Conv3d(hidden, hidden, 3, padding=1))
+            norm_act(norm, feature_channels),
+            nn.Conv3d(feature_channels, hidden, 3, padding=1),
+            norm_act(norm, hidden),
+            nn.Conv3d(hidden, hidden, 3, padding=1),
+        )
         self.out = nn.Conv3d(hidden, num_small_organs, 1)
         if output == "sigmoid":
             nn.init.constant_(self.out.bias, math.log(init_prob / (1.0 - init_prob)))

@@ -11,6 +11,7 @@ The network is much smaller than upstream's 1.6 M-parameter branch (S-Net-like w
 the ROI is only ~64x64x8 voxels, the features already carry S-Net's context, and a compact net
 is quicker to train from scratch in stage 3 (upstream also starts SOS from random weights).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def sos_inputs(features: torch.Tensor, heatmap: torch.Tensor, image: torch.Tenso
     features/heatmap, but note the CT channel's own background value (crop it separately if the
     distinction matters)."""
     if heatmap.shape[1] != 1 or image.shape[1] != 1:
-        raise ValueError(f"heatmap and image need 1 channel each, got {heatmap.shape[1]} and "
-                         f"{image.shape[1]}")
+        raise ValueError(
+            f"heatmap and image need 1 channel each, got {heatmap.shape[1]} and {image.shape[1]}"
+        )
     return torch.cat([features, heatmap, image], dim=1)
 
 
@@ -49,24 +51,34 @@ class SOSNet(nn.Module):
             raise ConfigError(f"downsamplings must be >= 0, got {downsamplings}")
         self.in_channels = in_channels
         self.downsamplings = downsamplings
-        chans = [base_channels * 2 ** i for i in range(downsamplings + 1)]
+        chans = [base_channels * 2**i for i in range(downsamplings + 1)]
         self.stem = UnetResBlock(3, in_channels, chans[0], kernel_size=3, stride=1, norm_name=NORM)
         self.down = nn.ModuleList(
             nn.Sequential(
                 UnetResBlock(3, chans[i], chans[i + 1], kernel_size=3, stride=(2, 2, 1), norm_name=NORM),
-                UnetResBlock(3, chans[i + 1], chans[i + 1], kernel_size=3, stride=1, norm_name=NORM))
-            for i in range(downsamplings))
+                UnetResBlock(3, chans[i + 1], chans[i + 1], kernel_size=3, stride=1, norm_name=NORM),
+            )
+            for i in range(downsamplings)
+        )
         self.up = nn.ModuleList(
-            UnetUpBlock(3, chans[i + 1], chans[i], kernel_size=3, stride=1, upsample_kernel_size=(2, 2, 1),
-                        norm_name=NORM)
-            for i in reversed(range(downsamplings)))
+            UnetUpBlock(
+                3,
+                chans[i + 1],
+                chans[i],
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=(2, 2, 1),
+                norm_name=NORM,
+            )
+            for i in reversed(range(downsamplings))
+        )
         self.head = UnetOutBlock(3, chans[0], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, in_channels, X, Y, Z] -> logits [B, 1, X, Y, Z]."""
         if x.shape[1] != self.in_channels:
             raise ValueError(f"SOSNet expects {self.in_channels} channels, got {x.shape[1]}")
-        f = 2 ** self.downsamplings
+        f = 2**self.downsamplings
         if x.shape[-3] % f or x.shape[-2] % f:
             raise ConfigError(f"ROI in-plane size {tuple(x.shape[-3:-1])} must be divisible by {f}")
         skips = [self.stem(x)]
@@ -83,8 +95,9 @@ class SOSNetBank(nn.ModuleList):
     the card's small-organ order). No weights are shared, so a loss on one organ's output
     touches only that organ's network. ``bank[k]`` is organ k's network."""
 
-    def __init__(self, num_small_organs: int, in_channels: int, base_channels: int = 16,
-                 downsamplings: int = 1):
+    def __init__(
+        self, num_small_organs: int, in_channels: int, base_channels: int = 16, downsamplings: int = 1
+    ):
         if num_small_organs < 1:
             raise ConfigError(f"num_small_organs must be >= 1, got {num_small_organs}")
         super().__init__([SOSNet(in_channels, base_channels, downsamplings) for _ in range(num_small_organs)])

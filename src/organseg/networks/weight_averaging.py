@@ -18,6 +18,7 @@ the rule is moot there; with BatchNorm under DDP use SyncBatchNorm so the copied
 across ranks. (``torch.optim.swa_utils.update_bn`` can recompute statistics for the averaged
 weights if one ever wants that instead.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,11 +37,13 @@ def warmup_decay(num_averaged: int | torch.Tensor, decay: float) -> float:
 def ema_warmup_multi_avg_fn(decay: float):
     """``multi_avg_fn`` for ``AveragedModel``: in-place ``lerp`` of every averaged tensor towards the
     live one with weight ``1 - d_t`` (see module doc)."""
+
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
         weight = 1.0 - warmup_decay(num_averaged, decay)
         with torch.no_grad():
             for avg, cur in zip(averaged, current):
                 avg.lerp_(cur, weight)
+
     return update
 
 

@@ -7,6 +7,7 @@
 
 The ``organseg phantom`` subcommand is :mod:`organseg.cli.phantom`.
 """
+
 from .abdomen import (
     ABDOMEN_CLASSES,
     ABDOMEN_DEFAULT_SHAPE,
@@ -31,8 +32,22 @@ from .hn import (
 )
 
 __all__ = [
-    "ABDOMEN_CLASSES", "ABDOMEN_DEFAULT_SHAPE", "ABDOMEN_DEFAULT_SPACING", "ABDOMEN_SMALL",
-    "HN_CLASSES", "HN_DEFAULT_SHAPE", "HN_DEFAULT_SPACING", "HN_SMALL", "PDDCA_NAMES", "PhantomCase",
-    "abdomen_case_id", "generate_abdomen_case", "generate_hn_case", "hn_case_id", "keep_stream",
-    "keep_tag", "write_abdomen_dataset", "write_hn_dataset",
+    "ABDOMEN_CLASSES",
+    "ABDOMEN_DEFAULT_SHAPE",
+    "ABDOMEN_DEFAULT_SPACING",
+    "ABDOMEN_SMALL",
+    "HN_CLASSES",
+    "HN_DEFAULT_SHAPE",
+    "HN_DEFAULT_SPACING",
+    "HN_SMALL",
+    "PDDCA_NAMES",
+    "PhantomCase",
+    "abdomen_case_id",
+    "generate_abdomen_case",
+    "generate_hn_case",
+    "hn_case_id",
+    "keep_stream",
+    "keep_tag",
+    "write_abdomen_dataset",
+    "write_hn_dataset",
 ]

@@ -23,11 +23,12 @@ never share anatomy even with the same ``seed``:
   names (never 0), and case ids carry the set tag: ``abd-liver_000``,
   ``abd-kidney_l-kidney_r_000``.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -137,7 +138,9 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
     # paraspinal muscles and psoas
     for s in (-1, 1):
         canvas.paint(Ellipsoid((28 * s, 64, 0), (24, 17, 1e4)), Tissue(muscle))
-        canvas.paint(Tube([(20 * s, 36, 40), (24 * s, 34, -200)], 9.0 * sc(0.05, 0.1)[0], (1, 1, 1)), Tissue(muscle))
+        canvas.paint(
+            Tube([(20 * s, 36, 40), (24 * s, 34, -200)], 9.0 * sc(0.05, 0.1)[0], (1, 1, 1)), Tissue(muscle)
+        )
 
     # spine: arch ring, canal, spinous process, vertebral bodies with discs
     disc_phase = rng.uniform(0, 30)
@@ -183,6 +186,7 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
     duo = [(-34, -10, 14), (-40, 4, -4), (-30, 14, -22), (-8, 8, -28), (8, 2, -24)]
     # peripancreatic soft tissue (duodenum, jejunal loops, vessels): 30-50 HU around the pancreas
     peri = Tube(pan_pts, pan_r + 8.0, (1, 1, 0.9))
+
     def not_vessel(x, y, z):
         out = np.ones(x.shape, bool)
         for p in keep_out:
@@ -191,9 +195,13 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
 
     canvas.paint(peri, Tissue(mesentery + 3.0), where=not_vessel)
     peri_tex = smooth_texture(rng, amp=5.0, wavelength_mm=12.0)
-    canvas.add_field(lambda x, y, z: (peri.radius(x, y, z) <= 1.0) & not_vessel(x, y, z), peri_tex, bbox_from=peri)
+    canvas.add_field(
+        lambda x, y, z: (peri.radius(x, y, z) <= 1.0) & not_vessel(x, y, z), peri_tex, bbox_from=peri
+    )
     canvas.paint(Tube(pan_pts + np.array([0, pan_r[1] * 0.9, 0]), 3.5), Tissue(blood - 10))  # splenic vein
-    canvas.paint(Tube(np.array(duo, float) + pan_shift, 8.0), Tissue(hu(28, 4), core=stomach_fluid, split=0.6))
+    canvas.paint(
+        Tube(np.array(duo, float) + pan_shift, 8.0), Tissue(hu(28, 4), core=stomach_fluid, split=0.6)
+    )
 
     # ---------------------------------------------------------------- labelled organs
     def gas(x, y, z):  # anterior (non-dependent) part of the stomach lumen holds gas
@@ -224,9 +232,13 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
             rescued.append(_C[name])
 
 
-def generate_abdomen_case(seed: int, index: int, keep: Iterable[str] | None = None,
-                          shape: Sequence[int] = ABDOMEN_DEFAULT_SHAPE,
-                          spacing: Sequence[float] = ABDOMEN_DEFAULT_SPACING) -> PhantomCase:
+def generate_abdomen_case(
+    seed: int,
+    index: int,
+    keep: Iterable[str] | None = None,
+    shape: Sequence[int] = ABDOMEN_DEFAULT_SHAPE,
+    spacing: Sequence[float] = ABDOMEN_DEFAULT_SPACING,
+) -> PhantomCase:
     """Generate abdominal case ``index``; with ``keep``, only those organs are labelled (unified
     indices) and the anatomy comes from the keep set's own stream (see the module docstring)."""
     names = normalize_keep(keep)
@@ -258,14 +270,21 @@ def _write_abdomen_case(out: str, seed: int, index: int, keep, shape, spacing) -
     lab_p = out_p / "labelsTr" / f"{case.case_id}.nii.gz"
     write_image(case.image, case.grid, img_p)
     write_image(case.label, case.grid, lab_p)
-    return CaseResult(case.case_id, label_counts(case.label, ABDOMEN_CLASSES), case.missing,
-                      [str(img_p), str(lab_p)])
+    return CaseResult(
+        case.case_id, label_counts(case.label, ABDOMEN_CLASSES), case.missing, [str(img_p), str(lab_p)]
+    )
 
 
-def write_abdomen_dataset(out: str | Path, cases: int, seed: int, keep: Iterable[str] | None = None,
-                          shape: Sequence[int] = ABDOMEN_DEFAULT_SHAPE,
-                          spacing: Sequence[float] = ABDOMEN_DEFAULT_SPACING,
-                          workers: int | None = None, quiet: bool = False) -> list[CaseResult]:
+def write_abdomen_dataset(
+    out: str | Path,
+    cases: int,
+    seed: int,
+    keep: Iterable[str] | None = None,
+    shape: Sequence[int] = ABDOMEN_DEFAULT_SHAPE,
+    spacing: Sequence[float] = ABDOMEN_DEFAULT_SPACING,
+    workers: int | None = None,
+    quiet: bool = False,
+) -> list[CaseResult]:
     """Write ``cases`` abdominal cases to ``out`` in the nnU-Net raw layout.  With ``keep``,
     ``dataset.json`` lists background plus the kept organs (unified indices) only."""
 
@@ -274,19 +293,35 @@ def write_abdomen_dataset(out: str | Path, cases: int, seed: int, keep: Iterable
     out = make_dirs(out)
     workers = default_workers() if workers is None else max(1, int(workers))
     tag = keep_tag(names)
-    jobs = [(str(out), int(seed), i, names, tuple(int(n) for n in shape), tuple(float(s) for s in spacing))
-            for i in range(cases)]
-    results = run_cases(_write_abdomen_case, jobs, workers, f"abdomen phantom {tag} ({cases} cases)", quiet=quiet)
+    jobs = [
+        (str(out), int(seed), i, names, tuple(int(n) for n in shape), tuple(float(s) for s in spacing))
+        for i in range(cases)
+    ]
+    results = run_cases(
+        _write_abdomen_case, jobs, workers, f"abdomen phantom {tag} ({cases} cases)", quiet=quiet
+    )
     remove_stale_cases(out, tag, {r.case_id for r in results})
     kept = list(ABDOMEN_CLASSES[1:]) if names is None else names
     labels = {"background": 0, **{n: _C[n] for n in ABDOMEN_CLASSES[1:] if n in kept}}
     write_dataset_json(
-        out, "abdomen_phantom" if names is None else f"abdomen_phantom-{'-'.join(names)}", labels, cases,
-        {"description": "organseg synthetic abdominal CT phantom"
-                        + ("" if names is None else f" (only {', '.join(names)} labelled)"),
-         "generator": "organseg.phantom.abdomen", "version": 1, "seed": int(seed),
-         "stream": keep_stream(names), "tag": tag,
-         "shape": list(map(int, shape)), "spacing": list(map(float, spacing)),
-         "classes": list(ABDOMEN_CLASSES), "kept": kept, "small": list(ABDOMEN_SMALL),
-         "case_ids": [r.case_id for r in results]})
+        out,
+        "abdomen_phantom" if names is None else f"abdomen_phantom-{'-'.join(names)}",
+        labels,
+        cases,
+        {
+            "description": "organseg synthetic abdominal CT phantom"
+            + ("" if names is None else f" (only {', '.join(names)} labelled)"),
+            "generator": "organseg.phantom.abdomen",
+            "version": 1,
+            "seed": int(seed),
+            "stream": keep_stream(names),
+            "tag": tag,
+            "shape": list(map(int, shape)),
+            "spacing": list(map(float, spacing)),
+            "classes": list(ABDOMEN_CLASSES),
+            "kept": kept,
+            "small": list(ABDOMEN_SMALL),
+            "case_ids": [r.case_id for r in results],
+        },
+    )
     return results

@@ -25,6 +25,7 @@ stream, case index): never on the worker count, and not on the grid (only the no
 Axis convention: numpy arrays are indexed (x, y, z); SimpleITK arrays are (z, y, x) and are
 transposed exactly once, in :func:`write_image`.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,10 @@ import math
 import multiprocessing as mp
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -103,8 +104,9 @@ class Pose:
     translation: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     @classmethod
-    def random(cls, rng: np.random.Generator, scale: float, shift_mm: Sequence[float],
-               rot_deg: Sequence[float]) -> "Pose":
+    def random(
+        cls, rng: np.random.Generator, scale: float, shift_mm: Sequence[float], rot_deg: Sequence[float]
+    ) -> Pose:
         s = 1.0 + rng.uniform(-scale, scale)
         angles = [rng.uniform(-a, a) for a in rot_deg]
         t = np.array([rng.uniform(-m, m) for m in shift_mm])
@@ -137,8 +139,14 @@ class ElasticField:
     step: float
 
     @classmethod
-    def random(cls, rng: np.random.Generator, sd_mm: Sequence[float], max_mm: Sequence[float],
-               step: float = 36.0, n: int = 13) -> "ElasticField":
+    def random(
+        cls,
+        rng: np.random.Generator,
+        sd_mm: Sequence[float],
+        max_mm: Sequence[float],
+        step: float = 36.0,
+        n: int = 13,
+    ) -> ElasticField:
         c = rng.normal(0.0, 1.0, (3, n, n, n))
         for d in range(3):
             c[d] = np.clip(c[d] * sd_mm[d], -max_mm[d], max_mm[d])
@@ -154,9 +162,9 @@ class ElasticField:
         w = [_bspline3((grid.axis(d)[:, None] - nodes[None, :]) / self.step) for d in range(3)]
         out = []
         for c in self.coeffs:
-            t = np.tensordot(w[0], c, axes=([1], [0]))            # (X, ny, nz)
-            t = np.tensordot(t, w[1], axes=([1], [1]))            # (X, nz, Y)
-            t = np.tensordot(t, w[2], axes=([1], [1]))            # (X, Y, Z)
+            t = np.tensordot(w[0], c, axes=([1], [0]))  # (X, ny, nz)
+            t = np.tensordot(t, w[1], axes=([1], [1]))  # (X, nz, Y)
+            t = np.tensordot(t, w[2], axes=([1], [1]))  # (X, Y, Z)
             out.append(t.astype(np.float32))
         return out
 
@@ -195,7 +203,9 @@ class Ellipsoid(Primitive):
         acc = None
         for k in range(3):  # local coordinate k = column k of R
             r = self.r[:, k]
-            loc = (dx * np.float32(r[0]) + dy * np.float32(r[1]) + dz * np.float32(r[2])) * np.float32(1.0 / self.a[k])
+            loc = (dx * np.float32(r[0]) + dy * np.float32(r[1]) + dz * np.float32(r[2])) * np.float32(
+                1.0 / self.a[k]
+            )
             acc = loc * loc if acc is None else acc + loc * loc
         return np.sqrt(acc)
 
@@ -226,8 +236,11 @@ class Tube(Primitive):
             a, b = ps[i], ps[i + 1]
             ab = b - a
             l2 = float(ab @ ab) or 1e-9
-            t = ((qs[0] - np.float32(a[0])) * np.float32(ab[0]) + (qs[1] - np.float32(a[1])) * np.float32(ab[1])
-                 + (qs[2] - np.float32(a[2])) * np.float32(ab[2])) * np.float32(1.0 / l2)
+            t = (
+                (qs[0] - np.float32(a[0])) * np.float32(ab[0])
+                + (qs[1] - np.float32(a[1])) * np.float32(ab[1])
+                + (qs[2] - np.float32(a[2])) * np.float32(ab[2])
+            ) * np.float32(1.0 / l2)
             np.clip(t, 0.0, 1.0, out=t)
             d2 = None
             for k in range(3):
@@ -288,8 +301,9 @@ class Canvas:
         lo, hi = prim.bbox()
         lo = np.maximum(lo, -1e5)
         hi = np.minimum(hi, 1e5)
-        corners = np.array([[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]]
-                            for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        corners = np.array(
+            [[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+        )
         w = self.pose.to_world(corners)
         wlo, whi = w.min(axis=0) - self.margin, w.max(axis=0) + self.margin
         sl = []
@@ -304,8 +318,14 @@ class Canvas:
         return self.q[0][sl], self.q[1][sl], self.q[2][sl]
 
     # -- painting
-    def paint(self, prims: Primitive | Iterable[Primitive], tissue: Tissue, label: int | None = 0,
-              where: Where | None = None, bbox_from: Primitive | None = None) -> int:
+    def paint(
+        self,
+        prims: Primitive | Iterable[Primitive],
+        tissue: Tissue,
+        label: int | None = 0,
+        where: Where | None = None,
+        bbox_from: Primitive | None = None,
+    ) -> int:
         """Paint the union of ``prims`` (optionally restricted by ``where(qx, qy, qz)``).
 
         ``label``: the label written there (0 for unlabelled tissue, None leaves labels alone).
@@ -335,8 +355,9 @@ class Canvas:
                 self.label[sl][inside] = label
         return total
 
-    def paint_region(self, where: Where, tissue: Tissue, label: int | None = 0,
-                     bbox_from: Primitive | None = None) -> None:
+    def paint_region(
+        self, where: Where, tissue: Tissue, label: int | None = 0, bbox_from: Primitive | None = None
+    ) -> None:
         """Paint every voxel where ``where(qx, qy, qz)`` holds (inside ``bbox_from``'s box)."""
         sl = self.block(bbox_from)
         if sl is None:
@@ -355,8 +376,9 @@ class Canvas:
         m = where(qx, qy, qz)
         self.hu[sl][m] += value(qx, qy, qz)[m]
 
-    def ensure_present(self, label: int, prims: Primitive | Iterable[Primitive], tissue: Tissue,
-                       protect: Sequence[int] = ()) -> bool:
+    def ensure_present(
+        self, label: int, prims: Primitive | Iterable[Primitive], tissue: Tissue, protect: Sequence[int] = ()
+    ) -> bool:
         """If ``label`` rasterised to zero voxels, give it the voxel deepest inside its solid
         (never a voxel labelled with one of ``protect``, e.g. organs rescued before).
 
@@ -409,7 +431,9 @@ def smooth_texture(rng: np.random.Generator, amp: float, wavelength_mm: float, n
     def field_(x, y, z):
         out = np.zeros(x.shape, np.float32)
         for kk, ph in zip(k, phase):
-            out += np.cos(x * np.float32(kk[0]) + y * np.float32(kk[1]) + z * np.float32(kk[2]) + np.float32(ph))
+            out += np.cos(
+                x * np.float32(kk[0]) + y * np.float32(kk[1]) + z * np.float32(kk[2]) + np.float32(ph)
+            )
         return out * np.float32(a)
 
     return field_
@@ -439,8 +463,8 @@ class PhantomCase:
     """One generated case: (x, y, z) arrays, the grid they live on, and bookkeeping."""
 
     case_id: str
-    image: np.ndarray   # int16 HU
-    label: np.ndarray   # uint8, value = class index
+    image: np.ndarray  # int16 HU
+    label: np.ndarray  # uint8, value = class index
     grid: Grid
     classes: list[str]
     missing: list[str]  # organs outside the field of view (empty for sane grids)
@@ -468,11 +492,16 @@ def label_counts(label: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
     return {name: int(bc[i]) for i, name in enumerate(classes)}
 
 
-def write_dataset_json(out: Path, name: str, labels: dict[str, int], num_training: int,
-                       extra: dict) -> Path:
-    doc = {"name": name, "description": extra.get("description", ""),
-           "channel_names": {"0": "CT"}, "labels": labels, "numTraining": int(num_training),
-           "file_ending": ".nii.gz", "organseg": {k: v for k, v in extra.items() if k != "description"}}
+def write_dataset_json(out: Path, name: str, labels: dict[str, int], num_training: int, extra: dict) -> Path:
+    doc = {
+        "name": name,
+        "description": extra.get("description", ""),
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": int(num_training),
+        "file_ending": ".nii.gz",
+        "organseg": {k: v for k, v in extra.items() if k != "description"},
+    }
     path = out / "dataset.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
@@ -501,8 +530,9 @@ def remove_stale_cases(out: Path, tag: str, keep_ids: set[str]) -> list[Path]:
     return removed
 
 
-def run_cases(worker: Callable, jobs: list[tuple], workers: int, description: str,
-              quiet: bool = False) -> list:
+def run_cases(
+    worker: Callable, jobs: list[tuple], workers: int, description: str, quiet: bool = False
+) -> list:
     """Run ``worker(*job)`` for every job (in a spawn process pool when workers > 1) with a rich
     progress bar; results come back in job order.  Results never depend on ``workers``."""
 
@@ -515,9 +545,11 @@ def run_cases(worker: Callable, jobs: list[tuple], workers: int, description: st
                 results[i] = worker(*job)
                 progress.advance(task)
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                     mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)),
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+            ) as pool:
                 futures = {pool.submit(worker, *job): i for i, job in enumerate(jobs)}
                 for fut in as_completed(futures):
                     results[futures[fut]] = fut.result()

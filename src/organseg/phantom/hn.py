@@ -23,10 +23,11 @@ Labels never overlap: organs are painted in a fixed priority (small organs last,
 and an organ that rasterises to zero voxels (very coarse grids) receives the voxel deepest inside
 its solid, so every organ is present in every case whose field of view contains it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -53,9 +54,24 @@ from .common import (
 )
 
 HN_CLASSES = [
-    "background", "brainstem", "spinal_cord", "mandible", "parotid_l", "parotid_r",
-    "submandibular_l", "submandibular_r", "temporal_lobe_l", "temporal_lobe_r", "eye_l", "eye_r",
-    "lens_l", "lens_r", "optic_nerve_l", "optic_nerve_r", "chiasm", "pituitary",
+    "background",
+    "brainstem",
+    "spinal_cord",
+    "mandible",
+    "parotid_l",
+    "parotid_r",
+    "submandibular_l",
+    "submandibular_r",
+    "temporal_lobe_l",
+    "temporal_lobe_r",
+    "eye_l",
+    "eye_r",
+    "lens_l",
+    "lens_r",
+    "optic_nerve_l",
+    "optic_nerve_r",
+    "chiasm",
+    "pituitary",
 ]
 HN_SMALL = ["lens_l", "lens_r", "optic_nerve_l", "optic_nerve_r", "chiasm", "pituitary"]
 HN_DEFAULT_SHAPE = (192, 192, 48)
@@ -100,7 +116,7 @@ def _skull_base(x, y):
     b = np.clip((y - 4.0) / 12.0, 0.0, 1.0)
     zb = np.float32(33.0) + (zmid - np.float32(33.0)) * a
     zb = zb + (np.float32(-24.0) - zb) * b
-    hole = x * x + (y - 28.0) ** 2 < 14.0 ** 2
+    hole = x * x + (y - 28.0) ** 2 < 14.0**2
     return np.where(hole, np.float32(-300.0), zb)
 
 
@@ -133,22 +149,37 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
     face_c, face_a = (0, -40, 10), np.array([55, 48, 40]) * b
     jaw_c, jaw_a = (0, -8, -22), np.array([64, 72, 36]) * b
     neck_pts, neck_r, neck_x = [(0, 10, -30), (0, 10, -600)], 49 * b[1], 58 * b[0]
-    outer = [Ellipsoid(head_c, head_a), Ellipsoid(face_c, face_a), Ellipsoid(jaw_c, jaw_a),
-             Tube(neck_pts, neck_r, (neck_x / neck_r, 1, 1))]
-    inner = [Ellipsoid(head_c, head_a - f), Ellipsoid(face_c, face_a - f), Ellipsoid(jaw_c, jaw_a - f),
-             Tube(neck_pts, neck_r - f, ((neck_x - f) / (neck_r - f), 1, 1))]
+    outer = [
+        Ellipsoid(head_c, head_a),
+        Ellipsoid(face_c, face_a),
+        Ellipsoid(jaw_c, jaw_a),
+        Tube(neck_pts, neck_r, (neck_x / neck_r, 1, 1)),
+    ]
+    inner = [
+        Ellipsoid(head_c, head_a - f),
+        Ellipsoid(face_c, face_a - f),
+        Ellipsoid(jaw_c, jaw_a - f),
+        Tube(neck_pts, neck_r - f, ((neck_x - f) / (neck_r - f), 1, 1)),
+    ]
     canvas.paint(outer, Tissue(fat))
     canvas.paint(inner, Tissue(soft))
-    canvas.paint(Ellipsoid((0, -40, -24), np.array([22, 26, 11]) * sc(0.04, 0.08)), Tissue(hu(62, 4)))  # tongue
+    canvas.paint(
+        Ellipsoid((0, -40, -24), np.array([22, 26, 11]) * sc(0.04, 0.08)), Tissue(hu(62, 4))
+    )  # tongue
     for s in (-1, 1):  # maxillary sinuses with bony walls
         c = np.array([24 * s, -44, 0]) + sh()
         a = np.array([12, 15, 13]) * sc()
         canvas.paint(Ellipsoid(c, a + 2.5), Tissue(bone))
         canvas.paint(Ellipsoid(c, a), Tissue(-1000.0))
-    canvas.paint(Ellipsoid((0, -55, 2), np.array([7, 24, 14]) * sc(0.04, 0.08)), Tissue(-1000.0))   # nasal cavity
-    canvas.paint(Ellipsoid((0, -20, -4), np.array([12, 10, 8]) * sc(0.04, 0.08)), Tissue(-1000.0))  # nasopharynx
-    canvas.paint(Tube([(0, -18, -6), (0, -13, -40), (0, -15, -600)], 6.5 * sc(0.05, 0.1)[0]),
-                 Tissue(-1000.0))  # pharynx / trachea
+    canvas.paint(
+        Ellipsoid((0, -55, 2), np.array([7, 24, 14]) * sc(0.04, 0.08)), Tissue(-1000.0)
+    )  # nasal cavity
+    canvas.paint(
+        Ellipsoid((0, -20, -4), np.array([12, 10, 8]) * sc(0.04, 0.08)), Tissue(-1000.0)
+    )  # nasopharynx
+    canvas.paint(
+        Tube([(0, -18, -6), (0, -13, -40), (0, -15, -600)], 6.5 * sc(0.05, 0.1)[0]), Tissue(-1000.0)
+    )  # pharynx / trachea
 
     # ---------------------------------------------------------------- skull and brain
     skull_c, skull_a = np.array([0, 6, 40]), np.array([67, 83, 70]) * b
@@ -195,8 +226,14 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
     xs = np.linspace(-half_w, half_w, 15)
     arch = [(x, chin_y + (-4 - chin_y) * (x / half_w) ** 2, body_z) for x in xs]
     mand_body = Tube(arch, 5.0 * sc(0.04, 0.08)[0], (1, 1, 2.4))
-    rami = [Ellipsoid(np.array([(half_w + 1) * s, 2, body_z + 10]) + sh(0.8, 1.5), np.array([3.5, 12, 18]) * sc(),
-                      rotation_matrix(-12, 0, 5 * s)) for s in (1, -1)]
+    rami = [
+        Ellipsoid(
+            np.array([(half_w + 1) * s, 2, body_z + 10]) + sh(0.8, 1.5),
+            np.array([3.5, 12, 18]) * sc(),
+            rotation_matrix(-12, 0, 5 * s),
+        )
+        for s in (1, -1)
+    ]
 
     eyes, lenses, nerves = {}, {}, {}
     for s in (1, -1):
@@ -221,8 +258,11 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
         nerves[s] = Tube([start, mid, end], nerve_r)
 
     # ---------------------------------------------------------------- tissue around organs
-    canvas.paint(Ellipsoid(pit_c, pit_a + np.array([3.5, 3.5, 3.0])), Tissue(bone),
-                 where=lambda x, y, z: z < pit_c[2] + pit_a[2] * 0.6)            # sella turcica
+    canvas.paint(
+        Ellipsoid(pit_c, pit_a + np.array([3.5, 3.5, 3.0])),
+        Tissue(bone),
+        where=lambda x, y, z: z < pit_c[2] + pit_a[2] * 0.6,
+    )  # sella turcica
     for s in (1, -1):  # orbits: bony wall open anteriorly, then orbital tissue
         ec = eyes[s][0]
         oc = ec + np.array([-2.0 * s, 8.0, 0])
@@ -231,10 +271,10 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
     for s in (1, -1):  # sylvian fissure / CSF around the temporal lobes
         c, a = temporal[s]
         canvas.paint(Ellipsoid(c, a + 2.5), Tissue(csf), where=lambda x, y, z: z > _skull_base(x, y))
-    canvas.paint(Ellipsoid(stem_c, stem_a + 3.0, stem_rot), Tissue(csf))          # prepontine cistern
+    canvas.paint(Ellipsoid(stem_c, stem_a + 3.0, stem_rot), Tissue(csf))  # prepontine cistern
     for s in (1, -1):
         c, a = smg[s]
-        canvas.paint(Ellipsoid(c, a + 3.0), Tissue(hu(-70, 8)))                       # fat pads
+        canvas.paint(Ellipsoid(c, a + 3.0), Tissue(hu(-70, 8)))  # fat pads
 
     # cervical spine: arch ring, vertebral bodies with discs, spinous processes, canal
     disc_phase = rng.uniform(0, 16)
@@ -284,8 +324,13 @@ def _build(canvas: Canvas, rng: np.random.Generator) -> None:
             rescued.append(_C[name])
 
 
-def generate_hn_case(seed: int, index: int, shape: Sequence[int] = HN_DEFAULT_SHAPE,
-                     spacing: Sequence[float] = HN_DEFAULT_SPACING, stream: int = 0) -> PhantomCase:
+def generate_hn_case(
+    seed: int,
+    index: int,
+    shape: Sequence[int] = HN_DEFAULT_SHAPE,
+    spacing: Sequence[float] = HN_DEFAULT_SPACING,
+    stream: int = 0,
+) -> PhantomCase:
     """Generate head-and-neck case ``index`` of the dataset with this ``seed``.
 
     The anatomy depends only on (seed, stream, index); ``shape``/``spacing`` choose the voxel
@@ -328,9 +373,16 @@ def _write_hn_case(out: str, seed: int, index: int, shape, spacing, layout: str)
     return CaseResult(case.case_id, label_counts(case.label, HN_CLASSES), case.missing, files)
 
 
-def write_hn_dataset(out: str | Path, cases: int, seed: int, shape: Sequence[int] = HN_DEFAULT_SHAPE,
-                     spacing: Sequence[float] = HN_DEFAULT_SPACING, layout: str = "nnunet",
-                     workers: int | None = None, quiet: bool = False) -> list[CaseResult]:
+def write_hn_dataset(
+    out: str | Path,
+    cases: int,
+    seed: int,
+    shape: Sequence[int] = HN_DEFAULT_SHAPE,
+    spacing: Sequence[float] = HN_DEFAULT_SPACING,
+    layout: str = "nnunet",
+    workers: int | None = None,
+    quiet: bool = False,
+) -> list[CaseResult]:
     """Write ``cases`` head-and-neck cases to ``out`` in the nnU-Net raw layout
     (``imagesTr/hn_000_0000.nii.gz``, ``labelsTr/hn_000.nii.gz``, ``dataset.json``) or the PDDCA
     layout (``hn_000/img.nrrd``, ``hn_000/structures/<PDDCA name>.nrrd``, see ``PDDCA_NAMES``)."""
@@ -340,16 +392,30 @@ def write_hn_dataset(out: str | Path, cases: int, seed: int, shape: Sequence[int
         raise ConfigError(f"unknown layout {layout!r} (nnunet or pddca)")
     out = make_dirs(out)
     workers = default_workers() if workers is None else max(1, int(workers))
-    jobs = [(str(out), int(seed), i, tuple(int(n) for n in shape), tuple(float(s) for s in spacing), layout)
-            for i in range(cases)]
+    jobs = [
+        (str(out), int(seed), i, tuple(int(n) for n in shape), tuple(float(s) for s in spacing), layout)
+        for i in range(cases)
+    ]
     results = run_cases(_write_hn_case, jobs, workers, f"hn phantom ({cases} cases)", quiet=quiet)
     if layout == "nnunet":
         remove_stale_cases(out, HN_TAG, {r.case_id for r in results})
         write_dataset_json(
-            out, "hn_phantom", {name: i for i, name in enumerate(HN_CLASSES)}, cases,
-            {"description": "organseg synthetic head-and-neck CT phantom",
-             "generator": "organseg.phantom.hn", "version": 1, "seed": int(seed), "stream": 0,
-             "shape": list(map(int, shape)), "spacing": list(map(float, spacing)),
-             "classes": list(HN_CLASSES), "kept": list(HN_CLASSES[1:]), "small": list(HN_SMALL),
-             "case_ids": [r.case_id for r in results]})
+            out,
+            "hn_phantom",
+            {name: i for i, name in enumerate(HN_CLASSES)},
+            cases,
+            {
+                "description": "organseg synthetic head-and-neck CT phantom",
+                "generator": "organseg.phantom.hn",
+                "version": 1,
+                "seed": int(seed),
+                "stream": 0,
+                "shape": list(map(int, shape)),
+                "spacing": list(map(float, spacing)),
+                "classes": list(HN_CLASSES),
+                "kept": list(HN_CLASSES[1:]),
+                "small": list(HN_SMALL),
+                "case_ids": [r.case_id for r in results],
+            },
+        )
     return results

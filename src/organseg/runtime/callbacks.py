@@ -1,4 +1,5 @@
 """Lightning callbacks the ``organseg`` CLI adds to every run."""
+
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
@@ -29,8 +30,11 @@ class ValidationImages(Callback):
         self.key = key
 
     def _active(self, trainer, pl_module) -> bool:
-        return (self.n_slices > 0 and hasattr(pl_module, "val_image_slices")
-                and any(isinstance(lg, WandbLogger) for lg in trainer.loggers))
+        return (
+            self.n_slices > 0
+            and hasattr(pl_module, "val_image_slices")
+            and any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+        )
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self._active(trainer, pl_module):
@@ -47,11 +51,21 @@ class ValidationImages(Callback):
         pl_module.val_images = None
 
         zs = sample["slices"]
-        caption = f"{sample['case_id']} epoch {trainer.current_epoch} step {trainer.global_step}: solid reference, dashed prediction"
-        png = save_overlays(sample["image"], sample["label"], sample["pred"], pl_module.classes,
-                            run_dir(trainer) / "val_images" / f"epoch{trainer.current_epoch:03d}.png",
-                            spacing=sample["spacing"], title=caption, slices=range(len(zs)),
-                            slice_labels=[f"z={z}" for z in zs])
+        caption = (
+            f"{sample['case_id']} epoch {trainer.current_epoch} step {trainer.global_step}: "
+            "solid reference, dashed prediction"
+        )
+        png = save_overlays(
+            sample["image"],
+            sample["label"],
+            sample["pred"],
+            pl_module.classes,
+            run_dir(trainer) / "val_images" / f"epoch{trainer.current_epoch:03d}.png",
+            spacing=sample["spacing"],
+            title=caption,
+            slices=range(len(zs)),
+            slice_labels=[f"z={z}" for z in zs],
+        )
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=self.key, images=[str(png)], caption=[caption], step=trainer.global_step)

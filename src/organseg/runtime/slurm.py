@@ -17,6 +17,7 @@ unrelated DDP collectives (Lightning issue #21406: intermittent hangs). Here the
 flag; the ranks agree on it at a step boundary (one tiny all-reduce per step) and checkpoint
 together. The file name and folder are Lightning's, so ``ckpt_path="hpc"`` still finds it.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,11 @@ def job_id(env: os._Environ | dict | None = None) -> str | None:
     """The id SLURM keeps across requeues, or None when Lightning would not treat this as a SLURM
     run (not under srun/sbatch, or an interactive ``bash`` job: see ``SLURMEnvironment.detect``)."""
     env = os.environ if env is None else env
-    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive") or "SLURM_JOB_ID" not in env:
+    if (
+        "SLURM_NTASKS" not in env
+        or env.get("SLURM_JOB_NAME") in ("bash", "interactive")
+        or "SLURM_JOB_ID" not in env
+    ):
         return None
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
@@ -64,28 +69,41 @@ def apply_job_defaults(config, env=None) -> str | None:
         if args.get("resume") is None:
             args.resume = "allow"
         project = args.get("project") or os.environ.get("WANDB_PROJECT", "lightning_logs")
-        folder = Path(args.get("save_dir") or args.get("dir") or "lightning_logs") / project / (args.get("id") or args.version)
+        folder = (
+            Path(args.get("save_dir") or args.get("dir") or "lightning_logs")
+            / project
+            / (args.get("id") or args.version)
+        )
     if str(trainer.get("default_root_dir") or "lightning_logs").rstrip("/") == "lightning_logs":
         trainer.default_root_dir = str(folder)
     return job
 
 
 def _is_wandb(logger) -> bool:
-    return logger is not None and not isinstance(logger, (bool, list)) and str(
-        getattr(logger, "class_path", "") or "").endswith("WandbLogger") and getattr(logger, "init_args", None) is not None
+    return (
+        logger is not None
+        and not isinstance(logger, (bool, list))
+        and str(getattr(logger, "class_path", "") or "").endswith("WandbLogger")
+        and getattr(logger, "init_args", None) is not None
+    )
 
 
 def hpc_checkpoints(folder: Path) -> list[Path]:
     """``hpc_ckpt_<n>.ckpt`` in ``folder``, oldest number first (Lightning's naming)."""
-    found = [(int(m.group(1)), p) for p in Path(folder).glob("hpc_ckpt_*.ckpt")
-             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(folder).glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
 def resume_checkpoint(default_root_dir: Path, run_folder: Path) -> Path | None:
     """The checkpoint a (re)started job continues from: the newest (by time written) of the last
     HPC checkpoint and ``checkpoints/last*.ckpt``; None for a fresh job."""
-    candidates = hpc_checkpoints(default_root_dir)[-1:] + list((Path(run_folder) / "checkpoints").glob("last*.ckpt"))
+    candidates = hpc_checkpoints(default_root_dir)[-1:] + list(
+        (Path(run_folder) / "checkpoints").glob("last*.ckpt")
+    )
     candidates = [p for p in candidates if p.is_file()]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
@@ -108,8 +126,10 @@ def trainer_setup(config: dict, callbacks: list) -> tuple[dict, list]:
     plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if any(isinstance(p, ClusterEnvironment) for p in plugins):
         return config, callbacks
-    return ({**config, "plugins": [*plugins, SLURMEnvironment(auto_requeue=False)]},
-            [*callbacks, SlurmRequeue(REQUEUE_SIGNAL)])
+    return (
+        {**config, "plugins": [*plugins, SLURMEnvironment(auto_requeue=False)]},
+        [*callbacks, SlurmRequeue(REQUEUE_SIGNAL)],
+    )
 
 
 def _close_wandb_runs(trainer) -> None:
@@ -117,7 +137,7 @@ def _close_wandb_runs(trainer) -> None:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             try:
                 logger.experiment.finish()
-            except Exception as exc:              # logging must not cost the requeue
+            except Exception as exc:  # logging must not cost the requeue
                 rank_zero_warn(f"organseg: closing the W&B run before requeue failed: {exc}")
 
 
@@ -147,7 +167,7 @@ class SlurmRequeue(Callback):
         self._pid, self._requested = os.getpid(), False
         try:
             self._previous = signal.signal(self.signum, self._handler)
-        except ValueError:                       # not the main thread: nothing can be installed
+        except ValueError:  # not the main thread: nothing can be installed
             self._pid = None
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -166,22 +186,28 @@ class SlurmRequeue(Callback):
         existing = hpc_checkpoints(folder)
         number = int(re.findall(r"\d+", existing[-1].name)[0]) + 1 if existing else 1
         path = trainer.strategy.broadcast(str(folder / f"hpc_ckpt_{number}.ckpt"), src=0)
-        rank_zero_info(f"organseg: SLURM pre-emption signal: saving {path} at global step {trainer.global_step}")
-        trainer.save_checkpoint(path)             # all ranks (sharded strategies), ends in a barrier
+        rank_zero_info(
+            f"organseg: SLURM pre-emption signal: saving {path} at global step {trainer.global_step}"
+        )
+        trainer.save_checkpoint(path)  # all ranks (sharded strategies), ends in a barrier
         ok = False
         if trainer.is_global_zero:
-            _close_wandb_runs(trainer)             # flushed and closed before SLURM's SIGTERM; the restart resumes it
+            _close_wandb_runs(trainer)  # flushed and closed before SLURM's SIGTERM; the restart resumes it
             cmd = requeue_command()
             try:
                 result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
                 ok = result.returncode == 0
                 if not ok:
-                    rank_zero_warn(f"organseg: `{' '.join(cmd)}` failed ({result.returncode}): "
-                                   f"{result.stderr.strip()}; training goes on")
+                    rank_zero_warn(
+                        f"organseg: `{' '.join(cmd)}` failed ({result.returncode}): "
+                        f"{result.stderr.strip()}; training goes on"
+                    )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 rank_zero_warn(f"organseg: `{' '.join(cmd)}` failed: {exc}; training goes on")
         if trainer.strategy.broadcast(ok, src=0):
-            rank_zero_info(f"organseg: requeued SLURM job {job_id()}; this run exits and resumes when it restarts")
+            rank_zero_info(
+                f"organseg: requeued SLURM job {job_id()}; this run exits and resumes when it restarts"
+            )
             # SLURM now SIGTERMs (then SIGKILLs) every process of the step, DataLoader workers included:
             # a normal teardown would only race it. The checkpoint is on disk and W&B closed, so leave now.
             sys.stdout.flush()
@@ -196,7 +222,9 @@ def fit_ckpt_path(trainer, ckpt_path, run_folder: Path):
         return ckpt_path
     found = resume_checkpoint(Path(trainer.default_root_dir), run_folder)
     if found is not None:
-        rank_zero_info(f"organseg: SLURM job {job_id()} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}) "
-                       f"resumes from {found}")
+        rank_zero_info(
+            f"organseg: SLURM job {job_id()} (restart {os.environ.get('SLURM_RESTART_COUNT', 0)}) "
+            f"resumes from {found}"
+        )
         return str(found)
     return None

@@ -10,6 +10,7 @@ FIRST=2, MIDDLE=3, LAST=4) | data``; a block tail shorter than a record header i
 
 Used by ``organseg sweep`` (a trial's metric is its run summary, as for the W&B server) and the tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from wandb.proto import wandb_internal_pb2
 from organseg.errors import InputError
 
 BLOCK = 32768
-HEADER = struct.Struct("<IHB")          # checksum, length, type
-FILE_HEADER = struct.Struct("<4sHB")    # ident, magic, version
+HEADER = struct.Struct("<IHB")  # checksum, length, type
+FILE_HEADER = struct.Struct("<4sHB")  # ident, magic, version
 IDENT, MAGIC, VERSION = b":W&B", 0xBEE1, 0
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 _TYPE_CRC = [zlib.crc32(bytes([t])) & 0xFFFFFFFF for t in range(LAST + 1)]
@@ -60,16 +61,16 @@ def iter_payloads(path: str | Path) -> Iterator[bytes]:
     pos, pending = FILE_HEADER.size, b""
     while pos + HEADER.size <= len(data):
         left = BLOCK - pos % BLOCK
-        if left < HEADER.size:           # block trailer padding
+        if left < HEADER.size:  # block trailer padding
             pos += left
             continue
         checksum, length, kind = HEADER.unpack_from(data, pos)
         start, end = pos + HEADER.size, pos + HEADER.size + length
-        if kind == 0 and length == 0 and checksum == 0:   # zero-filled (preallocated) rest of a block
+        if kind == 0 and length == 0 and checksum == 0:  # zero-filled (preallocated) rest of a block
             pos += left
             continue
         if end > len(data) or kind > LAST:
-            return                       # torn write at the end of a live/killed run
+            return  # torn write at the end of a live/killed run
         payload = data[start:end]
         if zlib.crc32(payload, _TYPE_CRC[kind]) & 0xFFFFFFFF != checksum:
             raise InputError(f"{path}: corrupt record at byte {pos} (checksum mismatch)")

@@ -6,15 +6,21 @@ Used by the patch stream (targets), the SOL stage (decoding) and inference (peak
 so it lives below all three. Tensors are [B, K, X, Y, Z]; centres are (x, y, z) voxel coordinates of the
 same grid (voxel i has its centre at coordinate i); spacing is (x, y, z) in mm.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 
-def gaussian_heatmaps(centres_vox: torch.Tensor, shape: Sequence[int], spacing: Sequence[float],
-                      sigma_mm: float | Sequence[float] = 5.0, cutoff: float = 0.01) -> torch.Tensor:
+def gaussian_heatmaps(
+    centres_vox: torch.Tensor,
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    sigma_mm: float | Sequence[float] = 5.0,
+    cutoff: float = 0.01,
+) -> torch.Tensor:
     """One Gaussian per centre: ``exp(-|(v - c) * spacing|^2 / (2 sigma_mm^2))`` -> [K, X, Y, Z] float32.
 
     ``centres_vox`` [K, 3] in voxels, may be non-integer (no rounding, unlike upstream, so the target
@@ -36,7 +42,7 @@ def gaussian_heatmaps(centres_vox: torch.Tensor, shape: Sequence[int], spacing: 
     profiles = []
     for axis in range(3):
         coords = torch.arange(int(shape[axis]), dtype=torch.float32, device=c.device)
-        d_mm = (coords[None, :] - c[:, axis:axis + 1]) * float(spacing[axis])
+        d_mm = (coords[None, :] - c[:, axis : axis + 1]) * float(spacing[axis])
         profiles.append(torch.exp(-0.5 * (d_mm / sigma[axis].to(c.device)) ** 2))
     px, py, pz = profiles
     heat = px[:, :, None, None] * py[:, None, :, None] * pz[:, None, None, :]
@@ -49,14 +55,18 @@ def log_parabola_offset(lm: torch.Tensor, l0: torch.Tensor, lp: torch.Tensor) ->
     """Vertex of the parabola through (-1, lm), (0, l0), (1, lp); 0 where it is not a maximum; clamped
     to +-0.5 (a larger offset would mean the neighbour was the peak)."""
     denom = lm - 2.0 * l0 + lp
-    off = torch.where(denom < 0, 0.5 * (lm - lp) / torch.where(denom < 0, denom, -torch.ones_like(denom)),
-                      torch.zeros_like(denom))
+    off = torch.where(
+        denom < 0,
+        0.5 * (lm - lp) / torch.where(denom < 0, denom, -torch.ones_like(denom)),
+        torch.zeros_like(denom),
+    )
     return off.clamp(-0.5, 0.5)
 
 
 @torch.no_grad()
-def decode_centres(heatmaps: torch.Tensor, threshold: float = 0.3, subvoxel: bool = True,
-                   eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_centres(
+    heatmaps: torch.Tensor, threshold: float = 0.3, subvoxel: bool = True, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Peak of each channel of [B, K, X, Y, Z] -> (centres [B, K, 3] float voxel coords, found [B, K]).
 
     ``found`` is ``peak > threshold`` (strict, as upstream's ``> 0.6``); the centre of a channel not

@@ -7,10 +7,11 @@ Integer-voxel boxes (no resampling): upstream SOS-Net crops a hard 64x64x8 box a
 centre; ``roi_box(..., fit_within=shape)`` gives upstream's alternative (shift the box inside).
 Axes are [.., X, Y, Z]; boxes are (start, stop) voxel triples, stop exclusive.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,9 @@ def _triple(values, name: str, error: type[ValueError] = ValueError) -> list:
     return values
 
 
-def roi_box(centre_vox, roi_size: Sequence[int],
-            fit_within: Sequence[int] | None = None) -> tuple[Triple, Triple]:
+def roi_box(
+    centre_vox, roi_size: Sequence[int], fit_within: Sequence[int] | None = None
+) -> tuple[Triple, Triple]:
     """Integer box ``(start, stop)`` of ``roi_size`` voxels around ``round(centre_vox)``.
 
     ``start = round(c) - size // 2``: for an even size the centre voxel is the first of the upper
@@ -77,8 +79,9 @@ def _clip(start: Sequence[int], size: Sequence[int], dims: Sequence[int]):
     return vol, roi, pads
 
 
-def crop_roi(volume: torch.Tensor, start: Sequence[int], size: Sequence[int],
-             pad_value: float = 0.0) -> torch.Tensor:
+def crop_roi(
+    volume: torch.Tensor, start: Sequence[int], size: Sequence[int], pad_value: float = 0.0
+) -> torch.Tensor:
     """``volume[..., start:start+size]`` over the last three axes ([B,C,X,Y,Z] or [C,X,Y,Z]); parts
     outside the volume are filled with ``pad_value``. Slicing + ``F.pad`` keeps it differentiable
     w.r.t. ``volume`` (gradient 1 inside the box, 0 elsewhere); detach the result to stop it."""
@@ -94,8 +97,14 @@ def crop_roi(volume: torch.Tensor, start: Sequence[int], size: Sequence[int],
     return F.pad(part, flat, mode="constant", value=pad_value)
 
 
-def crop_rois(volume: torch.Tensor, centres, size: Sequence[int], pad_value: float = 0.0,
-              fit_within: bool = False, return_starts: bool = False):
+def crop_rois(
+    volume: torch.Tensor,
+    centres,
+    size: Sequence[int],
+    pad_value: float = 0.0,
+    fit_within: bool = False,
+    return_starts: bool = False,
+):
     """One ROI per batch item: ``volume`` [B,C,X,Y,Z], ``centres`` [B,3] voxel coordinates ->
     [B,C,*size] (and the [B,3] int64 starts, needed to paste back, with ``return_starts``).
     ``fit_within=True`` shifts each box inside the volume (see ``roi_box``)."""
@@ -112,8 +121,13 @@ def crop_rois(volume: torch.Tensor, centres, size: Sequence[int], pad_value: flo
     return crops
 
 
-def paste_roi(label_map: torch.Tensor, roi_mask: torch.Tensor, start: Sequence[int], class_index: int,
-              inplace: bool = False) -> torch.Tensor:
+def paste_roi(
+    label_map: torch.Tensor,
+    roi_mask: torch.Tensor,
+    start: Sequence[int],
+    class_index: int,
+    inplace: bool = False,
+) -> torch.Tensor:
     """Write a small-organ ROI mask into a label map [..., X, Y, Z] (upstream's code writes SOS labels
     into a separate map and never merges them; here the SOS result REPLACES S-Net's for that organ inside
     the ROI):
@@ -137,8 +151,13 @@ def paste_roi(label_map: torch.Tensor, roi_mask: torch.Tensor, start: Sequence[i
     return out
 
 
-def paste_probabilities(prob_volume: torch.Tensor, roi_prob: torch.Tensor, start: Sequence[int],
-                        class_index: int, inplace: bool = False) -> torch.Tensor:
+def paste_probabilities(
+    prob_volume: torch.Tensor,
+    roi_prob: torch.Tensor,
+    start: Sequence[int],
+    class_index: int,
+    inplace: bool = False,
+) -> torch.Tensor:
     """Probability version of ``paste_roi`` for prob_volume [C,X,Y,Z] (softmax over C): inside the
     ROI, channel ``class_index`` becomes ``roi_prob`` [*size] (the SOS sigmoid) and the other
     channels share the remaining ``1 - roi_prob`` in proportion to their S-Net probabilities (all
