@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import yaml
 
 import organseg
+from helpers.checkpoints import tiny_unet_checkpoint
 from organseg.cli.main import main
 from organseg.errors import (
     CheckpointError,
@@ -199,36 +200,10 @@ def test_a_plain_value_error_in_a_tool_command_keeps_its_traceback(hn_small, mon
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(hn_small, tmp_path_factory) -> Path:
-    """A UNetBaseline checkpoint after one training step, its card riding along (as `organseg fit`'s)."""
-    import lightning.pytorch as pl
-
+    """A real UNetBaseline checkpoint after one training step (tests/helpers/checkpoints.py)."""
     from organseg.io.card import DatasetCard
-    from organseg.methods import UNetBaseline
 
-    card = DatasetCard.load(hn_small["card"])
-    torch.manual_seed(0)
-    model = UNetBaseline(
-        num_classes=card.num_classes,
-        classes=card.classes,
-        patch_size=(64, 64, 16),
-        filters=[4, 8, 8],
-        strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
-        class_weights=[1.0] * card.num_classes,
-    )
-    model.cards = [card.to_dict()]
-    batch = {"image": torch.randn(1, 32, 32, 16), "label": torch.randint(0, card.num_classes, (32, 32, 16))}
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=1))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    return tiny_unet_checkpoint(DatasetCard.load(hn_small["card"]), tmp_path_factory.mktemp("ckpt"))
 
 
 TORCH_SAYS = {

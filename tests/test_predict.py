@@ -20,6 +20,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from helpers.checkpoints import tiny_unet_checkpoint
 from organseg.cache.build import preprocess_volume
 from organseg.cli.main import main
 from organseg.io.card import DatasetCard
@@ -95,34 +96,8 @@ def card(hn_small) -> DatasetCard:
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(card, tmp_path_factory) -> Path:
-    """A real UNetBaseline checkpoint after one training step (its card rides along, as `organseg fit`'s)."""
-    import lightning.pytorch as pl
-
-    from organseg.methods import UNetBaseline
-
-    torch.manual_seed(0)
-    model = UNetBaseline(
-        num_classes=card.num_classes,
-        classes=card.classes,
-        patch_size=(64, 64, 16),
-        filters=[4, 8, 8],
-        strides=[[1, 1, 1], [2, 2, 1], [2, 2, 2]],
-        class_weights=[1.0] * card.num_classes,
-    )
-    model.cards = [card.to_dict()]
-    batch = {"image": torch.randn(1, 32, 32, 16), "label": torch.randint(0, card.num_classes, (32, 32, 16))}
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=1))
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+    """A real UNetBaseline checkpoint after one training step (tests/helpers/checkpoints.py)."""
+    return tiny_unet_checkpoint(card, tmp_path_factory.mktemp("ckpt"))
 
 
 # ---------------------------------------------------------------------------------- preprocessing
