@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         soft_wrap=True,
     )
     if args.dicom:
-        _write_dicom(out, ids, Path(args.dicom), getattr(args, "layout", "nnunet"))
+        body_part = "HEADNECK" if args.phantom_command == "hn" else "ABDOMEN"
+        _write_dicom(out, ids, Path(args.dicom), getattr(args, "layout", "nnunet"), body_part)
         console.print(
             f"phantom {args.phantom_command}: DICOM CT series in {args.dicom}/<case>/",
             highlight=False,
@@ -149,9 +150,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_dicom(out: Path, case_ids: list[str], dicom_root: Path, layout: str) -> None:
-    """Each written case's CT again as a DICOM series (one StudyInstanceUID per case)."""
-
+def _write_dicom(out: Path, case_ids: list[str], dicom_root: Path, layout: str, body_part: str) -> None:
+    """Each written case's CT again as a DICOM series (one StudyInstanceUID per case); BodyPartExamined
+    (DICOM's defined terms HEADNECK / ABDOMEN) instead of an empty Laterality, which validators flag."""
     for cid in case_ids:
         src = out / cid / "img.nrrd" if layout == "pddca" else out / "imagesTr" / f"{cid}_0000.nii.gz"
         write_dicom_series(
@@ -159,4 +160,5 @@ def _write_dicom(out: Path, case_ids: list[str], dicom_root: Path, layout: str) 
             dicom_root / cid,
             patient_id=cid,
             series_description=f"organseg phantom {cid}",
+            body_part=body_part,
         )

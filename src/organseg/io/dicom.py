@@ -108,6 +108,8 @@ def write_dicom_series(
     study_uid: str | None = None,
     series_uid: str | None = None,
     frame_of_reference_uid: str | None = None,
+    body_part: str | None = None,
+    patient_position: str = "HFS",
 ) -> list[Path]:
     """Write a 3D HU image as a CT Image Storage series, one file per z slice (``CT_0001.dcm``, ...).
 
@@ -115,6 +117,12 @@ def write_dicom_series(
     ImagePositionPatient / ImageOrientationPatient / PixelSpacing from the image's geometry (any
     direction cosines), HU stored as ``HU - RESCALE_INTERCEPT`` with RescaleSlope 1. The folder is filled
     atomically (written beside it, then renamed); it must not exist yet. Returns the files in z order.
+
+    Every Type 1/2 attribute of the CT Image IOD is written, so dicom3tools' ``dciodvfy`` finds no error:
+    Type 2 ones with no meaning for a synthetic image (``KVP``, ``AccessionNumber``, ...) empty.
+    ``body_part`` (a DICOM BodyPartExamined term, e.g. ``HEADNECK``, ``ABDOMEN``) says what is imaged;
+    without it ``Laterality`` is written empty (unknown), which ``dciodvfy`` reports as a warning.
+    ``patient_position`` is the General Series' ``PatientPosition`` (the image's geometry cannot tell it).
     """
 
     folder = Path(folder)
@@ -158,7 +166,12 @@ def write_dicom_series(
             ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
             ds.StudyTime = ds.SeriesTime = ds.ContentTime = time
             ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-            ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+            ds.SeriesNumber, ds.InstanceNumber, ds.AcquisitionNumber = 1, k + 1, 1
+            ds.PatientPosition, ds.KVP = patient_position, ""
+            if body_part:  # then Laterality (Type 2C) is needed only for a paired part: left to the caller
+                ds.BodyPartExamined = body_part
+            else:
+                ds.Laterality = ""  # Type 2C, required while the body part may be a paired one: unknown
             ds.SeriesDescription, ds.Manufacturer = series_description, "organseg"
             ds.ImagePositionPatient = [f"{v:.10g}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))]
             ds.ImageOrientationPatient = iop

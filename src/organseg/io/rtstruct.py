@@ -14,6 +14,18 @@ Two rt-utils 1.2.7 defects are worked around here, on an in-memory copy of the f
 (Its reader, ``RTStructBuilder.create_from``, has the same spacing defect and also assumes
 ``Rows == Columns`` (qurit/rt-utils#88): read such files with another tool.)
 
+rt-utils' dataset is also completed so that a DICOM validator (dicom3tools' ``dciodvfy``) finds no error
+and its entity checker (``dcentvfy``) finds the RTSTRUCT consistent with the CT, as planning systems expect:
+* Patient and Study information entities (Patient, Clinical Trial Subject, General Study, Patient Study,
+  Clinical Trial Study modules) are the CT's own attributes, copied from its header, and nothing else
+  (rt-utils adds empty PatientAge/Size/Weight and StudyDescription that the CT may not have);
+* the Frame of Reference module (``FrameOfReferenceUID``, ``PositionReferenceIndicator``) is the CT's;
+  rt-utils only puts the UID inside ``ReferencedFrameOfReferenceSequence``;
+* Type 2 attributes the CT lacks (``ReferringPhysicianName``, ``AccessionNumber``, ``StudyID``, ...) and
+  the RT Series' ``OperatorsName`` are written empty (Type 2: present, value unknown);
+* ``SpecificCharacterSet`` is the CT's where it has one (the copied names are in its encoding); the RT
+  series' date and time are when the structure set was made, not the CT series'.
+
 Contours run through the centres of an organ's boundary voxels (OpenCV). An organ that is a single
 voxel in a slice would become a one-point "polygon" that has no area in a planning system and that
 rt-utils' reader cannot rasterise; we write it as the voxel's square outline instead.
@@ -31,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from pydicom.tag import BaseTag
 
 from organseg.io.atomic import atomic_open
 from organseg.io.geometry import image_to_xyz
@@ -58,6 +71,94 @@ def slice_indices(label: sitk.Image, headers: Sequence) -> list[int]:
             )
         out.append(k)
     return out
+
+
+#: Study-level attributes (General Study, Patient Study and Clinical Trial Study modules) outside groups
+#: 0x0010/0x0012, copied from the CT where it has them.
+STUDY_KEYWORDS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "RequestingServiceCodeSequence",
+    "ReferencedStudySequence",
+    "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+    "AdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "ServiceEpisodeID",
+    "IssuerOfServiceEpisodeIDSequence",
+    "ServiceEpisodeDescription",
+    "ReasonForVisit",
+    "ReasonForVisitCodeSequence",
+)
+#: Clinical-trial attributes in group 0x0012 that belong to the series (Clinical Trial Series module), not
+#: to the patient or study: not copied (the RTSTRUCT is a series of its own).
+CLINICAL_TRIAL_SERIES_KEYWORDS = (
+    "ClinicalTrialCoordinatingCenterName",
+    "ClinicalTrialSeriesID",
+    "ClinicalTrialSeriesDescription",
+    "IssuerOfClinicalTrialSeriesID",
+)
+#: Type 2 attributes of the RT Structure Set IOD's Patient, General Study, RT Series and Frame of Reference
+#: modules: present even when unknown (empty), where the CT has none.
+TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "OperatorsName",
+    "PositionReferenceIndicator",
+)
+
+
+def _is_patient_or_study(tag: BaseTag, keyword: str) -> bool:
+    """Whether an attribute belongs to the Patient or Study information entity (see module doc)."""
+    if tag.is_private or tag.element == 0:  # group lengths are the writer's business
+        return False
+    if tag.group == 0x0010:  # Patient and Patient Study modules
+        return True
+    if tag.group == 0x0012:  # Clinical Trial Subject / Study modules, and the de-identification flags
+        return keyword not in CLINICAL_TRIAL_SERIES_KEYWORDS
+    return keyword in STUDY_KEYWORDS
+
+
+def _complete_from_ct(ds, ct) -> None:
+    """Make ``ds`` (rt-utils' RTSTRUCT dataset) carry the CT's patient, study and frame-of-reference
+    attributes and every Type 2 attribute (see module doc); ``ct`` is one header of the series."""
+    for elem in list(ds):  # rt-utils' copies (some invented): replaced by exactly the CT's
+        if _is_patient_or_study(elem.tag, elem.keyword):
+            del ds[elem.tag]
+    if "SpecificCharacterSet" in ct:
+        ds.SpecificCharacterSet = ct.SpecificCharacterSet
+    for elem in ct:
+        if _is_patient_or_study(elem.tag, elem.keyword):
+            ds[elem.tag] = copy.deepcopy(elem)
+    # rt-utils took the UID from the CT (or made one up where the CT has none): the ROIs reference it
+    ds.FrameOfReferenceUID = ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
+    ds.SeriesDate, ds.SeriesTime = ds.StructureSetDate, ds.StructureSetTime
+    for keyword in TYPE2_KEYWORDS:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
 
 
 def _rt_utils_view(headers: list) -> list:
@@ -91,6 +192,7 @@ def build_rtstruct(
     labels_yxz = image_to_xyz(label).transpose(1, 0, 2)[:, :, z]  # rt-utils: (rows, cols, its slices)
     with _quiet_pydicom():  # rt-utils sets Dataset.is_little_endian/is_implicit_VR, deprecated in pydicom 3
         ds = ds_helper.create_rtstruct_dataset(series)
+    _complete_from_ct(ds, headers[0])
     ds.Manufacturer, ds.ManufacturerModelName = "organseg", "organseg predict (rt-utils)"
     ds.InstitutionName = str(getattr(headers[0], "InstitutionName", ""))
     ds.StructureSetLabel = "organseg"
