@@ -7,7 +7,9 @@ import json
 import math
 import re
 import warnings
+from types import SimpleNamespace
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,8 @@ from organseg.evaluation import (
     write_report,
 )
 from organseg.evaluation.metrics import ROW_KEYS, SUMMARY_KEYS, binary_metrics
-from organseg.evaluation.overlays import choose_slices, slice_areas
+from organseg.evaluation.overlays import axial_view, choose_slices, organ_colors, slice_areas
+from organseg.runtime.callbacks import case_direction
 
 CLASSES = ["background", "brainstem", "parotid_l", "lens_l", "mandible", "chiasm"]
 
@@ -323,6 +326,127 @@ def test_save_overlays_png(tmp_path, handmade):
     # normalised image, no prediction, explicit slices
     out2 = save_overlays(image / 1000.0, label, None, CLASSES, tmp_path / "c1b.png", slices=[5])
     assert mpimg.imread(out2).shape[0] > 100
+
+
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+FLIPPED_XY = (-1, 0, 0, 0, -1, 0, 0, 0, 1)  # index x -> patient's right, y -> anterior
+# index x -> anterior (-P), y -> patient's left (+L): a grid rotated 90 degrees in-plane
+ROTATED = (0, 1, 0, -1, 0, 0, 0, 0, 1)
+
+
+def test_axial_view_follows_the_direction_cosines():
+    ident = axial_view(None)
+    assert ident == axial_view(IDENTITY)
+    assert (ident.horizontal, ident.flip_h, ident.flip_v) == (0, False, True)  # y=0 (anterior) on top
+    assert (ident.left, ident.right, ident.top, ident.bottom) == ("R", "L", "A", "P")
+    assert ident.radiological_axial
+    flipped = axial_view(FLIPPED_XY)
+    assert (flipped.horizontal, flipped.flip_h, flipped.flip_v) == (0, True, False)
+    assert flipped.radiological_axial
+    rot = axial_view(ROTATED)
+    assert (rot.horizontal, rot.flip_h, rot.flip_v) == (1, False, False)
+    assert rot.radiological_axial
+    # a slightly oblique grid gets the nearest letters
+    c, s_ = np.cos(0.2), np.sin(0.2)
+    assert axial_view((c, -s_, 0, s_, c, 0, 0, 0, 1)) == ident
+    # a sagittal acquisition (z index along left-right): anterior left, superior up
+    sag = axial_view((0, 0, 1, 1, 0, 0, 0, -1, 0))
+    assert (sag.left, sag.right, sag.top, sag.bottom) == ("A", "P", "S", "I")
+    assert not sag.radiological_axial
+    with pytest.raises(ValueError, match="direction"):
+        axial_view((1, 0, 0))
+
+
+def _panel(img):
+    """Pixel box (r0, r1, c0, c1) of the single black image panel in a saved overlay."""
+    dark = img[..., :3].max(axis=2) < 0.1
+    rows, cols = dark.sum(axis=1), dark.sum(axis=0)
+    r = np.flatnonzero(rows > 0.5 * rows.max())
+    c = np.flatnonzero(cols > 0.5 * cols.max())
+    return r[0], r[-1] + 1, c[0], c[-1] + 1
+
+
+@pytest.mark.parametrize(
+    "direction, where",
+    [
+        (None, "upper-right"),  # identity: anterior-left of the patient
+        (IDENTITY, "upper-right"),
+        (FLIPPED_XY, "lower-left"),  # the same voxels are now posterior-right
+        (ROTATED, "upper-left"),  # large x = anterior, small y = patient's right
+    ],
+)
+def test_overlay_is_radiological_and_contours_stay_on_the_image(tmp_path, direction, where):
+    """A white marker at small y, large x (anterior-left for an identity LPS grid) lands where a
+    clinician expects it; the reference contour hugs it; the panel keeps the physical aspect."""
+    shape, spacing = (24, 16, 3), (1.0, 2.0, 2.5)
+    image = np.zeros(shape, np.float32)
+    label = np.zeros(shape, np.uint8)
+    image[18:21, 2:4, :] = 1.0
+    label[18:21, 2:4, :] = 1
+    out = save_overlays(
+        image, label, None, CLASSES[:2], tmp_path / "o.png", spacing=spacing, slices=[1], direction=direction
+    )
+    img = mpimg.imread(out)[..., :3]
+    r0, r1, c0, c1 = _panel(img)
+    ph, pw = r1 - r0, c1 - c0
+    # physical aspect: 24 mm x 32 mm, drawn rotated for the rotated grid
+    width, height = (24.0, 32.0) if where != "upper-left" else (32.0, 24.0)
+    assert pw / ph == pytest.approx(width / height, rel=0.03)
+
+    panel = img[r0:r1, c0:c1]
+    white = np.argwhere(panel.min(axis=2) > 0.9)
+    assert len(white) > 50
+    fy, fx = white.mean(axis=0) / (ph, pw)  # blob centre as a fraction of the panel, from top-left
+    vertical, horizontal = where.split("-")
+    assert (fy < 0.5) == (vertical == "upper") and (fx > 0.5) == (horizontal == "right")
+    # exact place: voxels 18..20 of 24 in x (centre 19.5), 2..3 of 16 in y (centre 3)
+    expected = {"upper-right": (3 / 16, 19.5 / 24), "lower-left": (13 / 16, 4.5 / 24)}
+    expected["upper-left"] = (4.5 / 24, 3 / 16)
+    assert (fy, fx) == pytest.approx(expected[where], abs=0.02)
+
+    # the class-1 contour (solid reference) traces the blob's edge to within 3 px (voxel >= 12 px)
+    color = np.asarray(organ_colors(2)[1][:3])
+    line = np.argwhere(np.abs(panel - color).max(axis=2) < 0.12)
+    assert len(line) > 20
+    (lr0, lc0), (lr1, lc1) = line.min(axis=0), line.max(axis=0)
+    (wr0, wc0), (wr1, wc1) = white.min(axis=0), white.max(axis=0)
+    assert lr0 <= wr0 and lc0 <= wc0 and lr1 >= wr1 and lc1 >= wc1
+    assert max(wr0 - lr0, wc0 - lc0, lr1 - wr1, lc1 - wc1) <= 3
+    assert pw / 24 >= 12 or ph / 24 >= 12
+
+    # A/P/R/L markers: yellow text at the middle of each panel edge
+    yellow = (panel[..., 0] > 0.8) & (panel[..., 1] > 0.8) & (panel[..., 2] < 0.3)
+    band_h, band_w = max(ph // 12, 4), max(pw // 12, 4)
+    mid_r, mid_c = slice(ph // 2 - band_h, ph // 2 + band_h), slice(pw // 2 - band_w, pw // 2 + band_w)
+    for region in (
+        yellow[:band_h, mid_c],
+        yellow[-band_h:, mid_c],
+        yellow[mid_r, :band_w],
+        yellow[mid_r, -band_w:],
+    ):
+        assert region.sum() >= 5
+
+
+def test_validation_images_use_the_cached_direction():
+    """The W&B validation images look the case's direction up in the datamodule's caches."""
+
+    class Reader:
+        def __init__(self, directions):
+            self.case_ids = list(directions)
+            self._d = directions
+
+        def geometry(self, case_id):
+            return {"direction": self._d[case_id]}
+
+    def trainer(*readers):
+        return SimpleNamespace(datamodule=SimpleNamespace(readers=lambda: list(readers)))
+
+    a = Reader({"c1": FLIPPED_XY, "c2": IDENTITY})
+    assert case_direction(trainer(a), "c1") == FLIPPED_XY
+    assert case_direction(trainer(a, Reader({"c1": FLIPPED_XY})), "c1") == FLIPPED_XY
+    assert case_direction(trainer(a, Reader({"c1": IDENTITY})), "c1") is None  # ambiguous
+    assert case_direction(trainer(a), "nope") is None
+    assert case_direction(SimpleNamespace(datamodule=None), "c1") is None
 
 
 def test_dice_only_mode_matches_full_dice_and_skips_distances():

@@ -61,7 +61,13 @@ def evaluate_split(
         rows += case_metrics(pred, label, reader.spacing(cid), card.classes, labeled=labeled, case_id=cid)
         if i < overlays:
             save_overlays(
-                image, label, pred, card.classes, out / "overlays" / f"{cid}.png", spacing=reader.spacing(cid)
+                image,
+                label,
+                pred,
+                card.classes,
+                out / "overlays" / f"{cid}.png",
+                spacing=reader.spacing(cid),
+                direction=reader.geometry(cid)["direction"],  # radiological view of this scan's axes
             )
     paths = write_report(rows, out, title=title, extra={**extra, "split": split, "cases": case_ids})
     console.print(format_table(summarize(rows)))

@@ -3,14 +3,24 @@
 Uses :class:`matplotlib.figure.Figure` with an explicit Agg canvas, never ``pyplot``: no global
 backend switch, no figure registry, safe from worker threads and headless machines.
 
-Arrays are indexed (x, y, z); an axial slice is ``volume[:, :, z]``, drawn with x to the right and
-y upwards, in mm when ``spacing`` is given (so anisotropic voxels keep the right aspect ratio).
+Arrays are indexed (x, y, z); an axial slice is ``volume[:, :, z]``, drawn in mm from the grid's
+corner when ``spacing`` is given (so anisotropic voxels keep the right aspect ratio).
+
+Orientation is radiological: anterior at the top, the patient's left on the viewer's right (the
+patient seen from the feet), with "A", "P", "R", "L" markers at the panel edges. Which way the index
+axes run on screen follows the grid's direction cosines (:func:`axial_view`). The cache keeps each
+source image's direction (it resamples and crops, never reorients; ``CacheReader.geometry(case)
+["direction"]``): pass it as ``direction``. Without it the identity is assumed, i.e. index x increases
+towards the patient's left and y towards posterior (LPS, the usual CT case); a scan stored with
+direction (-1, -1, 1) would then be drawn mirrored in both axes, with the markers still claiming the
+identity layout.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +32,15 @@ from matplotlib.lines import Line2D
 
 from organseg.io.atomic import atomic_open
 
-__all__ = ["choose_slices", "organ_colors", "save_overlays", "slice_areas", "slice_contours"]
+__all__ = [
+    "AxialView",
+    "axial_view",
+    "choose_slices",
+    "organ_colors",
+    "save_overlays",
+    "slice_areas",
+    "slice_contours",
+]
 
 
 def _np(a: Any) -> np.ndarray:
@@ -92,6 +110,75 @@ def organ_colors(n_classes: int) -> list[tuple[float, float, float, float]]:
     return [cmap(order[(c - 1) % 20]) for c in range(max(n_classes, 1))]
 
 
+#: patient directions at the (negative, positive) end of each physical LPS axis
+_ENDS = (("R", "L"), ("A", "P"), ("I", "S"))
+
+
+@dataclass(frozen=True)
+class AxialView:
+    """How a 2-D (x, y) slice is laid out on screen (see :func:`axial_view`).
+
+    ``horizontal`` is the index axis drawn left-right (0 = x, 1 = y; the other one is drawn
+    bottom-top); ``flip_h`` means that axis increases to the LEFT, ``flip_v`` that the other one
+    increases DOWNWARDS. ``left``/``right``/``top``/``bottom`` are the patient directions at the panel
+    edges ("R", "L", "A", "P", "I", "S")."""
+
+    horizontal: int
+    flip_h: bool
+    flip_v: bool
+    left: str
+    right: str
+    top: str
+    bottom: str
+
+    @property
+    def radiological_axial(self) -> bool:
+        """True for the usual axial layout: anterior up, the patient's left on the viewer's right."""
+        return (self.left, self.right, self.top, self.bottom) == ("R", "L", "A", "P")
+
+
+def axial_view(direction: Sequence[float] | None = None) -> AxialView:
+    """The radiological screen layout of a slice ``volume[:, :, z]`` of a grid with ``direction``.
+
+    ``direction`` is SimpleITK's row-major 3x3 direction cosine matrix (columns = the x, y, z index
+    axes in LPS physical space); ``None`` means the identity (x -> patient's left, y -> posterior).
+    Each in-plane index axis is matched to the physical axis it is closest to (the best one-to-one
+    assignment, so oblique grids get the nearest letters). The left-right physical axis is drawn
+    horizontally with the patient's left on the right, and anterior-posterior vertically with
+    anterior at the top; for a grid whose z index is not the feet-head axis (a sagittal or coronal
+    acquisition) the remaining axis follows the usual convention for that view (superior up,
+    anterior on the left).
+    """
+    d = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(-1)
+    if d.size != 9 or not np.all(np.isfinite(d)):
+        raise ValueError(f"direction must be 9 finite floats (row-major 3x3), got {direction!r}")
+    d = d.reshape(3, 3)
+    pairs = [(p, q) for p in range(3) for q in range(3) if p != q]
+    phys = max(pairs, key=lambda pq: abs(d[pq[0], 0]) + abs(d[pq[1], 1]))  # physical axis of x, of y
+    sign = (
+        bool(d[phys[0], 0] >= 0),
+        bool(d[phys[1], 1] >= 0),
+    )  # True: the index axis runs to the positive end
+    # left-right goes across; failing that (sagittal), anterior-posterior
+    h = min((0, 1), key=lambda i: phys[i])
+    v = 1 - h
+    ph, pv = phys[h], phys[v]
+    flip_h = not sign[h]  # the positive physical end (L; P when sagittal: anterior left) to the right
+    positive_up = pv == 2  # superior up; anterior (the negative end of y) up
+    flip_v = sign[v] != positive_up
+    top, bottom = (_ENDS[pv][1], _ENDS[pv][0]) if positive_up else (_ENDS[pv][0], _ENDS[pv][1])
+    return AxialView(h, flip_h, flip_v, _ENDS[ph][0], _ENDS[ph][1], top, bottom)
+
+
+def _orientation_markers(ax: Any, view: AxialView) -> None:
+    box = {"boxstyle": "square,pad=0.15", "facecolor": "black", "edgecolor": "none", "alpha": 0.55}
+    style = {"transform": ax.transAxes, "color": "yellow", "fontsize": 8, "fontweight": "bold", "bbox": box}
+    ax.text(0.5, 0.985, view.top, ha="center", va="top", **style)
+    ax.text(0.5, 0.015, view.bottom, ha="center", va="bottom", **style)
+    ax.text(0.015, 0.5, view.left, ha="left", va="center", **style)
+    ax.text(0.985, 0.5, view.right, ha="right", va="center", **style)
+
+
 def slice_contours(
     ax: Any,
     mask2d: np.ndarray,
@@ -100,10 +187,12 @@ def slice_contours(
     spacing_xy: Sequence[float] = (1.0, 1.0),
     linewidth: float = 1.2,
 ) -> bool:
-    """Draw the 0.5 iso-contour of a 2-D (x, y) binary mask on ``ax``; False when it is empty.
+    """Draw the 0.5 iso-contour of a 2-D binary mask on ``ax``; False when it is empty.
 
-    Voxel centres sit at ``(i + 0.5) * spacing`` so the contour lines up with an ``imshow`` whose
-    extent is ``[0, X * sx, 0, Y * sy]``.
+    The mask's first axis is drawn along the plot's x axis, its second along y (``spacing_xy`` in
+    the same order). Voxel centres sit at ``(i + 0.5) * spacing`` so the contour lines up with
+    ``imshow(mask2d.T, origin="lower", extent=[0, X * sx, 0, Y * sy])``; flipping the view (reversed
+    axis limits, as :func:`save_overlays` does) keeps them aligned.
     """
     m = np.asarray(mask2d, dtype=bool)
     if not m.any():
@@ -141,6 +230,7 @@ def save_overlays(
     title: str | None = None,
     slices: Sequence[int] | None = None,
     slice_labels: Sequence[str] | None = None,
+    direction: Sequence[float] | None = None,
 ) -> Path:
     """Save a PNG with ``n_slices`` axial slices: CT in grey, reference solid, prediction dashed.
 
@@ -156,6 +246,10 @@ def save_overlays(
         slices: explicit slice indices, overriding the automatic choice.
         slice_labels: panel titles, one per slice (default ``slice z=<index>``); e.g. the original
             indices when ``image``/``label``/``pred`` are a stack of pre-picked slices.
+        direction: the grid's direction cosines (SimpleITK row-major 3x3; for a cached case
+            ``CacheReader.geometry(case)["direction"]``). Decides the radiological layout (anterior
+            up, patient's left on the right) and the A/P/R/L markers, see :func:`axial_view`;
+            ``None`` assumes the identity (index x -> patient's left, y -> posterior).
 
     Returns:
         The written path.
@@ -186,9 +280,17 @@ def save_overlays(
     lo, hi = _window(image, zs)
     colors = organ_colors(n_classes)
 
-    extent = (0.0, nx * sx, 0.0, ny * sy)
+    view = axial_view(direction)
+    h = view.horizontal
+    # 2-D slices are re-indexed (horizontal, vertical); data coordinates are mm from the grid corner
+    # in index space, and the radiological flips are reversed axis limits (so contours stay aligned)
+    plane = (lambda a: a) if h == 0 else (lambda a: a.T)
+    sh, sv = (sx, sy) if h == 0 else (sy, sx)
+    nh, nv = (nx, ny) if h == 0 else (ny, nx)
+    width, height = nh * sh, nv * sv
+    extent = (0.0, width, 0.0, height)
     panel_w = 3.6
-    panel_h = max(1.5, min(8.0, panel_w * (ny * sy) / max(nx * sx, 1e-6)))
+    panel_h = max(1.5, min(8.0, panel_w * height / max(width, 1e-6)))
     fig = Figure(figsize=(panel_w * len(zs) + 1.9, panel_h + 0.7), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(zs), squeeze=False)[0]
@@ -197,7 +299,7 @@ def save_overlays(
         raise ValueError(f"{len(slice_labels)} slice_labels for {len(zs)} slices")
     for i, (ax, z) in enumerate(zip(axes, zs)):
         ax.imshow(
-            image[:, :, z].T,
+            plane(image[:, :, z]).T,
             cmap="gray",
             vmin=lo,
             vmax=hi,
@@ -206,24 +308,27 @@ def save_overlays(
             interpolation="nearest",
             aspect="equal",
         )
-        lab_z = label[:, :, z]
-        pred_z = None if pred is None else pred[:, :, z]
+        lab_z = plane(label[:, :, z])
+        pred_z = None if pred is None else plane(pred[:, :, z])
         present = set(np.unique(lab_z).tolist())
         if pred_z is not None:
             present |= set(np.unique(pred_z).tolist())
         for c in sorted(int(v) for v in present if 0 < v < n_classes):
-            drawn = slice_contours(ax, lab_z == c, colors[c], "solid", (sx, sy))
+            drawn = slice_contours(ax, lab_z == c, colors[c], "solid", (sh, sv))
             if pred_z is not None:
-                drawn |= slice_contours(ax, pred_z == c, colors[c], "dashed", (sx, sy))
+                drawn |= slice_contours(ax, pred_z == c, colors[c], "dashed", (sh, sv))
             if drawn:
                 shown.add(c)
-        ax.set_xlim(extent[0], extent[1])
-        ax.set_ylim(extent[2], extent[3])
+        # Agg may leave a 1-pixel seam at the edge of a reversed axis: let it show air, not white
+        ax.set_facecolor("black")
+        ax.set_xlim((width, 0.0) if view.flip_h else (0.0, width))
+        ax.set_ylim((height, 0.0) if view.flip_v else (0.0, height))
+        _orientation_markers(ax, view)
         ax.set_title(f"slice z={z}" if slice_labels is None else str(slice_labels[i]), fontsize=9)
         ax.tick_params(labelsize=6)
         if spacing is not None:
-            ax.set_xlabel("x (mm)", fontsize=7)
-            ax.set_ylabel("y (mm)", fontsize=7)
+            ax.set_xlabel(f"{'xy'[h]} (mm)", fontsize=7)
+            ax.set_ylabel(f"{'xy'[1 - h]} (mm)", fontsize=7)
 
     handles = [Line2D([], [], color=colors[c], lw=2, label=str(classes[c])) for c in sorted(shown)]
     handles += [
@@ -231,6 +336,8 @@ def save_overlays(
         Line2D([], [], color="black", lw=1.2, ls="dashed", label="prediction"),
     ]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    if view.radiological_axial:
+        fig.text(0.995, 0.01, "radiological view\n(from the feet)", ha="right", va="bottom", fontsize=6)
     if title:
         fig.suptitle(str(title), fontsize=10)
     fig.subplots_adjust(

@@ -18,6 +18,10 @@ class ValidationImages(Callback):
     Only active when a ``WandbLogger`` is attached; the module (a ``SegmentationModuleBase``) keeps
     just the chosen 2D slices of that case, not volumes.
 
+    Slices are drawn radiologically (anterior up, patient's left on the right, A/P/R/L marked) using
+    the case's direction cosines, looked up by case id in the datamodule's caches (the cache keeps
+    each scan's direction); where it cannot be found, the identity direction is assumed.
+
     Args:
         n_slices: slices per image (chosen to show the most organs); 0 turns the images off.
         key: the W&B key.
@@ -65,7 +69,19 @@ class ValidationImages(Callback):
             title=caption,
             slices=range(len(zs)),
             slice_labels=[f"z={z}" for z in zs],
+            direction=case_direction(trainer, sample["case_id"]),
         )
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key=self.key, images=[str(png)], caption=[caption], step=trainer.global_step)
+
+
+def case_direction(trainer, case_id: str) -> tuple[float, ...] | None:
+    """The cached direction cosines of ``case_id`` from the trainer's datamodule (``CTDataModule``
+    readers), or None (the overlay then assumes the identity) when there is no such datamodule, no
+    cache holds the case, or two caches hold it with different directions."""
+    readers = getattr(getattr(trainer, "datamodule", None), "readers", None)
+    if not callable(readers):
+        return None
+    found = {tuple(r.geometry(case_id)["direction"]) for r in readers() if case_id in r.case_ids}
+    return found.pop() if len(found) == 1 else None
