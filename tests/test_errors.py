@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import os
 import pkgutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -331,3 +333,224 @@ def test_a_plain_value_error_of_organseg_during_fit_keeps_its_traceback(hn_small
         main(fit_args(hn_small, tmp_path, class_weights=[1.0] * 18))
     assert not isinstance(info.value, OrgansegError)
     assert str(info.traceback[-1].path).endswith("organseg/spatial/roi.py")
+
+
+# ------------------------------------------------- paths and sizes checked before any work (issue 11)
+@pytest.fixture
+def work(monkeypatch) -> list[str]:
+    """Records whether the DataModule started any work (building caches, opening them)."""
+    from organseg.data.datamodule import CTDataModule
+
+    calls: list[str] = []
+    monkeypatch.setattr(CTDataModule, "prepare_data", lambda self: calls.append("prepare_data"))
+    monkeypatch.setattr(CTDataModule, "setup", lambda self, stage=None: calls.append(f"setup {stage}"))
+    return calls
+
+
+def nothing_written(root: Path) -> bool:
+    return not (root / "lightning_logs/organseg").exists() and not list(root.rglob("*.ckpt"))
+
+
+def only_line(capsys, command: str) -> str:
+    """The error, alone on stderr: checked before Lightning prints anything (not even "Seed set")."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"organseg {command}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+def test_a_missing_ckpt_path_is_one_line_before_any_work(
+    hn_small, tmp_path, monkeypatch, capsys, work, command
+):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "missing.ckpt"
+    assert main([command, *fit_args(hn_small, tmp_path)[1:], f"--ckpt_path={missing}"]) == 2
+    assert only_line(capsys, command) == (
+        f"organseg {command}: error: ckpt_path: checkpoint {missing}: file not found"
+    )
+    assert work == [] and nothing_written(tmp_path)
+
+
+def test_a_foreign_or_unreadable_ckpt_path_is_one_line(hn_small, tmp_path, monkeypatch, capsys, work):
+    monkeypatch.chdir(tmp_path)
+    foreign, garbage = tmp_path / "foreign.pt", tmp_path / "garbage.pt"
+    torch.save({"state_dict": {}}, foreign)
+    garbage.write_text("not a checkpoint")
+    for path, expected in ((foreign, "not an organseg checkpoint"), (garbage, "cannot be read")):
+        assert main(["test", *fit_args(hn_small, tmp_path)[1:], f"--ckpt_path={path}"]) == 2
+        assert f"ckpt_path: checkpoint {path}: {expected}" in one_line(capsys, "test")
+    assert work == []
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (
+            ["--data.init_args.patch_size=[-48, 48, 16]"],
+            "data.init_args.patch_size: must be 3 positive integers (x, y, z voxels), got [-48, 48, 16]",
+        ),
+        (["--data.init_args.patch_size=[48, 0, 16]"], "data.init_args.patch_size: must be 3 positive"),
+        (["--data.init_args.patch_size=[48, 48]"], "positive integers (x, y, z voxels), got [48, 48]"),
+        (
+            ["--data.init_args.patch_size=[50, 48, 16]"],  # the tiny U-Net's strides multiply to (4, 4, 2)
+            "data.init_args.patch_size: [50, 48, 16] must be a multiple of [4, 4, 2] per axis for "
+            "UNetBaseline (its network downsamples that much), e.g. [48, 48, 16]",
+        ),
+        (["--data.init_args.batch_size=0"], "data.init_args.batch_size: must be an integer >= 1, got 0"),
+        (
+            ["--data.init_args.patches_per_epoch=0"],
+            "data.init_args.patches_per_epoch: must be an integer >= 1",
+        ),
+        (["--data.init_args.num_workers=-1"], "data.init_args.num_workers: must be an integer >= 0, got -1"),
+        (["--data.init_args.foreground_probability=1.5"], "foreground_probability: must be a probability"),
+        (["--data.init_args.val_split=vall"], "data.init_args.val_split: unknown split 'vall'"),
+        (["--data.init_args.dataset_weights=[1, 2]"], "dataset_weights: has 2 entries for 1 cards"),
+        (["--data.init_args.augmentation={affine_pp: 0.3}"], "augmentation: unknown key(s) ['affine_pp']"),
+        (
+            ["--data.init_args.pseudo_labels=[/nonexistent/pseudo.h5]"],
+            "data.init_args.pseudo_labels: /nonexistent/pseudo.h5: pseudo-label file not found",
+        ),
+        (
+            ["--data.init_args.cards=[/nonexistent/card.yaml]"],
+            "data.init_args.cards: /nonexistent/card.yaml: dataset card not found",
+        ),
+    ],
+)
+def test_bad_sizes_and_paths_name_their_key_before_any_work(
+    hn_small, tmp_path, monkeypatch, capsys, work, extra, expected
+):
+    monkeypatch.chdir(tmp_path)
+    assert main([*fit_args(hn_small, tmp_path), *extra]) == 2
+    # the divisibility needs the model (built after Lightning sets the seed); the rest is checked at once
+    line = one_line(capsys, "fit") if "must be a multiple of" in expected else only_line(capsys, "fit")
+    assert expected in line
+    assert work == [] and nothing_written(tmp_path)
+
+
+def test_data_module_checks_its_arguments_outside_the_cli_too(hn_small):
+    from organseg.data import CTDataModule
+
+    with pytest.raises(
+        ConfigError, match=r"^CTDataModule.patch_size: must be 3 positive .* got \[96, -1, 32\]$"
+    ):
+        CTDataModule([str(hn_small["card"])], patch_size=(96, -1, 32))
+
+
+def snet_args(hn_small, tmp_path: Path, **trainer) -> list[str]:
+    """``organseg fit`` of a tiny FocusNetV2 S-Net stage on hn_small (the stage keeps its other parts
+    frozen, in eval mode); no logger, no validation, no loader workers."""
+    cfg = {
+        "trainer": {
+            "max_steps": 2,
+            "limit_val_batches": 0,
+            "num_sanity_val_steps": 0,
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            **trainer,
+        },
+        "model": {
+            "init_args": {
+                "architecture": {
+                    "base_channels": 4,
+                    "sol_hidden": 4,
+                    "sos_base": 4,
+                    "ae_code_channels": 4,
+                    "ae_base": 4,
+                },
+                "class_weights": [1.0] * 18,
+            }
+        },
+        "data": {
+            "init_args": {
+                "cards": [str(hn_small["card"])],
+                "patch_size": [48, 48, 16],
+                "batch_size": 1,
+                "patches_per_epoch": 4,
+                "num_workers": 0,
+                "augmentation": None,
+            }
+        },
+    }
+    path = tmp_path / "tiny_snet.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments/focusnetv2/snet.yaml"),
+        "-c",
+        str(REPO / "data_modules/hn_phantom_focusnet.yaml"),
+        "-c",
+        str(path),
+    ]
+
+
+def test_a_missing_init_from_is_one_line_before_any_work(hn_small, tmp_path, monkeypatch, capsys, work):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "snet.ckpt"
+    assert main([*snet_args(hn_small, tmp_path), f"--model.init_args.init_from={missing}"]) == 2
+    assert (
+        only_line(capsys, "fit")
+        == f"organseg fit: error: model.init_args.init_from: checkpoint {missing}: file not found"
+    )
+    assert work == [] and nothing_written(tmp_path)
+
+
+# ------------------------------------------------------- noise a newcomer reads as errors (issue 11)
+NOISE = (
+    "module(s) in eval mode",  # Lightning, about frozen parts / averaged models kept in eval mode on purpose
+    "`srun` command is available",  # Lightning's hint wherever srun exists, also outside any SLURM job
+    "isinstance(treespec, LeafSpec)",  # torch's deprecation, raised inside Lightning
+    "could not find the monitored key",  # ModelCheckpoint when a run stops before its first validation
+)
+
+
+def test_a_tiny_fit_prints_none_of_the_intended_warnings(hn_small, tmp_path, monkeypatch, capsys):
+    """An S-Net stage (frozen parts in eval mode) that stops at max_steps before any validation,
+    validating every epoch (so ModelCheckpoint would have looked for its monitor at the epoch's end), on a
+    machine with ``srun`` on the PATH but outside a SLURM job: none of the four messages, yet other warnings
+    still get through (the control), and last.ckpt is written."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    for var in [v for v in os.environ if v.startswith("SLURM_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # pytest's own filters would hide Lightning's UserWarnings
+        assert main(snet_args(hn_small, tmp_path, check_val_every_n_epoch=1)) == 0
+    out = capsys.readouterr()
+    text = "\n".join([out.out, out.err, *(str(w.message) for w in caught)])
+    assert [n for n in NOISE if n in text] == [], text[-3000:]
+    assert "args parameter is intended to run from within Python" in text  # control: warnings get through
+    assert list(tmp_path.rglob("last.ckpt"))
+
+
+def test_only_frozen_parts_in_eval_mode_are_quiet():
+    from torch import nn
+
+    from organseg.cli.lightning import frozen_eval_modules_only
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Dropout()))
+    assert frozen_eval_modules_only(model)  # nothing in eval mode
+    model[1].eval()
+    assert not frozen_eval_modules_only(model)  # a part that trains, in eval mode: Lightning may warn
+    model[1].requires_grad_(False)
+    assert frozen_eval_modules_only(model)  # frozen: intended
+    model[0].train().requires_grad_(True)
+    model.append(nn.Dropout().eval())
+    assert not frozen_eval_modules_only(model)  # a stray eval-mode dropout among trained layers
+
+
+def test_lightnings_own_checkpoint_names_pass_the_early_check(tmp_path, monkeypatch):
+    from organseg.cli.lightning import check_ckpt_path
+
+    monkeypatch.chdir(tmp_path)
+    for name in (None, "last", "best", "hpc", "registry", "registry:model:v1"):
+        check_ckpt_path(name)  # Lightning resolves these itself
+    with pytest.raises(CheckpointError, match="^ckpt_path: checkpoint LAST: file not found$"):
+        check_ckpt_path("LAST")

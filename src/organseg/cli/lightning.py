@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
 import yaml
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from organseg.errors import UsageError
+from organseg.data.datamodule import CTDataModule, check_arguments
+from organseg.errors import CheckpointError, ConfigError, UsageError
 from organseg.methods.base import SegmentationModuleBase
+from organseg.methods.checkpoints import read_checkpoint
 from organseg.runs import configure_wandb_mode, run_dir
 from organseg.runtime import slurm
 from organseg.runtime.callbacks import ValidationImages
@@ -66,6 +70,93 @@ def condense_parser_error(message: str) -> str:
     return text
 
 
+# Lightning's own names for a checkpoint it finds itself (``trainer.fit(ckpt_path="last")`` etc.)
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """``--ckpt_path``: a readable organseg checkpoint (``read_checkpoint``'s one-line CheckpointError
+    naming the file otherwise), or one of Lightning's own names (``last``, ``best``, ``hpc``,
+    ``registry:...``), which Lightning resolves itself."""
+    name = str(ckpt_path)
+    if ckpt_path is None or name in LIGHTNING_CKPT_NAMES or name.split(":", 1)[0].lower() == "registry":
+        return
+    try:
+        read_checkpoint(ckpt_path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"ckpt_path: {exc}") from None
+
+
+def drop_unknown_ckpt_hparams(config) -> None:
+    """With --ckpt_path Lightning re-reads the checkpoint's hyper_parameters as model arguments; they
+    hold every applied link, also those the model class lacks (small_organs/spacing are FocusNetV2's),
+    which would then be unexpected keyword arguments: drop those."""
+    model = config.get("model")
+    extra = model.get("dict_kwargs") if model is not None else None
+    if extra and model.get("class_path"):
+        module, _, name = model.class_path.rpartition(".")
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        for key in [k for k in extra if k not in params]:
+            del extra[key]
+
+
+def check_config(subcommand: str, config) -> None:
+    """The paths and sizes of a parsed ``fit|validate|test`` config, before anything is instantiated, built
+    or read, each problem one line naming its config key: the CTDataModule arguments
+    (``data/datamodule.py check_arguments``; pseudo-label files for ``fit`` only, the only one reading
+    them), the checkpoints a model loads (``model.init_args.checkpoints``, at construction) and, for
+    ``fit``, those a FocusNetV2 stage loads at fit start (``init_from``, ``shape_from``)."""
+    data = config.get("data")
+    data_class = _class_of(data)
+    if data_class is not None and issubclass(data_class, CTDataModule) and data.get("init_args") is not None:
+        check_arguments(data.init_args.as_dict(), where="data.init_args.", training=subcommand == "fit")
+    args = (config.get("model") or {}).get("init_args") or {}
+    keys = ["init_from", "shape_from"] if subcommand == "fit" else []
+    paths = [(k, args.get(k)) for k in keys] + [("checkpoints", p) for p in args.get("checkpoints") or ()]
+    for key, path in paths:
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"model.init_args.{key}: checkpoint {path}: file not found")
+
+
+def _class_of(node):
+    """The class a ``class_path`` config node names, or None (no node, or not importable: left to
+    jsonargparse, which reports it)."""
+    path = node.get("class_path") if node is not None else None
+    module, _, name = str(path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def check_patch_divisor(model, datamodule) -> None:
+    """The patch size (the data's, linked to the model) is a multiple of what the model's network
+    needs (``patch_divisor``: its total downsampling), or a one-line ConfigError suggesting one."""
+    divisor = getattr(model, "patch_divisor", None)
+    size = getattr(model, "patch_size", None)
+    if not divisor or size is None or not any(p % d for p, d in zip(size, divisor)):
+        return
+    key = "data.init_args.patch_size" if hasattr(datamodule, "patch_size") else "model.init_args.patch_size"
+    nearest = [max(d, round(p / d) * d) for p, d in zip(size, divisor)]
+    raise ConfigError(
+        f"{key}: {list(size)} must be a multiple of {list(divisor)} per axis for {type(model).__name__} "
+        f"(its network downsamples that much), e.g. {nearest}"
+    )
+
+
+def frozen_eval_modules_only(model) -> bool:
+    """True when every module of ``model`` in eval mode sits in a frozen part: the outermost eval-mode
+    module above it has parameters and none of them trains (FocusNetV2's frozen parts, CoWAM's averaged
+    models). A module in eval mode inside a part that trains (a stray ``.eval()``) makes it False."""
+    names = [name for name, module in model.named_modules() if not module.training]
+    roots = [n for n in names if not any(n.startswith(f"{r}.") for r in names if r != n and r)]
+    for name in roots:
+        params = list(model.get_submodule(name).parameters())
+        if not params or any(p.requires_grad for p in params):
+            return False
+    return True
+
+
 class OrgansegCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # A config typo or unparsable value is a one-line error (exit 2), not usage + a nested report.
@@ -81,6 +172,13 @@ class OrgansegCLI(LightningCLI):
         except ArgumentError as exc:
             command = args[0] if args else "fit"
             raise UsageError(f"{condense_parser_error(str(exc))} (see `organseg {command} --help`)") from None
+        # Every path and size, right here: before anything is seeded, built or read (LightningCLI
+        # torch.loads an existing ckpt_path next, a traceback for a foreign file; a missing one would only
+        # fail once the caches are built and the loaders started)
+        sub = self.config.get("subcommand")
+        if sub:
+            check_ckpt_path(self.config[sub].get("ckpt_path"))
+            check_config(sub, self.config[sub])
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -94,6 +192,10 @@ class OrgansegCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch:03d}-dice{val/dice_mean:.3f}",
                 "checkpoint.auto_insert_metric_name": False,
+                # save when validation ends (the monitor is a validation metric), never at a training
+                # epoch's end: a run that stops before its first validation then keeps last.ckpt
+                # without Lightning warning that the monitored key is missing
+                "checkpoint.save_on_train_epoch_end": False,
             }
         )
         for name in ("num_classes", "classes", "patch_size"):
@@ -102,21 +204,6 @@ class OrgansegCLI(LightningCLI):
         # in subclass mode a link only applies to models that have the parameter
         parser.link_arguments("data.small_organs", "model.init_args.small_organs", apply_on="instantiate")
         parser.link_arguments("data.target_spacing", "model.init_args.spacing", apply_on="instantiate")
-
-    def _parse_ckpt_path(self) -> None:
-        # With --ckpt_path Lightning re-reads the checkpoint's hyper_parameters as model arguments; they
-        # hold every applied link, also those the model class lacks (small_organs/spacing are FocusNetV2's),
-        # which would then be unexpected keyword arguments: drop those.
-        super()._parse_ckpt_path()
-
-        sub = self.config.get("subcommand")
-        model = self.config[sub].get("model") if sub else None
-        extra = model.get("dict_kwargs") if model is not None else None
-        if extra and model.get("class_path"):
-            module, _, name = model.class_path.rpartition(".")
-            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-            for key in [k for k in extra if k not in params]:
-                del extra[key]
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         # Whole-case validation gives ranks different numbers of steps (each case once, DDP-wide).
@@ -132,8 +219,31 @@ class OrgansegCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        drop_unknown_ckpt_hparams(config)
         if self.subcommand == "fit":  # SLURM: a run id and root folder that survive a requeue
-            slurm.apply_job_defaults(self.config["fit"])
+            slurm.apply_job_defaults(config)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # model and data are built (cheap, nothing read yet): check they fit before the Trainer starts up
+        check_patch_divisor(self.model, self.datamodule)
+        return super().instantiate_trainer(**kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        if self.subcommand == "fit" and frozen_eval_modules_only(self.model):
+            # Lightning warns about any module in eval mode when training starts. Here they are all
+            # frozen on purpose (FocusNetV2's parts the stage does not train, CoWAM's weight-averaged
+            # models; see their train()), so the warning would only alarm; a module in eval mode with
+            # trainable parameters still gets it (frozen_eval_modules_only is False then).
+            warnings.filterwarnings(
+                "ignore",
+                message=r"Found \d+ module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+                module=r"lightning\.pytorch\.loops\.fit_loop",
+            )
 
     def before_fit(self) -> None:
         # a requeued SLURM job continues from its HPC checkpoint or last.ckpt
@@ -141,11 +251,41 @@ class OrgansegCLI(LightningCLI):
         cfg["ckpt_path"] = slurm.fit_ckpt_path(self.trainer, cfg.get("ckpt_path"), run_dir(self.trainer))
 
 
-def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
-    configure_wandb_mode()
+def quiet_intended_warnings() -> None:
+    """Warnings every fit would print although nothing is wrong, each filtered by its message and the
+    module that raises it (the eval-mode one is decided per model: ``after_instantiate_classes``)."""
     # our IterableDatasets split batches per worker themselves (organseg.data.datasets), so
     # Lightning's generic warning about __len__ with several workers does not apply
     warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+    # Lightning's own pytree helper (2.6.x) still constructs torch's deprecated LeafSpec
+    # (Lightning-AI/pytorch-lightning#21326): nothing of ours uses it, and nothing changes for us
+    # when Lightning moves to torch's replacement
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning suggests `srun` wherever the command exists, also outside any SLURM job (a login node,
+        # a workstation with the SLURM client): nothing to launch with srun there. Inside an allocation
+        # the hint stays, since a multi-task job started without srun hangs.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The `srun` command is available on your system but is not used",
+            category=PossibleUserWarning,
+            module=r"lightning\.fabric\.plugins\.environments\.slurm",
+        )
+
+
+def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
+    with warnings.catch_warnings():  # the filters below last for this run only (main() may run several)
+        quiet_intended_warnings()
+        return _run_lightning_cli(argv)
+
+
+def _run_lightning_cli(argv: list[str]) -> OrgansegCLI:
+    configure_wandb_mode()
     Path("lightning_logs").mkdir(exist_ok=True)
     trainer_defaults = {
         "default_root_dir": "lightning_logs",

@@ -7,7 +7,9 @@ loss can tell "background" from "not annotated here".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import numbers
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
 from organseg.data.augmentation import AugmentationConfig
 from organseg.data.datasets import CacheSource, CaseStream, PatchStream
-from organseg.data.pseudo_labels import PseudoLabelReader
+from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader
 from organseg.data.workers import init_worker
+from organseg.errors import ConfigError
 from organseg.io.card import CardError, DatasetCard
 
 
@@ -47,6 +50,7 @@ class CTDataModule(pl.LightningDataModule):
 
     A split name may also be ``all`` (every cached case of each card, e.g. ``test_split: all`` for a
     dataset used only for testing).
+
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class CTDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        check_arguments(self.hparams)  # the CLI checked them already, naming the config keys
         if isinstance(cards, (str, Path)):
             cards = [cards]
         self.cards = [DatasetCard.load(c) for c in cards]
@@ -243,3 +248,87 @@ class CTDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._case_loader(self.hparams.test_split)
+
+
+# ------------------------------------------------------------------------------- argument checks
+SPLITS = ("train", "val", "test", "all")
+
+
+def check_arguments(args: Mapping[str, Any], where: str = "CTDataModule.", training: bool = False) -> None:
+    """Check ``CTDataModule``'s arguments (parameter name -> value; absent names are skipped) before
+    anything is built or read: every card exists, every size and count is in range, every split is one
+    the cards define; with ``training``, also the pseudo-label files (only training reads them). A problem
+    is a one-line error naming ``<where><name>`` (``ConfigError``; a missing card or pseudo-label file:
+    ``CardError``/``PseudoLabelError``). ``organseg fit|validate|test`` calls it on the parsed config with
+    ``where="data.init_args."`` before it instantiates anything, e.g.
+    ``data.init_args.patch_size: must be 3 positive integers (x, y, z voxels), got [-48, 48, 16]``."""
+
+    def bad(name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{where}{name}: {problem}")
+
+    cards = args.get("cards")
+    if cards is not None:
+        cards = [cards] if isinstance(cards, (str, Path)) else list(cards)
+        if not cards:
+            raise bad("cards", "is empty; give at least one dataset card (data_modules/cards/*.yaml)")
+        for card in cards:
+            if not Path(card).is_file():
+                raise CardError(f"{where}cards: {card}: dataset card not found")
+    size = args.get("patch_size")
+    if size is not None:
+        sized = isinstance(size, Sequence | np.ndarray) and not isinstance(size, str)
+        values = list(size) if sized else [size]
+        if len(values) != 3 or not all(_is_int(v) and v > 0 for v in values):
+            shown = [int(v) if _is_int(v) else v for v in values]
+            raise bad("patch_size", f"must be 3 positive integers (x, y, z voxels), got {shown}")
+    for name, low in (("batch_size", 1), ("patches_per_epoch", 1), ("num_workers", 0), ("seed", 0)):
+        value = args.get(name)
+        if value is not None and not (_is_int(value) and value >= low):
+            raise bad(name, f"must be an integer >= {low}, got {value!r}")
+    value = args.get("val_max_cases")
+    if value is not None and not (_is_int(value) and value >= 1):
+        raise bad("val_max_cases", f"must be an integer >= 1 or null (all cases), got {value!r}")
+    value = args.get("foreground_probability")
+    if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
+        raise bad("foreground_probability", f"must be a probability in [0, 1], got {value!r}")
+    value = args.get("heatmap_sigma_mm")
+    if value is not None and not (_is_number(value) and value > 0):
+        raise bad("heatmap_sigma_mm", f"must be > 0 (mm) or null (no heatmap targets), got {value!r}")
+    weights = args.get("organ_weights")
+    if weights and not all(_is_number(w) and w >= 0 for w in dict(weights).values()):
+        raise bad("organ_weights", f"weights must be numbers >= 0, got {dict(weights)}")
+    weights = args.get("dataset_weights")
+    if weights is not None:
+        weights = list(weights)
+        if cards is not None and len(weights) != len(cards):
+            raise bad("dataset_weights", f"has {len(weights)} entries for {len(cards)} cards (one per card)")
+        if not all(_is_number(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+            raise bad("dataset_weights", f"must be numbers >= 0, not all 0, got {weights}")
+    augmentation = args.get("augmentation")
+    if isinstance(augmentation, Mapping):
+        known = [f.name for f in dataclasses.fields(AugmentationConfig)]
+        unknown = sorted(set(augmentation) - set(known))
+        if unknown:
+            raise bad("augmentation", f"unknown key(s) {unknown}; known: {known}")
+    for path in (args.get("pseudo_labels") or ()) if training else ():
+        if path is not None and not Path(path).is_file():
+            raise PseudoLabelError(
+                f"{where}pseudo_labels: {path}: pseudo-label file not found; create it with "
+                f"`organseg pseudolabel --ckpt ... --card ... --out {path}`"
+            )
+    if cards is not None:
+        defined = set(SPLITS)
+        for card in cards:
+            defined |= {k for k in (DatasetCard.load(card).split or {}) if k != "seed"}
+        for name in ("train_split", "val_split", "test_split"):
+            value = args.get(name)
+            if value is not None and value not in defined:
+                raise bad(name, f"unknown split {value!r}; the cards define {sorted(defined)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -64,6 +64,13 @@ class SegmentationModuleBase(pl.LightningModule):
         self.val_image_slices = 0
         self.val_images: dict | None = None
 
+    @property
+    def patch_divisor(self) -> tuple[int, int, int] | None:
+        """What every patch (and sliding window) size must be a multiple of, per axis (x, y, z), for this
+        module's network to accept it (its total downsampling); None when any size works. ``organseg
+        fit|validate|test`` checks ``data.init_args.patch_size`` against it before any work starts."""
+        return None
+
     # ---------------------------------------------------------------- data plumbing
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -48,7 +48,12 @@ from organseg.losses.cotraining import region_mask, sigmoid_rampup, soft_cross_e
 from organseg.losses.partial_labels import MarginalFocalDiceLoss, merge_pseudo_labels
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
 from organseg.methods.checkpoints import CHECKPOINT_KEY
-from organseg.methods.unet_baseline import adamw_poly, initial_class_weights, resolve_class_weights
+from organseg.methods.unet_baseline import (
+    adamw_poly,
+    initial_class_weights,
+    resolve_class_weights,
+    stride_product,
+)
 from organseg.networks import build_unet
 from organseg.networks.weight_averaging import weight_averaged
 
@@ -161,6 +166,14 @@ class CoTrainingWAM(SegmentationModuleBase):
     @property
     def averaged(self) -> tuple[nn.Module, nn.Module]:
         return self.wam_a, self.wam_b
+
+    @property
+    def patch_divisor(self) -> tuple[int, int, int] | None:
+        """The DynUNet's total stride, or what a ``network`` given by class_path declares (``divisor``)."""
+        if self.hparams.network is None:
+            return stride_product(self.hparams.strides)
+        divisor = getattr(self.net_a, "divisor", None)
+        return tuple(int(d) for d in divisor) if divisor is not None else None
 
     @property
     def selected_name(self) -> str:

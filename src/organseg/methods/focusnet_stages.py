@@ -149,6 +149,11 @@ class FocusNetStageBase(SegmentationModuleBase):
                 getattr(self.focusnet, name).requires_grad_(False)
         self.train()
 
+    @property
+    def patch_divisor(self) -> tuple[int, int, int]:
+        """S-Net's (``networks/snet.py`` ``divisor``): every stage slides S-Net over the case."""
+        return tuple(int(d) for d in self.focusnet.snet.divisor)
+
     # ---------------------------------------------------------------- freezing
     @property
     def frozen_parts(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,12 @@ def resolve_class_weights(module, loss_fn: FocalDiceLoss, mode, stage: str) -> N
 def initial_class_weights(class_weights, num_classes: int) -> list[float]:
     """The loss's initial focal weights: a fixed list as given, uniform for a mode (resolved later)."""
     return list(class_weights) if isinstance(class_weights, (list, tuple)) else [1.0] * num_classes
+
+
+def stride_product(strides: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """A U-Net's total downsampling per axis (x, y, z): the product of its levels' strides; patch sizes
+    must be multiples of it, or the skip connections' shapes disagree."""
+    return tuple(math.prod(int(s[axis]) for s in strides) for axis in range(3))
 
 
 def adamw_poly(module, params, lr: float, weight_decay: float, max_epochs_for_schedule: int | None):
@@ -80,6 +87,10 @@ class UNetBaseline(SegmentationModuleBase):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
+
+    @property
+    def patch_divisor(self) -> tuple[int, int, int]:
+        return stride_product(self.hparams.strides)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
