@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import organseg
 from helpers.checkpoints import tiny_unet_checkpoint
+from helpers.tiny_fit import SNET, TINY_FOCUSNET, TINY_UNET, tiny_fit_args
 from organseg.cli.main import main
 from organseg.errors import (
     CheckpointError,
@@ -251,40 +251,8 @@ def test_a_torch_error_in_predict_keeps_its_traceback(hn_small, tiny_ckpt, tmp_p
 
 # ----------------------------------------------------------------------------- fit (LightningCLI)
 def fit_args(hn_small, tmp_path: Path, **model) -> list[str]:
-    cfg = {
-        "trainer": {
-            "max_steps": 1,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-        },
-        "model": {"init_args": {"filters": [4, 8, 8], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]], **model}},
-        "data": {
-            "init_args": {
-                "cards": [str(hn_small["card"])],
-                "patch_size": [48, 48, 16],
-                "batch_size": 1,
-                "patches_per_epoch": 2,
-                "num_workers": 0,
-                "augmentation": None,
-            }
-        },
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/baseline/unet.yaml"),
-        "-c",
-        str(REPO / "data_modules/hn_phantom.yaml"),
-        "-c",
-        str(path),
-    ]
+    """A tiny U-Net ``organseg fit`` on hn_small (tests/helpers/tiny_fit.py); ``model`` adds init args."""
+    return tiny_fit_args(hn_small["card"], tmp_path, model={**TINY_UNET, **model})
 
 
 @pytest.mark.parametrize(
@@ -439,52 +407,14 @@ def test_data_module_checks_its_arguments_outside_the_cli_too(hn_small):
 def snet_args(hn_small, tmp_path: Path, **trainer) -> list[str]:
     """``organseg fit`` of a tiny FocusNetV2 S-Net stage on hn_small (the stage keeps its other parts
     frozen, in eval mode); no logger, no validation, no loader workers."""
-    cfg = {
-        "trainer": {
-            "max_steps": 2,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            **trainer,
-        },
-        "model": {
-            "init_args": {
-                "architecture": {
-                    "base_channels": 4,
-                    "sol_hidden": 4,
-                    "sos_base": 4,
-                    "ae_code_channels": 4,
-                    "ae_base": 4,
-                },
-                "class_weights": [1.0] * 18,
-            }
-        },
-        "data": {
-            "init_args": {
-                "cards": [str(hn_small["card"])],
-                "patch_size": [48, 48, 16],
-                "batch_size": 1,
-                "patches_per_epoch": 4,
-                "num_workers": 0,
-                "augmentation": None,
-            }
-        },
-    }
-    path = tmp_path / "tiny_snet.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments/focusnetv2/snet.yaml"),
-        "-c",
-        str(REPO / "data_modules/hn_phantom_focusnet.yaml"),
-        "-c",
-        str(path),
-    ]
+    return tiny_fit_args(
+        hn_small["card"],
+        tmp_path,
+        SNET,
+        model={**TINY_FOCUSNET, "class_weights": [1.0] * 18},
+        trainer={"max_steps": 2, **trainer},
+        data={"patches_per_epoch": 4},
+    )
 
 
 def test_a_missing_init_from_is_one_line_before_any_work(hn_small, tmp_path, monkeypatch, capsys, work):
