@@ -27,6 +27,20 @@ def test_plan_runs_all_five_focusnet_stages_in_chain_order():
         runs_needed(plan, ["nope"])
 
 
+@pytest.mark.parametrize("steps", [None, 0, "00:00:04:00"])
+def test_plan_budgets_every_run_in_optimiser_steps(tmp_path, steps):
+    plan = yaml.safe_load(PLAN.read_text())
+    assert all(
+        isinstance(r["max_steps"], int) and r["max_steps"] % 64 == 0 and "max_time" not in r
+        for r in plan["runs"]
+    )  # 32 steps an epoch, validated every 2nd: the last step is validated
+    plan["runs"][0]["max_steps"] = steps
+    bad = tmp_path / "plan.yaml"
+    bad.write_text(yaml.safe_dump(plan))
+    with pytest.raises(SystemExit, match="needs max_steps"):
+        load_plan(str(bad))
+
+
 def test_plan_rejects_a_run_that_loads_a_later_one(tmp_path):
     plan = yaml.safe_load(PLAN.read_text())
     plan["runs"][1]["init_from"] = plan["runs"][2]["name"]
@@ -44,14 +58,14 @@ def test_every_demo_run_config_composes(run):
     cmd = [sys.executable, "-m", "organseg.cli.main", "fit", "--print_config"]
     for cfg in spec["configs"]:
         cmd += ["-c", cfg]
-    cmd.append(f"--trainer.max_time={spec['max_time']}")
+    cmd.append(f"--trainer.max_steps={spec['max_steps']}")
     for key in ("init_from", "shape_from"):
         if spec.get(key):
             cmd.append(f"--model.init_args.{key}=some/earlier.ckpt")
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     printed = yaml.safe_load(out.stdout)
-    assert printed["trainer"]["max_time"] == spec["max_time"]
+    assert printed["trainer"]["max_steps"] == spec["max_steps"] and printed["trainer"]["max_time"] is None
     for key in ("init_from", "shape_from"):
         if spec.get(key):
             assert printed["model"]["init_args"][key] == "some/earlier.ckpt"

@@ -50,6 +50,12 @@ def load_plan(path: str) -> dict:
             dep = run.get(key)
             if dep is not None and (dep not in names or names.index(dep) >= names.index(run["name"])):
                 raise SystemExit(f"demo: {path}: run {run['name']} {key}={dep!r} must name an earlier run")
+    for run in plan["runs"]:
+        steps = run.get("max_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise SystemExit(
+                f"demo: {path}: run {run['name']} needs max_steps, a positive number of optimiser steps"
+            )
     unknown = set(plan.get("evaluate", [])) - set(names)
     if unknown:
         raise SystemExit(f"demo: {path}: evaluate names unknown runs {sorted(unknown)}")
@@ -126,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [exe, "fit"]
         for cfg in run["configs"]:
             cmd += ["-c", cfg]
-        cmd += [f"--trainer.max_time={run['max_time']}", f"--trainer.logger.init_args.id={run_id}"]
+        cmd += [f"--trainer.max_steps={run['max_steps']}", f"--trainer.logger.init_args.id={run_id}"]
+        idle = run.get("idle_min", "?")
+        print(f"\n# {run['name']}: {run['max_steps']} optimiser steps, ~{idle} min on 2 idle CPU cores")
         for key in ("init_from", "shape_from"):
             if run.get(key):
                 cmd.append(f"--model.init_args.{key}={selected_checkpoint(run_ids[run[key]])}")
