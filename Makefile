@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam clean
+.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam bench-threads clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-focusnet: $(STAMP)
 # quiet CPU cores at STEPS=150, 25 min at STEPS=500; STEPS=10 for a quick look)
 bench-cowam: $(STAMP)
 	$(BIN)/python benchmarks/cowam_phantom.py --steps $(or $(STEPS),150) $(BENCH_ARGS)
+
+# training steps/s idle and beside 2 busy-loop processes, old vs new thread settings, fixed optimiser steps per
+# fit (issue 11: falls by no more than the CPU share lost; ~4 min on 2 quiet CPU cores, ~11 on busy ones; WINDOW=2 quick)
+bench-threads: $(STAMP)
+	$(BIN)/python benchmarks/threads_under_load.py --window $(or $(WINDOW),8) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data/demo lightning_logs/demo*

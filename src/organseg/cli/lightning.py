@@ -33,6 +33,7 @@ from organseg.methods.checkpoints import read_checkpoint
 from organseg.runs import configure_wandb_mode, run_dir
 from organseg.runtime import slurm
 from organseg.runtime.callbacks import ValidationImages
+from organseg.runtime.threads import Threads
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -185,6 +186,7 @@ class OrgansegCLI(LightningCLI):
         parser.add_lightning_class_args(
             ValidationImages, "val_images"
         )  # W&B contour images; n_slices: 0 = off
+        parser.add_lightning_class_args(Threads, "threads")  # trainer/loader-worker thread counts
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/dice_mean",

@@ -19,6 +19,7 @@ import os
 import sys
 
 from organseg.errors import OrgansegError
+from organseg.runtime.openmp import prefer_passive_waits
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -79,6 +80,7 @@ def _report(command: str, exc: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    prefer_passive_waits()  # before anything loads torch's OpenMP (runtime/openmp.py)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         # lazy: Lightning and torch load only for fit/validate/test, so the tool commands start fast
         from organseg.cli.lightning import run_lightning_cli  # noqa: PLC0415

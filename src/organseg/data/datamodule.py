@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class CTDataModule(pl.LightningDataModule):
     A split name may also be ``all`` (every cached case of each card, e.g. ``test_split: all`` for a
     dataset used only for testing).
 
+    Each loader worker runs ``worker_threads`` threads per library (torch, SimpleITK, OpenMP/BLAS;
+    ``data/workers.py``): 1 unless the ``threads`` section of ``organseg fit`` (``runtime/threads.py``,
+    ``threads.workers``) sets it before the loaders are made; None leaves the libraries' defaults.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class CTDataModule(pl.LightningDataModule):
         self._readers: list | None = None
         self._splits: list[dict[str, list[str]]] = []
         self.train_stream: PatchStream | None = None
+        self.worker_threads: int | None = 1
 
     # ---------------------------------------------------------------- label space
     @property
@@ -220,7 +225,7 @@ class CTDataModule(pl.LightningDataModule):
             batch_size=hp.batch_size,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
-            worker_init_fn=init_worker,
+            worker_init_fn=partial(init_worker, threads=self.worker_threads),
             multiprocessing_context="spawn" if hp.num_workers > 0 else None,
         )
 
@@ -237,7 +242,7 @@ class CTDataModule(pl.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             multiprocessing_context="spawn" if workers else None,
-            worker_init_fn=init_worker,
+            worker_init_fn=partial(init_worker, threads=self.worker_threads),
         )
 
     def val_dataloader(self) -> DataLoader:
