@@ -271,3 +271,37 @@ def test_heatmap_targets_peak_at_small_organ_centres_and_follow_augmentation(hn_
                 total += 1
         assert s["heatmap"].max() <= 1.0 + 1e-4
     assert total > 0 and hits / total > 0.8
+
+
+def test_heatmap_targets_reach_only_modules_that_train_on_them(hn_small):
+    """S-Net's stage ignores ``heatmap``: the loader must not build and warp those channels for it."""
+    from types import SimpleNamespace
+
+    from organseg.methods.focusnet_stages import JointStage, ShapeAEStage, SNetStage, SOLStage, SOSStage
+    from organseg.methods.unet_baseline import UNetBaseline
+
+    assert not SNetStage.uses_heatmap_targets and not UNetBaseline.uses_heatmap_targets
+    assert all(c.uses_heatmap_targets for c in (SOLStage, SOSStage, ShapeAEStage, JointStage))
+
+    def first_batch(module) -> dict:
+        dm = CTDataModule(
+            [str(hn_small["card"])],
+            patch_size=PATCH,
+            batch_size=2,
+            patches_per_epoch=2,
+            num_workers=0,
+            augmentation=None,
+            preprocess=False,
+            heatmap_sigma_mm=4.0,
+        )
+        dm.setup("fit")
+        if module is not None:
+            dm.trainer = SimpleNamespace(
+                lightning_module=module, global_rank=0, world_size=1, current_epoch=0
+            )
+        return next(iter(dm.train_dataloader()))
+
+    k = len(DatasetCard.load(hn_small["card"]).small_indices)
+    assert "heatmap" not in first_batch(SimpleNamespace(uses_heatmap_targets=False))
+    assert first_batch(SimpleNamespace(uses_heatmap_targets=True))["heatmap"].shape == (2, k, *PATCH)
+    assert first_batch(None)["heatmap"].shape == (2, k, *PATCH)  # no trainer: the config decides

@@ -43,7 +43,8 @@ class CTDataModule(pl.LightningDataModule):
         augmentation: torchio augmentation settings (``AugmentationConfig`` fields) or null for none.
         preprocess: build/refresh each card's cache in ``prepare_data`` (a no-op when up to date).
         heatmap_sigma_mm: if set, training samples carry ``heatmap`` targets (FocusNetV2 SOL-Net) for the
-            cards' small organs (``small_organs`` order), Gaussians of this sigma (mm) at the organ centres.
+            cards' small organs (``small_organs`` order), Gaussians of this sigma (mm) at the organ centres,
+            when the trainer's module reads them (its ``uses_heatmap_targets``; S-Net's stage does not).
         pseudo_labels: optional hard pseudo-label files (``organseg pseudolabel``), one per card in order
             (null for a card without); training batches then carry ``pseudo`` int64 [B,X,Y,Z] (0 where
             none), augmented with the label. A file stale for its card's cache is an error.
@@ -215,7 +216,7 @@ class CTDataModule(pl.LightningDataModule):
             seed=hp.seed,
             rank=rank,
             world_size=world,
-            heatmap_classes=[self.classes.index(o) for o in self.small_organs] if hp.heatmap_sigma_mm else (),
+            heatmap_classes=self._heatmap_classes(),
             heatmap_sigma_mm=hp.heatmap_sigma_mm or 5.0,
         )
         trainer = getattr(self, "trainer", None)
@@ -228,6 +229,20 @@ class CTDataModule(pl.LightningDataModule):
             worker_init_fn=partial(init_worker, threads=self.worker_threads),
             multiprocessing_context="spawn" if hp.num_workers > 0 else None,
         )
+
+    def _heatmap_classes(self) -> list[int]:
+        """Small-organ class indices to build ``heatmap`` targets for: none without ``heatmap_sigma_mm``,
+        and none when the trainer's module says its ``training_step`` does not read them
+        (``uses_heatmap_targets``, e.g. FocusNetV2's S-Net stage), since building and warping K extra
+        channels per patch costs loader time for nothing. Without a trainer (a loader made by hand) the
+        config decides."""
+        if not self.hparams.heatmap_sigma_mm:
+            return []
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is not None and not getattr(module, "uses_heatmap_targets", True):
+            return []
+        return [self.classes.index(o) for o in self.small_organs]
 
     def _case_loader(self, split: str, max_cases: int | None = None) -> DataLoader:
         rank, world = self._rank_world()

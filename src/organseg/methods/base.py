@@ -35,6 +35,10 @@ def log_loss_terms(module: pl.LightningModule, terms: dict, batch_size: int, pre
 class SegmentationModuleBase(pl.LightningModule):
     """Subclasses build ``self.net`` (or override ``forward``) and ``training_step``."""
 
+    # whether ``training_step`` reads ``batch["heatmap"]``: the DataModule builds and warps those targets
+    # only for modules that do (they cost a third of the loader's time for an S-Net stage that ignores them)
+    uses_heatmap_targets = False
+
     def __init__(
         self,
         num_classes: int,

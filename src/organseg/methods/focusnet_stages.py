@@ -428,6 +428,7 @@ class SOLStage(FocusNetStageBase):
     """
 
     trainable = ("sol",)
+    uses_heatmap_targets = True
     init_parts = ("snet",)
     init_kinds = ("SNetStage", "SOLStage")
 
@@ -453,6 +454,8 @@ class SOLStage(FocusNetStageBase):
 # ==================================================================== stage 3
 class _ROIMixin:
     """Ground-truth ROIs around the true (target-heatmap) centres, shared by stages 3-5."""
+
+    uses_heatmap_targets = True
 
     def gt_rois(self, batch: dict, jitter: Sequence[int]) -> list[dict]:
         """Per small organ found in some sample of the batch: ``{"k", "index" [N] (batch rows),
