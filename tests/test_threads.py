@@ -78,6 +78,37 @@ def test_the_datamodule_hands_its_worker_threads_to_every_loader(hn_small):
     assert dm.val_dataloader().worker_init_fn.keywords == {"threads": None}
 
 
+class _WorkerReport(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.tensor([os.getpid(), torch.get_num_threads()])
+
+
+def test_workers_start_from_a_preloaded_forkserver_and_stay_single_threaded(hn_small):
+    """Not forked from the trainer (its thread pools, HDF5 handles), not spawned (re-imports per worker)."""
+    import importlib
+    from functools import partial
+
+    from organseg.data import CTDataModule
+    from organseg.data.workers import WORKER_PRELOAD, init_worker, worker_context
+
+    for name in WORKER_PRELOAD:  # a misspelt module would only fail inside the server
+        importlib.import_module(name)
+    dm = CTDataModule(cards=[str(hn_small["card"])], patch_size=[48, 48, 16], num_workers=2, preprocess=False)
+    dm.setup("fit")
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    loader = torch.utils.data.DataLoader(
+        _WorkerReport(),
+        batch_size=None,
+        num_workers=2,
+        worker_init_fn=partial(init_worker, threads=1),
+        multiprocessing_context=worker_context(),
+    )
+    reports = [t.tolist() for t in loader]
+    assert len(reports) == 2 and len({pid for pid, _ in reports}) == 2 and os.getpid() not in reports[0]
+    assert all(threads == 1 for _, threads in reports)
+
+
 # ------------------------------------------------------------------------------------ the share
 def test_a_process_share_of_the_cores(tmp_path):
     assert cores_per_process(1, env={}, cpus=8) == 8

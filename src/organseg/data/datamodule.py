@@ -23,7 +23,7 @@ from organseg.cache.reader import CacheReader
 from organseg.data.augmentation import AugmentationConfig
 from organseg.data.datasets import CacheSource, CaseStream, PatchStream
 from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader
-from organseg.data.workers import init_worker
+from organseg.data.workers import init_worker, worker_context
 from organseg.errors import ConfigError
 from organseg.io.card import CardError, DatasetCard
 
@@ -227,7 +227,7 @@ class CTDataModule(pl.LightningDataModule):
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             worker_init_fn=partial(init_worker, threads=self.worker_threads),
-            multiprocessing_context="spawn" if hp.num_workers > 0 else None,
+            multiprocessing_context=worker_context() if hp.num_workers > 0 else None,
         )
 
     def _heatmap_classes(self) -> list[int]:
@@ -256,7 +256,7 @@ class CTDataModule(pl.LightningDataModule):
             batch_size=1,
             num_workers=workers,
             persistent_workers=workers > 0,
-            multiprocessing_context="spawn" if workers else None,
+            multiprocessing_context=worker_context() if workers else None,
             worker_init_fn=partial(init_worker, threads=self.worker_threads),
         )
 
