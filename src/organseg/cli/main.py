@@ -31,6 +31,7 @@ TOOL_SUBCOMMANDS = {
     "predict": "organseg.cli.predict",
     "pseudolabel": "organseg.cli.pseudolabel",
     "sweep": "organseg.cli.sweep",
+    "bench": "organseg.cli.bench",
 }
 
 
@@ -42,7 +43,8 @@ def _tool_parser() -> argparse.ArgumentParser:
         "(see `organseg fit --help`).",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{fit,validate,test,phantom,preprocess,evaluate,predict,pseudolabel,sweep}"
+        dest="command",
+        metavar="{fit,validate,test,phantom,preprocess,evaluate,predict,pseudolabel,sweep,bench}",
     )
     for name in LIGHTNING_SUBCOMMANDS:
         sub.add_parser(

@@ -1,0 +1,449 @@
+"""``organseg bench BENCH.yaml``: run every arm of a benchmark for every seed, evaluate each on the test
+split, and write one result folder with intervals (``evaluation/benchmark_report.py``).
+
+A benchmark YAML (``benchmarks/*.yaml``)::
+
+    name: focusnet_phantom              # results go to benchmarks/results/<name>-<date>/ (or --out)
+    prepare:                            # optional: commands run first, e.g. the phantom and its cache
+      - [phantom, hn, --out, data/raw/hn_phantom, --cases, "24", --seed, "0"]
+      - [preprocess, data_modules/cards/hn_phantom_demo.yaml]
+    seeds: [0, 1, 2]                    # every arm runs every seed (model init, data order, patches)
+    split: test                         # evaluated split of the data config's card
+    checkpoint: last                    # last | best (best: by the run's validation monitor)
+    groups: {large: [brainstem, ...], small: [chiasm, ...]}
+    arms:
+      unet:
+        - {name: unet, configs: [experiments/baseline/unet.yaml, ...], max_steps: 256}
+      focusnetv2:                       # a chain: each run may load an earlier run of its arm
+        - {name: snet, configs: [...], max_steps: 128}
+        - {name: sol, configs: [...], max_steps: 128, init_from: snet}
+    compare: [[focusnetv2, unet]]       # paired differences A - B, with bootstrap intervals
+    args: [--trainer.limit_val_batches=0]   # appended to every fit
+    quick:                              # --quick: what changes for the small CPU size
+      seeds: [0, 1, 2]
+      steps_scale: 0.25                 # every max_steps x this (at least 1)
+      args: [--data.init_args.patch_size=[48,48,16]]   # appended to every fit after the args above
+      replace_configs: {data_modules/hn_phantom_focusnet.yaml: data_modules/hn_phantom_focusnet_demo.yaml}
+      prepare: [...]                    # instead of the prepare above
+
+Budgets are optimiser steps (``max_steps`` per run; an arm's budget is the sum over its runs), never
+wall time; each run's steps, wall time and machine load are recorded. Resumable: a run is skipped when
+its state file says it finished and its checkpoint is there, and an evaluated (arm, seed) is not
+evaluated again; kill the command and start it again and it continues. The runs' own folders are
+``lightning_logs/organseg/<name>-<arm>-s<seed>-<run>``. A run whose chain up to it is identical in two
+arms (same configs, steps and loads) is trained once per seed and shared by both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from organseg.errors import ConfigError, OrgansegError
+
+LOGS = Path("lightning_logs/organseg")
+KNOWN_KEYS = {"name", "prepare", "seeds", "split", "checkpoint", "groups", "arms", "compare", "args", "quick"}
+QUICK_KEYS = {"seeds", "steps_scale", "args", "replace_configs", "prepare"}
+RUN_KEYS = {"name", "configs", "max_steps", "init_from", "shape_from", "args"}
+
+
+class BenchError(OrgansegError):
+    """A command of the benchmark failed (its log is named) or left no checkpoint."""
+
+
+@dataclass
+class Run:
+    name: str
+    configs: list[str]
+    max_steps: int
+    loads: dict[str, str] = field(default_factory=dict)  # init_from / shape_from -> earlier run name
+    args: list[str] = field(default_factory=list)
+    # the first arm (YAML order) whose chain up to and including this run is identical: that arm's run is
+    # trained once per seed and shared (same seed, same configs and steps = the same run)
+    owner: str = ""
+
+
+@dataclass
+class Benchmark:
+    path: Path
+    name: str
+    seeds: list[int]
+    arms: dict[str, list[Run]]
+    prepare: list[list[str]] = field(default_factory=list)
+    split: str = "test"
+    checkpoint: str = "last"
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    compare: list[tuple[str, str]] = field(default_factory=list)
+    fit_args: list[str] = field(default_factory=list)
+
+
+def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
+    """Parse and check a benchmark YAML; every problem is one ConfigError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such benchmark file")
+    spec = yaml.safe_load(path.read_text()) or {}
+
+    def bad(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{path}: {key}: {problem}")
+
+    if not isinstance(spec, dict):
+        raise bad("(top level)", "must be a mapping")
+    unknown = set(spec) - KNOWN_KEYS
+    if unknown:
+        raise bad("(top level)", f"unknown key(s) {sorted(unknown)}; known: {sorted(KNOWN_KEYS)}")
+    for key in ("name", "arms"):
+        if key not in spec:
+            raise bad(key, "missing")
+    quick_spec = spec.get("quick") or {}
+    unknown = set(quick_spec) - QUICK_KEYS
+    if unknown:
+        raise bad("quick", f"unknown key(s) {sorted(unknown)}; known: {sorted(QUICK_KEYS)}")
+    replace = {str(k): str(v) for k, v in (quick_spec.get("replace_configs") or {}).items()} if quick else {}
+    seeds = quick_spec.get("seeds", spec.get("seeds", [0])) if quick else spec.get("seeds", [0])
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise bad("seeds", f"must be a list of non-negative integers, got {seeds!r}")
+    scale = float(quick_spec.get("steps_scale", 1.0)) if quick else 1.0
+    if scale <= 0:
+        raise bad("quick.steps_scale", f"must be > 0, got {scale}")
+    arms: dict[str, list[Run]] = {}
+    if not isinstance(spec["arms"], dict) or not spec["arms"]:
+        raise bad("arms", "must map arm names to lists of runs")
+    for arm, runs in spec["arms"].items():
+        arms[str(arm)] = _runs(runs, scale, replace, lambda k, p, a=arm: bad(f"arms.{a}{k}", p))
+    compare = []
+    for pair in spec.get("compare") or []:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(p in arms for p in pair)):
+            raise bad("compare", f"each entry must name two arms of {sorted(arms)}, got {pair!r}")
+        compare.append((pair[0], pair[1]))
+    _assign_owners(arms)
+    checkpoint = spec.get("checkpoint", "last")
+    if checkpoint not in ("last", "best"):
+        raise bad("checkpoint", f"must be last or best, got {checkpoint!r}")
+    return Benchmark(
+        path=path,
+        name=str(spec["name"]),
+        seeds=[int(s) for s in seeds],
+        arms=arms,
+        prepare=[
+            [str(a) for a in cmd]
+            for cmd in (quick_spec.get("prepare", spec.get("prepare")) if quick else spec.get("prepare"))
+            or []
+        ],
+        split=str(spec.get("split", "test")),
+        checkpoint=checkpoint,
+        groups={str(k): list(v) for k, v in (spec.get("groups") or {}).items()},
+        compare=compare,
+        fit_args=[str(a) for a in spec.get("args") or []]
+        + ([str(a) for a in quick_spec.get("args") or []] if quick else []),
+    )
+
+
+def _assign_owners(arms: dict[str, list[Run]]) -> None:
+    first: dict[tuple, str] = {}
+    for arm, runs in arms.items():
+        prefix: tuple = ()
+        for run in runs:
+            prefix += (
+                (
+                    run.name,
+                    tuple(run.configs),
+                    run.max_steps,
+                    tuple(sorted(run.loads.items())),
+                    tuple(run.args),
+                ),
+            )
+            run.owner = first.setdefault(prefix, arm)
+
+
+def _runs(runs, scale: float, replace: dict[str, str], bad: Callable[[str, str], ConfigError]) -> list[Run]:
+    if not isinstance(runs, list) or not runs:
+        raise bad("", "must be a non-empty list of runs")
+    out: list[Run] = []
+    for i, run in enumerate(runs):
+        where = f"[{i}]"
+        if not isinstance(run, dict) or "name" not in run or "configs" not in run:
+            raise bad(where, "each run needs name and configs")
+        unknown = set(run) - RUN_KEYS
+        if unknown:
+            raise bad(where, f"unknown key(s) {sorted(unknown)}; known: {sorted(RUN_KEYS)}")
+        steps = run.get("max_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise bad(f"{where}.max_steps", f"must be a positive number of optimiser steps, got {steps!r}")
+        configs = [replace.get(str(c), str(c)) for c in run["configs"]]
+        for cfg in configs:
+            if not Path(cfg).is_file():
+                raise bad(f"{where}.configs", f"no such config file {cfg}")
+        loads = {k: run[k] for k in ("init_from", "shape_from") if run.get(k)}
+        earlier = [r.name for r in out]
+        for key, dep in loads.items():
+            if dep not in earlier:
+                raise bad(f"{where}.{key}", f"must name an earlier run of the arm ({earlier}), got {dep!r}")
+        out.append(
+            Run(
+                str(run["name"]),
+                configs,
+                max(1, round(steps * scale)),
+                loads,
+                [str(a) for a in run.get("args", [])],
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- running
+def organseg_subprocess(args: Sequence[str], log_stem: Path) -> int:
+    """Run ``organseg ARGS`` as a child process, stdout/stderr to ``log_stem.{out,err}``."""
+    exe = shutil.which("organseg") or str(Path(sys.executable).with_name("organseg"))
+    log_stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{log_stem}.out", "w") as out, open(f"{log_stem}.err", "w") as err:
+        return subprocess.run(
+            [exe, *args], stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        ).returncode
+
+
+def _quote(args: Sequence[str]) -> str:
+    return "organseg " + " ".join(shlex.quote(a) for a in args)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from organseg.io.atomic import atomic_open  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _checkpoint(run_id: str, which: str) -> Path | None:
+    folder = LOGS / run_id / "checkpoints"
+    if which == "best":
+        best = sorted(folder.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if best:
+            return best[-1]
+    last = folder / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def _global_step(ckpt: Path) -> int | None:
+    from organseg.methods.checkpoints import read_checkpoint  # noqa: PLC0415  (torch: only when running)
+
+    return read_checkpoint(ckpt).get("global_step")
+
+
+class BenchRunner:
+    """Runs a :class:`Benchmark` into ``out`` (state files in ``out/state``, logs in ``out/logs``).
+    ``execute(args, log_stem) -> exit status`` runs one ``organseg`` command (a subprocess by default)."""
+
+    def __init__(
+        self, bench: Benchmark, out: Path, execute: Callable[[Sequence[str], Path], int] | None = None
+    ):
+        self.bench, self.out = bench, out
+        self.execute = execute or organseg_subprocess
+        self.commands: list[str] = []
+
+    def run_id(self, arm: str, seed: int, run: Run) -> str:
+        """``<bench>-<arm>-s<seed>-<run>``, named after the run's owner arm when the run is shared."""
+        return f"{self.bench.name}-{run.owner or arm}-s{seed}-{run.name}"
+
+    def _state(self, key: str) -> Path:
+        return self.out / "state" / f"{key}.json"
+
+    def _call(self, args: list[str], log_name: str) -> None:
+        self.commands.append(_quote(args))
+        print(f"\n$ {_quote(args)}", flush=True)
+        rc = self.execute(args, self.out / "logs" / log_name)
+        if rc != 0:
+            log = self.out / "logs" / f"{log_name}.err"
+            raise BenchError(f"{self.bench.path}: `{_quote(args)}` exited with status {rc}; see {log}")
+
+    def fit(self, arm: str, seed: int, run: Run, done: dict[str, dict]) -> dict:
+        run_id = self.run_id(arm, seed, run)
+        state = self._state(run_id)
+        if state.is_file():
+            record = json.loads(state.read_text())
+            if Path(record["checkpoint"]).is_file():
+                print(f"= {run_id}: finished before ({record['steps']} steps), skipped", flush=True)
+                return record
+        shutil.rmtree(LOGS / run_id, ignore_errors=True)  # an unfinished attempt of this run: ours to remove
+        args = ["fit"] + [a for cfg in run.configs for a in ("-c", cfg)]
+        args += [
+            f"--trainer.max_steps={run.max_steps}",
+            f"--seed_everything={seed}",
+            f"--data.init_args.seed={seed}",
+            f"--trainer.logger.init_args.id={run_id}",
+            *self.bench.fit_args,
+            *run.args,
+        ]
+        for key, dep in run.loads.items():
+            args.append(f"--model.init_args.{key}={done[dep]['checkpoint']}")
+        load_before, t0 = os.getloadavg()[0], time.perf_counter()
+        self._call(args, run_id)
+        wall = time.perf_counter() - t0
+        ckpt = _checkpoint(run_id, self.bench.checkpoint)
+        if ckpt is None:
+            raise BenchError(f"{self.bench.path}: run {run_id} wrote no checkpoint under {LOGS / run_id}")
+        record = {
+            "run_id": run_id,
+            "command": _quote(args),
+            "checkpoint": str(ckpt),
+            "max_steps": run.max_steps,
+            "steps": _global_step(ckpt),
+            "wall_s": round(wall, 1),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        }
+        _write_json(state, record)
+        return record
+
+    def arm_seed(self, arm: str, seed: int) -> dict:
+        key = f"{arm}-s{seed}"
+        state = self._state(key)
+        if state.is_file():
+            print(f"= {key}: evaluated before, skipped", flush=True)
+            return json.loads(state.read_text())
+        done: dict[str, dict] = {}
+        for run in self.bench.arms[arm]:
+            done[run.name] = self.fit(arm, seed, run, done)
+        final = done[self.bench.arms[arm][-1].name]
+        eval_dir = self.out / "eval" / key
+        args = [
+            "evaluate",
+            "--ckpt",
+            final["checkpoint"],
+            "--split",
+            self.bench.split,
+            "--out",
+            str(eval_dir),
+        ]
+        args += ["--overlays", "1" if seed == self.bench.seeds[0] else "0"]
+        t0 = time.perf_counter()
+        self._call(args, f"evaluate-{key}")
+        record = {
+            "arm": arm,
+            "seed": seed,
+            "runs": done,
+            "steps": sum(r["steps"] or 0 for r in done.values()),
+            "train_wall_s": round(sum(r["wall_s"] for r in done.values()), 1),
+            "eval_wall_s": round(time.perf_counter() - t0, 1),
+            "per_case": str(eval_dir / "per_case.csv"),
+        }
+        _write_json(state, record)
+        return record
+
+    def run(self) -> dict[str, Path]:
+        from organseg.evaluation.benchmark_report import read_rows, write_benchmark_report  # noqa: PLC0415
+
+        for cmd in self.bench.prepare:
+            self._call(cmd, "prepare-" + "-".join(cmd[:1]))
+        records = [self.arm_seed(arm, seed) for arm in self.bench.arms for seed in self.bench.seeds]
+        rows, organs = [], []
+        for rec in records:
+            for row in read_rows(Path(rec["per_case"])):
+                if row["organ"] not in organs:
+                    organs.append(row["organ"])
+                rows.append(
+                    {
+                        "arm": rec["arm"],
+                        "seed": rec["seed"],
+                        "case_id": row["case_id"],
+                        "organ": row["organ"],
+                        "dice": row.get("dice", ""),
+                        "hd95_mm": row.get("hd95", ""),
+                        "assd_mm": row.get("assd", ""),
+                    }
+                )
+        meta = {
+            "name": self.bench.name,
+            "benchmark": str(self.bench.path),
+            "seeds": self.bench.seeds,
+            "test_cases": len({r["case_id"] for r in rows}),
+            "git_commit": _git_commit(),
+            "versions": _versions(),
+            "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+            "arms": {
+                arm: [
+                    {k: r[k] for k in ("seed", "steps", "train_wall_s", "eval_wall_s")}
+                    | {
+                        "runs": {
+                            n: {k: v for k, v in run.items() if k != "checkpoint"}
+                            for n, run in r["runs"].items()
+                        }
+                    }
+                    for r in records
+                    if r["arm"] == arm
+                ]
+                for arm in self.bench.arms
+            },
+        }
+        return write_benchmark_report(
+            rows, list(self.bench.arms), organs, self.bench.groups, self.bench.compare, meta, self.out
+        )
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        )
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("organseg", "torch", "lightning", "monai", "torchio", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="run a benchmark YAML: arms x seeds, paired intervals, plots (resumable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("benchmark", help="benchmark YAML, e.g. benchmarks/focusnet_phantom.yaml")
+    p.add_argument("--quick", action="store_true", help="the YAML's quick size (CPU; see its quick: section)")
+    p.add_argument(
+        "--out", default=None, help="result folder (default benchmarks/results/<name>[-quick]-<date>)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    bench = load_benchmark(args.benchmark, quick=args.quick)
+    suffix = "-quick" if args.quick else ""
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("benchmarks/results") / f"{bench.name}{suffix}-{time.strftime('%Y-%m-%d')}"
+    )
+    runs = sum(len(r) for r in bench.arms.values()) * len(bench.seeds)
+    print(
+        f"bench {bench.name}: {len(bench.arms)} arm(s) x {len(bench.seeds)} seed(s), {runs} fit(s) -> {out}"
+    )
+    paths = BenchRunner(bench, out).run()
+    print(f"\nwrote {paths['table']}, {paths['per_case']}, {paths['summary']} and the plots beside them")
+    return 0

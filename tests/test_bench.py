@@ -1,0 +1,188 @@
+"""`organseg bench` (issue 12): a 2-arm x 2-seed toy benchmark end to end, its long-form CSV, the
+differences recomputed by hand from that CSV, resuming, and one-line errors for a bad benchmark file."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers.tiny_fit import REPO
+from organseg.cli.bench import BenchRunner, load_benchmark
+from organseg.cli.main import main
+from organseg.errors import ConfigError
+
+UNET = str(REPO / "experiments/baseline/unet.yaml")
+DATA = str(REPO / "data_modules/hn_phantom.yaml")
+
+
+def toy_benchmark(folder: Path, card: Path) -> Path:
+    overlay = folder / "tiny.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "limit_val_batches": 0,
+                    "num_sanity_val_steps": 0,
+                    "accelerator": "cpu",
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                },
+                "model": {"init_args": {"filters": [4, 8, 8], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]]}},
+                "data": {
+                    "init_args": {
+                        "cards": [str(card)],
+                        "patch_size": [48, 48, 16],
+                        "batch_size": 1,
+                        "patches_per_epoch": 2,
+                        "num_workers": 0,
+                        "augmentation": None,
+                    }
+                },
+            }
+        )
+    )
+    spec = {
+        "name": "toy",
+        "seeds": [0, 1],
+        "groups": {"eyes": ["eye_l", "eye_r"]},
+        "arms": {
+            "short": [{"name": "unet", "configs": [UNET, DATA, str(overlay)], "max_steps": 1}],
+            "long": [{"name": "unet", "configs": [UNET, DATA, str(overlay)], "max_steps": 3}],
+        },
+        "compare": [["long", "short"]],
+    }
+    path = folder / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def in_process(calls: list):
+    """Each command in this process (the real runner starts a process per command, which also ends its
+    W&B run; here the run is finished by hand, or the next fit would log into it)."""
+    import wandb
+
+    def execute(args, log_stem):
+        calls.append(list(args))
+        try:
+            return main(list(args))
+        finally:
+            wandb.finish()
+
+    return execute
+
+
+def test_a_toy_benchmark_runs_resumes_and_its_table_follows_from_the_csv(hn_small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench = load_benchmark(toy_benchmark(tmp_path, hn_small["card"]))
+    out = tmp_path / "results"
+    calls: list = []
+    paths = BenchRunner(bench, out, in_process(calls)).run()
+    assert [c[0] for c in calls].count("fit") == 4 and [c[0] for c in calls].count("evaluate") == 4
+    fits = [c for c in calls if c[0] == "fit"]
+    assert all("--seed_everything=0" in c or "--seed_everything=1" in c for c in fits)
+
+    with open(paths["per_case"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["arm", "seed", "case_id", "organ", "dice", "hd95_mm", "assd_mm"]
+    organs = sorted({r["organ"] for r in rows})
+    cases = sorted({r["case_id"] for r in rows})
+    assert len(rows) == 2 * 2 * len(cases) * len(organs) and len(cases) == 1
+
+    summary = json.loads(paths["summary"].read_text())
+    for arm, steps in (("short", 1), ("long", 3)):
+        assert [r["steps"] for r in summary["arms"][arm]] == [steps, steps]  # optimiser steps, not time
+
+    # the mean difference, by hand from the CSV: per (seed, case), mean over defined organs, long - short
+    def grid(arm):
+        out = {}
+        for r in rows:
+            if r["arm"] == arm and r["dice"] != "":
+                out.setdefault((r["seed"], r["case_id"]), []).append(float(r["dice"]))
+        return {k: np.mean(v) for k, v in out.items()}
+
+    long, short = grid("long"), grid("short")
+    by_hand = np.mean([long[k] - short[k] for k in long if k in short])
+    got = summary["differences"]["long - short"]["mean (all organs)"]
+    assert got["mean"] == pytest.approx(by_hand) and got["low"] <= got["mean"] <= got["high"]
+    table = paths["table"].read_text()
+    assert "long - short" in table and "eyes (group)" in table and "bootstrap" in table
+    for png in ("dice_boxplot.png", "forest_long_vs_short.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resumed: nothing is trained or evaluated again
+    calls.clear()
+    BenchRunner(bench, out, in_process(calls)).run()
+    assert calls == []
+    # an (arm, seed) whose evaluation never finished: only that evaluation runs again
+    (out / "state" / "long-s1.json").unlink()
+    BenchRunner(bench, out, in_process(calls)).run()
+    assert [c[0] for c in calls] == ["evaluate"]
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"seeds": [-1]}, "seeds"),
+        ({"arms": {"a": [{"name": "x", "configs": [UNET], "max_steps": 0}]}}, "arms.a[0].max_steps"),
+        ({"arms": {"a": [{"name": "x", "configs": ["nope.yaml"], "max_steps": 2}]}}, "arms.a[0].configs"),
+        (
+            {"arms": {"a": [{"name": "x", "configs": [UNET], "max_steps": 2, "init_from": "later"}]}},
+            "arms.a[0].init_from",
+        ),
+        ({"compare": [["a", "missing"]]}, "compare"),
+        ({"max_time": "00:10:00"}, "(top level)"),
+    ],
+)
+def test_a_bad_benchmark_file_is_one_error_naming_file_and_key(tmp_path, change, key):
+    spec = {"name": "bad", "arms": {"a": [{"name": "x", "configs": [UNET], "max_steps": 2}]}, **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {key}:")):
+        load_benchmark(path)
+
+
+def test_quick_size_scales_steps_and_seeds(tmp_path):
+    spec = {
+        "name": "q",
+        "seeds": [0, 1, 2, 3, 4],
+        "arms": {"a": [{"name": "x", "configs": [UNET], "max_steps": 100}]},
+        "args": ["--trainer.limit_val_batches=0"],
+        "quick": {
+            "seeds": [0, 1, 2],
+            "steps_scale": 0.25,
+            "args": ["--data.init_args.patch_size=[48,48,16]"],
+            "replace_configs": {UNET: DATA},
+        },
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    full, quick = load_benchmark(path), load_benchmark(path, quick=True)
+    assert full.seeds == [0, 1, 2, 3, 4] and full.arms["a"][0].max_steps == 100
+    assert full.fit_args == ["--trainer.limit_val_batches=0"] and full.arms["a"][0].configs == [UNET]
+    assert quick.seeds == [0, 1, 2] and quick.arms["a"][0].max_steps == 25
+    assert quick.fit_args == ["--trainer.limit_val_batches=0", "--data.init_args.patch_size=[48,48,16]"]
+    assert quick.arms["a"][0].configs == [DATA]
+
+
+def test_a_stage_identical_in_two_arms_is_trained_once_per_seed(tmp_path):
+    run = {"name": "x", "configs": [UNET], "max_steps": 10}
+    spec = {
+        "name": "share",
+        "arms": {
+            "a": [run],
+            "b": [run, {**run, "name": "y", "init_from": "x"}],
+            "c": [{**run, "max_steps": 20}],  # another budget: its own run
+        },
+    }
+    path = tmp_path / "share.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    bench = load_benchmark(path)
+    runner = BenchRunner(bench, tmp_path / "out")
+    ids = {arm: [runner.run_id(arm, 0, r) for r in runs] for arm, runs in bench.arms.items()}
+    assert ids == {"a": ["share-a-s0-x"], "b": ["share-a-s0-x", "share-b-s0-y"], "c": ["share-c-s0-x"]}
