@@ -229,3 +229,23 @@ def test_ddp_two_cpu_processes_draw_distinct_patches_and_validate_each_case_once
         assert len(cases) == 1  # the 1 val case, once, on one rank
     assert ranks[0]["metrics"]["val/cases"] == ranks[1]["metrics"]["val/cases"] == 1.0
     assert ranks[0]["metrics"]["val/dice_mean"] == pytest.approx(ranks[1]["metrics"]["val/dice_mean"])
+
+
+def test_lightnings_litlogger_advert_is_dropped_and_other_info_kept(caplog):
+    import logging
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from organseg.cli.lightning import quiet_lightning_tips
+
+    quiet_lightning_tips()
+    quiet_lightning_tips()  # idempotent: one filter however many fits a process runs
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    assert len([f for f in logger.filters if type(f).__name__ == "_DropLitLoggerTip"]) == 1
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info(
+            "💡 Tip: try installing [litlogger](https://pypi.org/project/litlogger/) to enable LitLogger"
+        )
+        rank_zero_info("`Trainer.fit` stopped: `max_steps=3` reached.")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["`Trainer.fit` stopped: `max_steps=3` reached."]

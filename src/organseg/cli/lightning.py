@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 import sys
 import warnings
@@ -280,7 +281,22 @@ def quiet_intended_warnings() -> None:
         )
 
 
+class _DropLitLoggerTip(logging.Filter):
+    """Lightning (2.6) logs an advertisement for its hosted LitLogger at the start of every fit that
+    does not use it; organseg logs to W&B (offline by default) on purpose, so the line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning_tips() -> None:
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
+        logger.addFilter(_DropLitLoggerTip())
+
+
 def run_lightning_cli(argv: list[str]) -> OrgansegCLI:
+    quiet_lightning_tips()
     with warnings.catch_warnings():  # the filters below last for this run only (main() may run several)
         quiet_intended_warnings()
         return _run_lightning_cli(argv)
