@@ -1,7 +1,6 @@
 """S-Net, SOL-Net, DenseASPP, heatmap targets/decoding and the heatmap loss: behaviour, on tiny tensors."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -68,15 +67,6 @@ def test_snet_rejects_indivisible_sizes():
         net(torch.randn(1, 1, 30, 32, 8))
     with pytest.raises(ValueError, match="divisible by"):
         net(torch.randn(1, 1, 32, 32, 7))
-
-
-def test_snet_forward_backward_is_fast():
-    torch.manual_seed(0)
-    net = SNet(num_classes=4, base_channels=8)
-    x = torch.randn(1, 1, 32, 32, 16)
-    start = time.perf_counter()
-    net(x).mean().backward()
-    assert time.perf_counter() - start < 5.0  # ~0.2 s on one core; generous for a shared machine
 
 
 def test_blocks_residual_and_se():
