@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam bench-threads clean
+.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam bench-threads bench-loader-peers clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench-cowam: $(STAMP)
 # fit (issue 11: falls by no more than the CPU share lost; ~4 min on 2 quiet CPU cores, ~11 on busy ones; WINDOW=2 quick)
 bench-threads: $(STAMP)
 	$(BIN)/python benchmarks/threads_under_load.py --window $(or $(WINDOW),8) $(BENCH_ARGS)
+
+# training-loader patches/s, organseg vs nnU-Net v2 (its own throwaway venv under ~/.cache/organseg-bench, installed
+# on first use; skipped with one line where pip cannot), batch 2, 2 workers each, patches 64x64x32 to 192x192x48,
+# 3 interleaved rounds (issue 11; ~15 min on 2 busy CPU cores plus the first install; SECONDS_PER=3 REPEATS=1 quick)
+bench-loader-peers: $(STAMP)
+	$(BIN)/python benchmarks/loader_peers.py --seconds $(or $(SECONDS_PER),10) --repeats $(or $(REPEATS),3) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data/demo lightning_logs/demo*

@@ -375,6 +375,10 @@ def test_a_foreign_or_unreadable_ckpt_path_is_one_line(hn_small, tmp_path, monke
         (["--data.init_args.dataset_weights=[1, 2]"], "dataset_weights: has 2 entries for 1 cards"),
         (["--data.init_args.augmentation={affine_pp: 0.3}"], "augmentation: unknown key(s) ['affine_pp']"),
         (
+            ["--data.init_args.augmentation={spatial: sitk}"],
+            "data.init_args.augmentation: spatial must be one of ['composed', 'torchio'], got 'sitk'",
+        ),
+        (
             ["--data.init_args.pseudo_labels=[/nonexistent/pseudo.h5]"],
             "data.init_args.pseudo_labels: /nonexistent/pseudo.h5: pseudo-label file not found",
         ),

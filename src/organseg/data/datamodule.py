@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
-from organseg.data.augmentation import AugmentationConfig
+from organseg.data.augmentation import SPATIAL_MODES, AugmentationConfig
 from organseg.data.datasets import CacheSource, CaseStream, PatchStream
 from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader
 from organseg.data.workers import init_worker, worker_context
@@ -330,6 +330,9 @@ def check_arguments(args: Mapping[str, Any], where: str = "CTDataModule.", train
         unknown = sorted(set(augmentation) - set(known))
         if unknown:
             raise bad("augmentation", f"unknown key(s) {unknown}; known: {known}")
+        spatial = augmentation.get("spatial", "composed")
+        if spatial not in SPATIAL_MODES:
+            raise bad("augmentation", f"spatial must be one of {list(SPATIAL_MODES)}, got {spatial!r}")
     for path in (args.get("pseudo_labels") or ()) if training else ():
         if path is not None and not Path(path).is_file():
             raise PseudoLabelError(

@@ -25,6 +25,7 @@ import torch
 import torchio as tio
 from torch.utils.data import IterableDataset
 
+from organseg.data.augmentation import resample, split_spatial
 from organseg.data.sampling import draw_centre, patch_start
 from organseg.data.sharding import current_shard, split_evenly
 from organseg.errors import ConfigError
@@ -88,7 +89,10 @@ class PatchStream(IterableDataset):
         w = w * np.array([len(s.case_ids) > 0 for s in self.sources])
         self.dataset_p = w / w.sum()
         self.transform = transform
-        self.margin = np.asarray(margin, dtype=np.int64)
+        # a composed spatial transform first in the pipeline (data/augmentation.py) is resampled here,
+        # on the smallest box its draw needs; the rest (intensity) runs on the patch
+        self.spatial, self.rest = split_spatial(transform)
+        self.margin = np.asarray(margin, dtype=np.int64)  # read around the patch for any other transform
         self.jitter = jitter
         self.seed = seed
         self.rank, self.world_size = rank, world_size
@@ -119,14 +123,32 @@ class PatchStream(IterableDataset):
             yield self.sample(rng)
 
     def sample(self, rng: np.random.Generator) -> dict:
-        """One training patch: draw a case, then its box (the ``rng`` order), read, augment, crop, pack."""
+        """One training patch: draw a case, then its box (the ``rng`` order), read, augment, pack.
+
+        With a composed spatial transform (``RandomAffineElastic``, the default augmentation) its draw
+        comes first and decides the box read: the patch itself when it draws nothing, else the smallest
+        box its sampling grid covers, resampled straight to the patch (one ``grid_sample`` per
+        interpolation kind for all volumes). Any other transform gets the patch plus ``margin`` read
+        around it, and the margin is cut off after it.
+        """
         d, case_id = self._draw_case(rng)
         src = self.sources[d]
         start = self._draw_patch_start(rng, src.reader, case_id)
         spacing = src.reader.spacing(case_id)
-        region = self._read_region(src, case_id, start - self.margin, spacing)
-        patch = self._crop_margin(self._augment(region, spacing))
-        return self._pack(patch, src, d, case_id, start)
+        if self.transform is not None and self.spatial is None:
+            region = self._read_region(
+                src, case_id, start - self.margin, self.patch_size + 2 * self.margin, spacing
+            )
+            patch = self._crop_margin(self._augment(region, spacing, self.transform))
+            return self._pack(patch, src, d, case_id, start)
+        draw = self.spatial.draw(spacing) if self.spatial is not None else None
+        if draw is None:
+            patch = self._read_region(src, case_id, start, self.patch_size, spacing)
+        else:
+            offset, size = draw.input_box(self.patch_size)
+            region = self._read_region(src, case_id, start + offset, size, spacing)
+            patch = resample(region, _LABEL_MAPS, draw, self.patch_size, in_offset=-offset)
+        return self._pack(self._augment(patch, spacing, self.rest), src, d, case_id, start)
 
     def _draw_case(self, rng: np.random.Generator) -> tuple[int, str]:
         """(dataset index, case id): a dataset by ``dataset_p``, then one of its cases uniformly."""
@@ -147,10 +169,9 @@ class PatchStream(IterableDataset):
         return patch_start(rng, centre, self.patch_size, self.jitter)
 
     def _read_region(
-        self, src: CacheSource, case_id: str, region_start: np.ndarray, spacing
+        self, src: CacheSource, case_id: str, region_start: np.ndarray, region_size: np.ndarray, spacing
     ) -> dict[str, torch.Tensor]:
-        """Patch + augmentation margin (the transform pulls in real voxels) as [channel, X, Y, Z] tensors."""
-        region_size = self.patch_size + 2 * self.margin
+        """A box of the case (the patch, or what the spatial transform pulls in) as [channel, X, Y, Z]."""
         image, label = src.reader.read_patch(case_id, region_start, region_size)
         region = {"image": torch.from_numpy(image)[None], "label": torch.from_numpy(label)[None]}
         if self.heatmap_classes:
@@ -186,9 +207,10 @@ class PatchStream(IterableDataset):
             return np.zeros(shape, dtype=np.uint8)
         return src.pseudo.read_patch(case_id, region_start, region_size)
 
-    def _augment(self, region: dict[str, torch.Tensor], spacing) -> dict[str, torch.Tensor]:
-        """One draw of the transform moves every volume alike (label maps by nearest neighbour)."""
-        if self.transform is None:
+    @staticmethod
+    def _augment(region: dict[str, torch.Tensor], spacing, transform) -> dict[str, torch.Tensor]:
+        """One draw of ``transform`` moves every volume alike (label maps by nearest neighbour)."""
+        if transform is None:
             return region
         subject = tio.Subject(
             **{
@@ -198,7 +220,7 @@ class PatchStream(IterableDataset):
                 for name, volume in region.items()
             }
         )
-        moved = self.transform(subject)
+        moved = transform(subject)
         return {name: moved[name].data for name in region}
 
     def _crop_margin(self, region: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
