@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam bench-threads bench-loader-peers clean
+.PHONY: install lint test test-slow test-all demo bench bench-loading bench-focusnet bench-cowam bench-threads bench-steps bench-loader-peers clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -64,6 +64,12 @@ bench-threads: $(STAMP)
 # 3 interleaved rounds (issue 11; ~15 min on 2 busy CPU cores plus the first install; SECONDS_PER=3 REPEATS=1 quick)
 bench-loader-peers: $(STAMP)
 	$(BIN)/python benchmarks/loader_peers.py --seconds $(or $(SECONDS_PER),10) --repeats $(or $(REPEATS),3) $(BENCH_ARGS)
+
+# training steps/s (batch 2 x 96x96x32, 2 threads, random data) of the U-Net with 3x3x3 vs spacing-derived kernels
+# and S-Net with upstream vs in-plane full-resolution kernels, interleaved rounds (issue 11; ~5-10 min on 2 CPU
+# cores; STEPS=1 REPEATS=1 for a quick look)
+bench-steps: $(STAMP)
+	$(BIN)/python benchmarks/step_speed.py --steps $(or $(STEPS),4) --repeats $(or $(REPEATS),3) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data/demo lightning_logs/demo*

@@ -152,7 +152,7 @@ def main() -> int:
 
         from organseg.networks import build_unet
 
-        net = build_unet(1, card.num_classes)
+        net = build_unet(1, card.num_classes, spacing=card.target_spacing)  # the baseline's kernels
         opt = torch.optim.AdamW(net.parameters(), 1e-3)
         x = torch.randn(2, 1, 96, 96, 32)
         y = torch.randint(0, card.num_classes, (2, 96, 96, 32))

@@ -63,12 +63,18 @@ WAMS = ("wam_a", "wam_b")
 
 
 def build_network(
-    num_classes: int, filters: Sequence[int], strides: Sequence[Sequence[int]], network: dict | None = None
+    num_classes: int,
+    filters: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    network: dict | None = None,
+    spacing: Sequence[float] | None = None,
+    kernel_sizes: Sequence[Sequence[int]] | None = None,
 ) -> nn.Module:
-    """The default DynUNet (``build_unet``), or ``network = {class_path, init_args}`` (e.g.
-    ``organseg.networks.snet.SNet``) with ``num_classes`` (or ``out_channels``) filled in."""
+    """The default DynUNet (``build_unet``: kernels from ``kernel_sizes``, else from the data's ``spacing``
+    by nnU-Net's rule), or ``network = {class_path, init_args}`` (e.g. ``organseg.networks.snet.SNet``)
+    with ``num_classes`` (or ``out_channels``) filled in."""
     if network is None:
-        return build_unet(1, num_classes, filters, strides)
+        return build_unet(1, num_classes, filters, strides, kernel_sizes=kernel_sizes, spacing=spacing)
     path = str(network.get("class_path", ""))
     module_name, _, cls_name = path.rpartition(".")
     try:
@@ -88,6 +94,8 @@ class CoTrainingWAM(SegmentationModuleBase):
     Args:
         filters / strides: DynUNet levels (as ``UNetBaseline``); ``network`` replaces the DynUNet by
             any ``{class_path, init_args}`` network returning logits [B,C,*S].
+        spacing / kernel_sizes: the DynUNet's kernels, as ``UNetBaseline`` (``spacing`` is linked from
+            the card by the CLI; explicit ``kernel_sizes`` win; neither: 3x3x3).
         init_seeds: the two networks' initialisation seeds (must differ).
         supervision: ``pseudo`` | ``marginal`` | ``naive`` (see module doc).
         lr / weight_decay / max_epochs_for_schedule: AdamW + poly decay over both nets.
@@ -127,6 +135,8 @@ class CoTrainingWAM(SegmentationModuleBase):
         sw_overlap: float = 0.5,
         sw_batch_size: int = 2,
         hd95_every_n_epochs: int = 1,
+        spacing: Sequence[float] | None = None,
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__(num_classes, classes, patch_size, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
@@ -146,7 +156,9 @@ class CoTrainingWAM(SegmentationModuleBase):
         for name, seed in zip(NETS, seeds):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                setattr(self, name, build_network(num_classes, filters, strides, network))
+                setattr(
+                    self, name, build_network(num_classes, filters, strides, network, spacing, kernel_sizes)
+                )
         for name, net in zip(WAMS, (self.net_a, self.net_b)):
             setattr(self, name, weight_averaged(net, ema_decay))
         # which averaged model validation found better (0 = wam_a, 1 = wam_b); a buffer so every

@@ -46,6 +46,8 @@ class MarginalUNet(UNetBaseline):
         sw_overlap: float = 0.5,
         sw_batch_size: int = 2,
         hd95_every_n_epochs: int = 1,
+        spacing: Sequence[float] | None = None,
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__(
             num_classes,
@@ -63,6 +65,8 @@ class MarginalUNet(UNetBaseline):
             sw_overlap,
             sw_batch_size,
             hd95_every_n_epochs,
+            spacing,
+            kernel_sizes,
         )
         self.loss_fn = MarginalFocalDiceLoss(
             self.num_classes,

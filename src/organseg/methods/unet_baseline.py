@@ -54,6 +54,11 @@ class UNetBaseline(SegmentationModuleBase):
             training cache's voxel counts at fit start (``inverse_sqrt_frequency``, ``inverse_frequency``,
             ``uniform``).
         focal_gamma / focal_weight / dice_weight: the loss ``focal_weight*Focal(gamma) + dice_weight*Dice``.
+        spacing: the cache's voxel spacing (mm, x y z; the card's ``target_spacing``, linked by the CLI):
+            the kernel sizes follow it by nnU-Net's rule (``networks.unet.kernel_sizes_for_spacing``:
+            (3, 3, 1) while z is at least twice the in-plane spacing). None (no data known, and
+            checkpoints written before this argument): 3x3x3 at every level.
+        kernel_sizes: one (x, y, z) kernel per level; given, it overrides the spacing rule.
     """
 
     def __init__(
@@ -73,10 +78,12 @@ class UNetBaseline(SegmentationModuleBase):
         sw_overlap: float = 0.5,
         sw_batch_size: int = 2,
         hd95_every_n_epochs: int = 1,
+        spacing: Sequence[float] | None = None,
+        kernel_sizes: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__(num_classes, classes, patch_size, sw_overlap, sw_batch_size, hd95_every_n_epochs)
         self.save_hyperparameters()
-        self.net = build_unet(1, num_classes, filters, strides)
+        self.net = build_unet(1, num_classes, filters, strides, kernel_sizes=kernel_sizes, spacing=spacing)
         # a fixed list is used as given; a mode is resolved from the training cache in setup(). The weights
         # live in the focal loss's buffer, so a checkpoint restores exactly what training used.
         weights = initial_class_weights(class_weights, num_classes)

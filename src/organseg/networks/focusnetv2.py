@@ -21,7 +21,7 @@ from torch import nn
 
 from organseg.errors import ConfigError
 from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
-from organseg.networks.snet import SNet
+from organseg.networks.snet import FULL_RES_KERNELS, SNet
 from organseg.networks.sol import SOLNet
 from organseg.networks.sos import SOSNetBank, sos_inputs
 from organseg.spatial.roi import crop_rois, roi_size_voxels
@@ -47,6 +47,7 @@ class FocusNetV2(nn.Module):
         sos_base: int = 16,
         ae_code_channels: int = 32,
         ae_base: int = 16,
+        snet_full_res_kernels: str = "upstream",
     ):
         super().__init__()
         if len(small_classes) != len(roi_sizes):
@@ -55,7 +56,11 @@ class FocusNetV2(nn.Module):
         self.small_classes = [int(c) for c in small_classes]
         self.roi_sizes = [tuple(int(v) for v in r) for r in roi_sizes]
         self.snet = SNet(
-            1, num_classes=num_classes, base_channels=base_channels, aspp_rates=tuple(aspp_rates)
+            1,
+            num_classes=num_classes,
+            base_channels=base_channels,
+            aspp_rates=tuple(aspp_rates),
+            full_res_kernels=snet_full_res_kernels,
         )
         k = len(self.small_classes)
         self.sol = SOLNet(self.snet.feature_channels, k, hidden=sol_hidden)
@@ -106,6 +111,10 @@ class FocusNetArchitecture:
         ae_base: shape autoencoder width.
         roi_mm: SOS ROI in mm, one [x, y, z] for all small organs or {organ: [x, y, z]}; converted to
             voxels with the data's spacing (``roi_size_voxels``).
+        snet_full_res_kernels: S-Net's kernels at full resolution (``skip1``, ``dec2``): ``upstream``
+            (3x3x3, the authors' code) or ``inplane`` (3, 3, 1), ours: nnU-Net's rule for z at 2-4x the
+            in-plane spacing (upstream's 1 x 1 x 2.5 mm, the H&N cards' 1 x 1 x 3), a cheaper step
+            (``networks.snet``; ``benchmarks/step_speed.py``). Part of the stored architecture.
     """
 
     base_channels: int = 16
@@ -115,8 +124,14 @@ class FocusNetArchitecture:
     ae_code_channels: int = 32
     ae_base: int = 16
     roi_mm: tuple[float, float, float] | dict[str, tuple[float, float, float]] = (32.0, 32.0, 15.0)
+    snet_full_res_kernels: str = "upstream"
 
     def __post_init__(self) -> None:
+        if self.snet_full_res_kernels not in FULL_RES_KERNELS:
+            raise ConfigError(
+                f"architecture snet_full_res_kernels must be one of {list(FULL_RES_KERNELS)}, "
+                f"got {self.snet_full_res_kernels!r}"
+            )
         # the same plain values however it was given (YAML lists, a checkpoint's dict, Python tuples)
         for f in ("base_channels", "sol_hidden", "sos_base", "ae_code_channels", "ae_base"):
             object.__setattr__(self, f, int(getattr(self, f)))
@@ -187,6 +202,7 @@ class FocusNetArchitecture:
             sos_base=self.sos_base,
             ae_code_channels=self.ae_code_channels,
             ae_base=self.ae_base,
+            snet_full_res_kernels=self.snet_full_res_kernels,
         )
 
 
