@@ -186,3 +186,30 @@ def test_a_stage_identical_in_two_arms_is_trained_once_per_seed(tmp_path):
     runner = BenchRunner(bench, tmp_path / "out")
     ids = {arm: [runner.run_id(arm, 0, r) for r in runs] for arm, runs in bench.arms.items()}
     assert ids == {"a": ["share-a-s0-x"], "b": ["share-a-s0-x", "share-b-s0-y"], "c": ["share-c-s0-x"]}
+
+
+def test_one_seed_sets_model_init_data_order_and_patches(hn_small, tmp_path, monkeypatch):
+    """Same ``--seed_everything``: the same weights after training (same init, same patches in the same
+    order); another seed: other weights. The patch stream follows the run's seed unless data.seed is set."""
+    import torch
+
+    from helpers.tiny_fit import tiny_fit_args
+    from organseg.data import CTDataModule
+
+    monkeypatch.chdir(tmp_path)
+
+    def weights_after_fit(seed: int, name: str) -> dict:
+        root = tmp_path / name
+        root.mkdir()
+        args = tiny_fit_args(hn_small["card"], root, trainer={"max_steps": 2, "default_root_dir": str(root)})
+        assert main([*args, f"--seed_everything={seed}"]) == 0
+        (ckpt,) = root.rglob("last.ckpt")
+        return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+    first, again, other = weights_after_fit(3, "a"), weights_after_fit(3, "b"), weights_after_fit(4, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything exports
+    assert CTDataModule([str(hn_small["card"])], preprocess=False).stream_seed == 7
+    assert CTDataModule([str(hn_small["card"])], preprocess=False, seed=2).stream_seed == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -48,7 +49,9 @@ class CTDataModule(pl.LightningDataModule):
         pseudo_labels: optional hard pseudo-label files (``organseg pseudolabel``), one per card in order
             (null for a card without); training batches then carry ``pseudo`` int64 [B,X,Y,Z] (0 where
             none), augmented with the label. A file stale for its card's cache is an error.
-        seed: base seed of the patch streams.
+        seed: base seed of the patch streams; null (default) follows the run's seed (``seed_everything``,
+            which Lightning exports as ``PL_GLOBAL_SEED``; 0 without one), so one seed sets model init, data
+            order and patches alike.
 
     A split name may also be ``all`` (every cached case of each card, e.g. ``test_split: all`` for a
     dataset used only for testing).
@@ -76,7 +79,7 @@ class CTDataModule(pl.LightningDataModule):
         val_max_cases: int | None = None,
         heatmap_sigma_mm: float | None = None,
         pseudo_labels: Sequence[str | None] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -213,7 +216,7 @@ class CTDataModule(pl.LightningDataModule):
             dataset_weights=hp.dataset_weights,
             transform=aug.build() if aug else None,
             margin=aug.margin(self.patch_size) if aug else (0, 0, 0),
-            seed=hp.seed,
+            seed=self.stream_seed,
             rank=rank,
             world_size=world,
             heatmap_classes=self._heatmap_classes(),
@@ -229,6 +232,13 @@ class CTDataModule(pl.LightningDataModule):
             worker_init_fn=partial(init_worker, threads=self.worker_threads),
             multiprocessing_context=worker_context() if hp.num_workers > 0 else None,
         )
+
+    @property
+    def stream_seed(self) -> int:
+        """The patch streams' base seed: ``seed``, else the run's (``PL_GLOBAL_SEED``), else 0."""
+        if self.hparams.seed is not None:
+            return int(self.hparams.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _heatmap_classes(self) -> list[int]:
         """Small-organ class indices to build ``heatmap`` targets for: none without ``heatmap_sigma_mm``,
