@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_SHAPE, SMALL_SPACING = (128, 128, 32), (1.5, 1.5, 4.5)
 
 
+@pytest.fixture(autouse=True)
+def no_run_seed_from_an_earlier_test(monkeypatch):
+    """An in-process fit's ``seed_everything`` exports PL_GLOBAL_SEED, which the patch stream and
+    co-training's network seeds follow when unset in config: every test starts without one."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 def write_card(card_file: Path, **overrides) -> Path:
     card = yaml.safe_load((REPO / "data_modules/cards/hn_phantom.yaml").read_text())
     card.update(overrides)

@@ -118,6 +118,19 @@ def test_two_networks_start_different_and_averages_never_get_grad():
     assert opt_params == {id(p) for p in [*m.net_a.parameters(), *m.net_b.parameters()]}
     with pytest.raises(ValueError, match="init_seeds"):
         tiny_module(init_seeds=[3, 3])
+
+    def first_net_a(seed=None):
+        return torch.cat([p.flatten() for p in tiny_module(init_seeds=seed).net_a.parameters()])
+
+    # no init_seeds: (2s, 2s+1) from the run's seed s; another run seed, other networks
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    assert torch.equal(first_net_a(), first_net_a([0, 1]))
+    os.environ["PL_GLOBAL_SEED"] = "3"
+    try:
+        assert torch.equal(first_net_a(), first_net_a([6, 7]))
+        assert not torch.equal(first_net_a(), first_net_a([0, 1]))
+    finally:
+        os.environ.pop("PL_GLOBAL_SEED")
     with pytest.raises(ValueError, match="supervision"):
         tiny_module(supervision="typo")
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -96,7 +97,9 @@ class CoTrainingWAM(SegmentationModuleBase):
             any ``{class_path, init_args}`` network returning logits [B,C,*S].
         spacing / kernel_sizes: the DynUNet's kernels, as ``UNetBaseline`` (``spacing`` is linked from
             the card by the CLI; explicit ``kernel_sizes`` win; neither: 3x3x3).
-        init_seeds: the two networks' initialisation seeds (must differ).
+        init_seeds: the two networks' initialisation seeds (must differ); null (default) derives them from
+            the run's seed s (``seed_everything``, exported as ``PL_GLOBAL_SEED``): (2s, 2s+1), so every
+            benchmark seed starts both networks elsewhere; seed 0 gives (0, 1) as before.
         supervision: ``pseudo`` | ``marginal`` | ``naive`` (see module doc).
         lr / weight_decay / max_epochs_for_schedule: AdamW + poly decay over both nets.
         class_weights / focal_gamma / focal_weight / dice_weight: as ``UNetBaseline``.
@@ -117,7 +120,7 @@ class CoTrainingWAM(SegmentationModuleBase):
         filters: Sequence[int] = (16, 32, 64, 128),
         strides: Sequence[Sequence[int]] = ((1, 1, 1), (2, 2, 1), (2, 2, 2), (2, 2, 2)),
         network: dict | None = None,
-        init_seeds: Sequence[int] = (0, 1),
+        init_seeds: Sequence[int] | None = None,
         supervision: Literal["pseudo", "marginal", "naive"] = "pseudo",
         lr: float = 2e-3,
         weight_decay: float = 1e-5,
@@ -142,6 +145,9 @@ class CoTrainingWAM(SegmentationModuleBase):
         self.save_hyperparameters()
         if supervision not in SUPERVISION:
             raise ConfigError(f"model supervision must be one of {list(SUPERVISION)}, got {supervision!r}")
+        if init_seeds is None:
+            run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            init_seeds = (2 * run_seed, 2 * run_seed + 1)
         seeds = [int(s) for s in init_seeds]
         if len(seeds) != 2 or seeds[0] == seeds[1]:
             raise ConfigError(f"model init_seeds must be two different seeds, got {list(init_seeds)}")
