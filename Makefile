@@ -44,10 +44,10 @@ bench: bench-loading
 bench-loading: $(STAMP)
 	$(BIN)/python benchmarks/patch_loading.py
 
-# FocusNetV2 vs baselines at one fixed budget per method (~46 min on 2 CPU cores at 12 min/method, the least at which
-# SOL gets ~100 steps (110 measured); MINUTES=2 for a quick look at the plumbing)
+# FocusNetV2 vs its parts and the U-Net at equal optimiser steps, 3 seeds, paired intervals (organseg bench; quick
+# size by default, FULL=1 for the full size on a GPU); resumable: run it again after an interruption
 bench-focusnet: $(STAMP)
-	$(BIN)/python benchmarks/focusnet_phantom.py --minutes $(or $(MINUTES),12) $(BENCH_ARGS)
+	$(BIN)/organseg bench benchmarks/focusnet_phantom.yaml $(if $(FULL),,--quick) $(BENCH_ARGS)
 
 # co-training WAM vs its 4 baselines at one fixed budget of optimiser steps per network (about 10 min on 2
 # quiet CPU cores at STEPS=150, 25 min at STEPS=500; STEPS=10 for a quick look)

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,8 +52,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from focusnet_phantom import clean, run_logged, tail  # noqa: E402  (shared benchmark helpers)
+TAIL_LINES = 25
 
 GROUPS = {
     "liver_spleen": ["liver", "spleen"],
@@ -73,6 +73,61 @@ SLUG = {
     "marginal loss": "marginal",
     "co-training WAM": "cowam",
 }
+
+
+def tail(path: Path, n: int = TAIL_LINES) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def run_logged(args: list[str], log_stem: Path, timeout: float) -> tuple[int, float]:
+    """Run ``args`` with stdout/stderr to ``<log_stem>.out/.err``; (return code, wall s). A run past
+    ``timeout`` is stopped (its whole process group: DataLoader workers included) and returns 124."""
+    print(f"\n$ {' '.join(shlex.quote(a) for a in args)}", flush=True)
+    log_stem.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    with open(f"{log_stem}.out", "w") as out, open(f"{log_stem}.err", "w") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            err.write(f"\n[cowam_phantom] stopped after {timeout:.0f} s (timeout)\n")
+            rc = 124
+        except BaseException:
+            _stop(proc)
+            raise
+    return rc, time.perf_counter() - t0
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def clean(x):
+    """JSON-safe: NaN/inf -> None, Paths -> str."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [clean(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
 
 
 def say(cmd: list[str]) -> None:
