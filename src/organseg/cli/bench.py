@@ -440,7 +440,7 @@ def run(args) -> int:
         if args.out
         else Path("benchmarks/results") / f"{bench.name}{suffix}-{time.strftime('%Y-%m-%d')}"
     )
-    runs = sum(len(r) for r in bench.arms.values()) * len(bench.seeds)
+    runs = len({(run.owner, run.name) for arm in bench.arms.values() for run in arm}) * len(bench.seeds)
     print(
         f"bench {bench.name}: {len(bench.arms)} arm(s) x {len(bench.seeds)} seed(s), {runs} fit(s) -> {out}"
     )
