@@ -334,3 +334,93 @@ def test_peak_rss_growth_is_slab_sized_not_volume_sized():
         f"one full-volume float per class {naive / 2**20:.0f} MiB"
     )
     assert growth < 0.4 * naive
+
+
+# ------------------------------------------------------------------ speed settings (issue 11)
+def _recording(model):
+    """Wrap ``model.snet_sol`` to record, per call, the autocast dtype (None when off), the window's
+    batch size and whether the window and the network's weights are channels_last_3d."""
+    calls = []
+    inner = model.snet_sol
+    # a weight whose two layouts differ (more than one input channel, a 3-wide kernel)
+    weight = next(p for p in model.snet.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1)
+
+    def snet_sol(win):
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        cl = win.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+        calls.append((dtype, win.shape[0], cl))
+        return inner(win)
+
+    model.snet_sol = snet_sol
+    return calls
+
+
+def test_speed_settings_reach_the_network_and_keep_the_labels():
+    """precision autocasts every network call (windows and SOS windows) and fp32 does not; windows go
+    sw_batch_size at a time (default 2); channels_last hands the network channels_last_3d windows and
+    leaves the parameters contiguous. Same weights, same volume: batching and memory format give the
+    fp32 labels; bf16 keeps them on all but near-tied voxels."""
+    image = torch.randn(1, 1, *SHAPE, generator=torch.Generator().manual_seed(3))
+    kwargs = {"patch_size": PATCH, "threshold": 0.0, "return_snet_labels": True}
+    ref_model = tiny_model()
+    ref_calls = _recording(ref_model)
+    ref = predict_focusnet(ref_model, image, sw_batch_size=1, **kwargs)
+    assert {c[0] for c in ref_calls} == {None} and {c[1] for c in ref_calls[: -len(SMALL)]} == {1}
+    assert ref["found"].all()  # threshold 0: the SOS windows ran too (the last len(SMALL) calls)
+
+    model = tiny_model()
+    calls = _recording(model)
+    batched = predict_focusnet(model, image, **kwargs)  # default sw_batch_size
+    sizes = [c[1] for c in calls[: -len(SMALL)]]  # batches are filled within one z-start's windows
+    assert sum(sizes) == len(ref_calls) - len(SMALL) and max(sizes) == 2 and sizes.count(2) > len(sizes) / 2
+    assert torch.equal(batched["labels"], ref["labels"])
+    n_calls = len(calls)
+
+    model = tiny_model()
+    calls = _recording(model)
+    cl = predict_focusnet(model, image, channels_last=True, **kwargs)
+    assert all(c[2] for c in calls)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert (cl["snet_labels"] == ref["snet_labels"]).float().mean() > 0.999
+
+    model = tiny_model()
+    calls = _recording(model)
+    low = predict_focusnet(model, image, precision="bf16", **kwargs)
+    assert {c[0] for c in calls} == {torch.bfloat16} and len(calls) == n_calls
+    assert not torch.is_autocast_enabled("cpu")  # and switched off again
+    assert low["labels"].dtype == torch.uint8 and low["peaks"].dtype == torch.float32
+    agree = (low["snet_labels"] == ref["snet_labels"]).float().mean()
+    assert agree > 0.9  # random weights: near-tied logits flip under bf16's 8-bit mantissa
+    with pytest.raises(ValueError, match="precision must be one of"):
+        predict_focusnet(tiny_model(), image, precision="fp8", **kwargs)
+
+
+def test_bf16_blend_is_close_to_fp32():
+    """The blended S-Net logits under bf16 autocast stay within bf16 rounding of fp32's (the blending
+    sums themselves are float32)."""
+    from organseg.inference.precision import inference_autocast
+
+    model = tiny_model()
+    image = torch.randn(1, 1, *SHAPE, generator=torch.Generator().manual_seed(4))
+
+    def predictor(w):
+        logits, _, heat = model.snet_sol(w)
+        return torch.cat([logits, heat], 1)
+
+    fp32 = torch.cat([s.clone() for _, _, s in blend_slabs(predictor, image, PATCH)], -1)
+    with inference_autocast("cpu", "bf16"):
+        bf16 = torch.cat([s.clone() for _, _, s in blend_slabs(predictor, image, PATCH)], -1)
+    assert bf16.dtype == torch.float32
+    err = (bf16 - fp32).abs().max() / fp32.abs().max()
+    assert 0 < err < 0.05  # autocast did run in bf16 (not bit-equal), within a few bf16 ulps of the range
+
+
+def test_retain_freed_memory_on_glibc():
+    """``organseg predict``'s allocator setting: glibc accepts it (in a child, so this process keeps glibc's
+    defaults); elsewhere it reports False and changes nothing."""
+    import platform
+
+    code = "from organseg.runtime.allocator import retain_freed_memory as r; print(r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")

@@ -347,3 +347,42 @@ def test_bad_inputs_are_one_line_errors(hn_small, tiny_ckpt, tmp_path, capsys):
         == 0
     )
     assert Geometry.of(sitk.ReadImage(str(out / "ct_seg.nii.gz"))).shape == tuple(image.GetSize())
+
+
+# ---------------------------------------------------------------------------------- inference settings
+def test_inference_settings_reach_the_model(hn_small, card, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--sw-overlap / --sw-batch-size replace the checkpoint's sliding-window settings on the loaded model,
+    --precision autocasts its predict_case (fp32: none); out-of-range values are one-line errors."""
+    import organseg.inference.raw_images as raw_images
+    from organseg.cli.predict import PRECISIONS
+    from organseg.inference.precision import PRECISIONS as INFERENCE_PRECISIONS
+
+    assert PRECISIONS == INFERENCE_PRECISIONS  # the CLI's copy (kept torch-free for --help)
+    image, _ = _case(hn_small, spacing=(3.0, 3.0, 9.0), direction=np.eye(3))
+    nifti = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(nifti))
+    seen = []
+    real = raw_images.predict_image
+
+    def spy(model, *args):
+        inner = model.predict_case
+
+        def predict_case(x, progress=False):
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            seen.append((model.sw_overlap, model.sw_batch_size, dtype))
+            return inner(x)
+
+        model.predict_case = predict_case
+        return real(model, *args)
+
+    monkeypatch.setattr(raw_images, "predict_image", spy)
+    base = ["predict", "--ckpt", str(tiny_ckpt), "--input", str(nifti), "--overwrite"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b"), "--sw-overlap", "0.25", "--sw-batch-size", "3"]) == 0
+    assert main([*base, "--out", str(tmp_path / "c"), "--precision", "bf16"]) == 0
+    assert seen == [(0.5, 2, None), (0.25, 3, None), (0.5, 2, torch.bfloat16)]
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "d"), "--sw-overlap", "1"]) == 2
+    assert "--sw-overlap must be in [0, 1)" in _err(capsys)
+    assert main([*base, "--out", str(tmp_path / "d"), "--sw-batch-size", "0"]) == 2
+    assert "--sw-batch-size must be at least 1" in _err(capsys)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from organseg.errors import ConfigError
+from organseg.inference.precision import check_precision, inference_autocast
 from organseg.spatial.heatmaps import log_parabola_offset
 from organseg.spatial.roi import paste_roi, roi_box
 
@@ -230,10 +231,12 @@ def predict_focusnet(
     threshold: float = 0.3,
     device: torch.device | str = "cpu",
     progress: bool = False,
-    sw_batch_size: int = 1,
+    sw_batch_size: int = 2,
     subvoxel: bool = True,
     return_snet_labels: bool = False,
     small_organs_from: str = "sos",
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> dict:
     """Locate-zoom-paste FocusNetV2 inference on one CT ``image`` [1, 1, X, Y, Z] (normalised like
     training); see the module doc for the steps and the memory bound.
@@ -242,6 +245,13 @@ def predict_focusnet(
     padded with its minimum to at least ``patch_size``, MONAI's rule, and cropped back). The model is
     moved to ``device`` and put in eval mode (its previous train/eval mode is restored afterwards);
     the image and outputs stay on the CPU, windows run on ``device``.
+
+    Speed settings (measured in ``benchmarks/results/focusnet_inference_cpu_2026-11-29.md``):
+    ``sw_batch_size`` windows per network call (2, as the other models' sliding window);
+    ``overlap`` sets the number of windows (~``1 / (1 - overlap)^3`` times those that tile the volume);
+    ``precision`` (``organseg.inference.precision``): ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``
+    autocast of the network calls, the blending stays float32; ``channels_last`` runs the network in
+    ``torch.channels_last_3d`` (the model's parameters are converted back to contiguous afterwards).
 
     Returns a dict:
         ``labels``  uint8 [X, Y, Z]: S-Net's argmax (over the non-small classes unless
@@ -261,25 +271,32 @@ def predict_focusnet(
     divisor = tuple(model.snet.divisor)
     if len(patch) != 3 or any(p % d for p, d in zip(patch, divisor)):
         raise ConfigError(f"patch_size {patch} must be divisible by S-Net's divisor {divisor}")
+    check_precision(precision)
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     try:
-        return _predict(
-            model,
-            image.detach().float().cpu(),
-            patch,
-            overlap,
-            threshold,
-            device,
-            progress,
-            sw_batch_size,
-            subvoxel,
-            return_snet_labels,
-            small_organs_from == "sos",
-        )
+        with inference_autocast(device, precision):
+            return _predict(
+                model,
+                image.detach().float().cpu(),
+                patch,
+                overlap,
+                threshold,
+                device,
+                progress,
+                sw_batch_size,
+                subvoxel,
+                return_snet_labels,
+                small_organs_from == "sos",
+                torch.channels_last_3d if channels_last else torch.contiguous_format,
+            )
     finally:
         model.train(was_training)
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
 
 
 def _predict(
@@ -294,6 +311,7 @@ def _predict(
     subvoxel,
     return_snet_labels,
     small_only_from_sos,
+    memory_format,
 ) -> dict:
     size = tuple(int(s) for s in image.shape[2:])
     num_classes, k_small = int(model.num_classes), int(model.num_small)
@@ -306,7 +324,7 @@ def _predict(
     psize = tuple(int(s) for s in image.shape[2:])
 
     def predictor(win: torch.Tensor) -> torch.Tensor:
-        logits, _, heat = model.snet_sol(win)
+        logits, _, heat = model.snet_sol(win.contiguous(memory_format=memory_format))
         return torch.cat([logits.float(), heat.float()], dim=1)
 
     labels = torch.zeros(psize, dtype=torch.uint8)
@@ -352,10 +370,10 @@ def _predict(
         ]
         wstart, _ = roi_box(c_pad, wsize, fit_within=psize)
         win = image[(slice(None), slice(None), *(slice(a, a + w) for a, w in zip(wstart, wsize)))].to(device)
-        _, features, heat = model.snet_sol(win)
+        _, features, heat = model.snet_sol(win.contiguous(memory_format=memory_format))
         local = (c_pad - torch.tensor(wstart, dtype=torch.float32)).to(device)[None]
         roi_logits, starts = model.sos_logits(features, heat, win, local, k)
-        mask = (roi_logits[0, 0] > 0).cpu()  # sigmoid > 0.5
+        mask = (roi_logits[0, 0].float() > 0).cpu()  # sigmoid > 0.5
         start = [int(s) + w - b for s, w, b in zip(starts[0].tolist(), wstart, before)]
         roi_starts[k] = torch.tensor(start)
         paste_roi(labels, mask, start, model.small_classes[k], inplace=True)

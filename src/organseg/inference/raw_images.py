@@ -19,7 +19,8 @@ import torch
 from pydicom.misc import is_dicom
 
 from organseg.cache.build import preprocess_volume
-from organseg.errors import InputError
+from organseg.errors import ConfigError, InputError
+from organseg.inference.precision import inference_autocast
 from organseg.io.dicom import DicomError, read_dicom_series, series_ids
 from organseg.io.geometry import restore_original_geometry
 from organseg.io.layouts import IMAGE_ENDINGS, CaseError, read_validated_image
@@ -143,11 +144,27 @@ def preprocess_for_model(image, card, interpolation: str = "linear") -> tuple[np
     return normalise(hu, card.hu_window), attrs
 
 
-def predict_image(model, image, card, interpolation: str = "linear", device: str = "cpu"):
-    """A uint8 label map with exactly ``image``'s size, spacing, origin and direction."""
+def set_sliding_window(model, overlap: float | None = None, batch_size: int | None = None) -> None:
+    """Override the checkpoint's sliding-window ``sw_overlap`` / ``sw_batch_size`` (what every model's
+    ``predict_case`` reads; None keeps the checkpoint's); a one-line ConfigError for a value out of range."""
+    if overlap is not None:
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"--sw-overlap must be in [0, 1), got {overlap}")
+        model.sw_overlap = float(overlap)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError(f"--sw-batch-size must be at least 1, got {batch_size}")
+        model.sw_batch_size = int(batch_size)
+
+
+def predict_image(
+    model, image, card, interpolation: str = "linear", device: str = "cpu", precision: str = "fp32"
+):
+    """A uint8 label map with exactly ``image``'s size, spacing, origin and direction. ``precision``:
+    the autocast of the network calls (``organseg.inference.precision``; the default ``fp32`` is none)."""
 
     x, attrs = preprocess_for_model(image, card, interpolation)
-    with torch.inference_mode():
+    with torch.inference_mode(), inference_autocast(device, precision):
         labels = model.predict_case(torch.from_numpy(x)[None, None].to(device))
     labels = labels[0].cpu().numpy().astype(np.uint8)
     out = sitk.Cast(restore_original_geometry(labels, attrs, "nearest"), sitk.sitkUInt8)
