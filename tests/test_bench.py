@@ -213,3 +213,16 @@ def test_one_seed_sets_model_init_data_order_and_patches(hn_small, tmp_path, mon
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything exports
     assert CTDataModule([str(hn_small["card"])], preprocess=False).stream_seed == 7
     assert CTDataModule([str(hn_small["card"])], preprocess=False, seed=2).stream_seed == 2
+
+
+def test_an_unfinished_result_folder_is_continued_on_another_day(tmp_path):
+    from organseg.cli.bench import default_out
+
+    today = default_out("fn", True, tmp_path)
+    assert today.parent == tmp_path and today.name.startswith("fn-quick-20")
+    unfinished = tmp_path / "fn-quick-2026-11-29"
+    (unfinished / "state").mkdir(parents=True)
+    (tmp_path / "fn-2026-11-30" / "state").mkdir(parents=True)  # the full size: another folder
+    assert default_out("fn", True, tmp_path) == unfinished
+    (unfinished / "table.md").write_text("done")
+    assert default_out("fn", True, tmp_path) == today  # finished: a new run starts a new folder

@@ -432,14 +432,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def default_out(name: str, quick: bool, results: Path = Path("benchmarks/results")) -> Path:
+    """``results/<name>[-quick]-<today>``, or the newest such folder a run started and did not finish
+    (state files, no table yet), so that running the command again continues it on another day too."""
+    stem = f"{name}{'-quick' if quick else ''}-"
+    unfinished = [
+        d
+        for d in sorted(results.glob(f"{stem}[0-9]*"))
+        if (d / "state").is_dir() and not (d / "table.md").is_file()
+    ]
+    if unfinished:
+        print(f"bench: continuing the unfinished {unfinished[-1]} (--out to start a new one)")
+        return unfinished[-1]
+    return results / f"{stem}{time.strftime('%Y-%m-%d')}"
+
+
 def run(args) -> int:
     bench = load_benchmark(args.benchmark, quick=args.quick)
-    suffix = "-quick" if args.quick else ""
-    out = (
-        Path(args.out)
-        if args.out
-        else Path("benchmarks/results") / f"{bench.name}{suffix}-{time.strftime('%Y-%m-%d')}"
-    )
+    out = Path(args.out) if args.out else default_out(bench.name, args.quick)
     runs = len({(run.owner, run.name) for arm in bench.arms.values() for run in arm}) * len(bench.seeds)
     print(
         f"bench {bench.name}: {len(bench.arms)} arm(s) x {len(bench.seeds)} seed(s), {runs} fit(s) -> {out}"
