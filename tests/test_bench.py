@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers.tiny_fit import REPO
+from helpers.tiny_fit import KEEP, REPO, write_tiny_overlay
 from organseg.cli.bench import BenchRunner, load_benchmark
 from organseg.cli.main import main
 from organseg.errors import ConfigError
@@ -22,31 +22,8 @@ DATA = str(REPO / "data_modules/hn_phantom.yaml")
 
 
 def toy_benchmark(folder: Path, card: Path) -> Path:
-    overlay = folder / "tiny.yaml"
-    overlay.write_text(
-        yaml.safe_dump(
-            {
-                "trainer": {
-                    "limit_val_batches": 0,
-                    "num_sanity_val_steps": 0,
-                    "accelerator": "cpu",
-                    "enable_progress_bar": False,
-                    "enable_model_summary": False,
-                },
-                "model": {"init_args": {"filters": [4, 8, 8], "strides": [[1, 1, 1], [2, 2, 1], [2, 2, 2]]}},
-                "data": {
-                    "init_args": {
-                        "cards": [str(card)],
-                        "patch_size": [48, 48, 16],
-                        "batch_size": 1,
-                        "patches_per_epoch": 2,
-                        "num_workers": 0,
-                        "augmentation": None,
-                    }
-                },
-            }
-        )
-    )
+    # the tiny fit overlay, but with the stack's W&B logger: the runner names each run by its id
+    overlay = write_tiny_overlay(card, folder, trainer={"max_steps": KEEP, "devices": KEEP, "logger": KEEP})
     spec = {
         "name": "toy",
         "seeds": [0, 1],
@@ -73,6 +50,7 @@ def in_process(calls: list):
             return main(list(args))
         finally:
             wandb.finish()
+            wandb.teardown()  # this process's wandb service keeps the first run's folder otherwise
 
     return execute
 

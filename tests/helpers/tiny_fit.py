@@ -20,29 +20,34 @@ TINY_FOCUSNET = {
 }
 
 
-def tiny_fit_args(
+#: in ``trainer=``: leave this key out of the overlay (keep the config stack's value, e.g. its W&B logger)
+KEEP = "<keep the stack's value>"
+
+
+def write_tiny_overlay(
     card: str | Path,
     folder: Path,
-    stack: tuple[str, str] = UNET,
     *,
     model: dict | None = None,
     trainer: dict | None = None,
     data: dict | None = None,
-) -> list[str]:
-    """``["fit", "-c", <stack>..., "-c", <overlay>]``; ``model``/``trainer``/``data`` update the overlay's
-    ``model.init_args`` (default: the tiny U-Net), ``trainer`` and ``data.init_args``."""
+) -> Path:
+    """``folder/tiny.yaml``: a few CPU steps, no logger, no validation, no loader workers, the tiny U-Net;
+    ``model``/``trainer``/``data`` update its ``model.init_args``, ``trainer`` and ``data.init_args``
+    (a trainer key set to ``KEEP`` is left out)."""
+    trainer_cfg = {
+        "max_steps": 1,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        **(trainer or {}),
+    }
     cfg = {
-        "trainer": {
-            "max_steps": 1,
-            "limit_val_batches": 0,
-            "num_sanity_val_steps": 0,
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            **(trainer or {}),
-        },
+        "trainer": {k: v for k, v in trainer_cfg.items() if v != KEEP},
         "model": {"init_args": dict(TINY_UNET if model is None else model)},
         "data": {
             "init_args": {
@@ -58,4 +63,18 @@ def tiny_fit_args(
     }
     overlay = folder / "tiny.yaml"
     overlay.write_text(yaml.safe_dump(cfg))
+    return overlay
+
+
+def tiny_fit_args(
+    card: str | Path,
+    folder: Path,
+    stack: tuple[str, str] = UNET,
+    *,
+    model: dict | None = None,
+    trainer: dict | None = None,
+    data: dict | None = None,
+) -> list[str]:
+    """``["fit", "-c", <stack>..., "-c", <overlay>]`` with ``write_tiny_overlay``'s overlay."""
+    overlay = write_tiny_overlay(card, folder, model=model, trainer=trainer, data=data)
     return ["fit", *(arg for config in [*(REPO / c for c in stack), overlay] for arg in ("-c", str(config)))]
