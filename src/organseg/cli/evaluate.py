@@ -32,7 +32,9 @@ def run(args) -> int:
     # lazy: torch and the models are imported when the command runs, not by `organseg --help`
     from organseg.evaluation.cached_split import evaluate_split  # noqa: PLC0415
     from organseg.methods.checkpoints import load_segmenter  # noqa: PLC0415
+    from organseg.runtime.allocator import retain_freed_memory  # noqa: PLC0415
 
+    retain_freed_memory()  # ~20 % less CPU per window (runtime/allocator.py); the command exits when done
     model, card, _ = load_segmenter(args.ckpt, args.device, args.data)
     ckpt = Path(args.ckpt).resolve()
     out = Path(args.out) if args.out else ckpt.parent.parent / f"eval_{card.name}_{args.split}"

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # lazy (torch, the methods): `organseg --help` imports every command's register() and must stay fast
     from organseg.methods.pseudo_labelling import write_pseudo_labels  # noqa: PLC0415
+    from organseg.runtime.allocator import retain_freed_memory  # noqa: PLC0415
 
+    retain_freed_memory()  # ~20 % less CPU per window (runtime/allocator.py); the command exits when done
     card = DatasetCard.load(args.card)
     write_pseudo_labels(
         card, args.ckpt, args.out, device=args.device, force=args.force, progress=not args.no_progress

@@ -9,7 +9,7 @@ mmap threshold to glibc's maximum (32 MiB on 64-bit), keeps up to 2 GiB of free 
 and grows the heap in 1 GiB steps, so the next window reuses the pages of the last: the same results
 for ~20 % less CPU. The cost: memory freed after the peak goes back to the system only when the
 process exits (peak RSS ~0.5 GB higher), which suits a command that predicts and exits
-(``organseg predict``). The same as exporting ``MALLOC_MMAP_THRESHOLD_=33554432
+(``organseg predict``, ``evaluate``, ``pseudolabel``). The same as exporting ``MALLOC_MMAP_THRESHOLD_=33554432
 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=1073741824`` before the process starts.
 Elsewhere than glibc (macOS, musl) it does nothing.
 """
