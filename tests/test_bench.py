@@ -90,6 +90,11 @@ def test_a_toy_benchmark_runs_resumes_and_its_table_follows_from_the_csv(hn_smal
     assert got["mean"] == pytest.approx(by_hand) and got["low"] <= got["mean"] <= got["high"]
     table = paths["table"].read_text()
     assert "long - short" in table and "eyes (group)" in table and "bootstrap" in table
+    assert (out / ".gitignore").read_text().split() == [
+        "state/",
+        "logs/",
+        "eval/",
+    ]  # only results get committed
     for png in ("dice_boxplot.png", "forest_long_vs_short.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -344,6 +344,10 @@ class BenchRunner:
     def run(self) -> dict[str, Path]:
         from organseg.evaluation.benchmark_report import read_rows, write_benchmark_report  # noqa: PLC0415
 
+        self.out.mkdir(parents=True, exist_ok=True)
+        # the result folder is committed as it is: its working files (resume state, command logs, each
+        # (arm, seed)'s evaluation folder with overlays) stay out of git
+        (self.out / ".gitignore").write_text("state/\nlogs/\neval/\n")
         for cmd in self.bench.prepare:
             self._call(cmd, "prepare-" + "-".join(cmd[:1]))
         records = [self.arm_seed(arm, seed) for arm in self.bench.arms for seed in self.bench.seeds]
