@@ -106,6 +106,15 @@ def test_a_toy_benchmark_runs_resumes_and_its_table_follows_from_the_csv(hn_smal
     (out / "state" / "long-s1.json").unlink()
     BenchRunner(bench, out, in_process(calls)).run()
     assert [c[0] for c in calls] == ["evaluate"]
+    # a changed budget: that arm's runs are trained and evaluated again, the other arm's are kept
+    calls.clear()
+    spec = yaml.safe_load(bench.path.read_text())
+    spec["arms"]["short"][0]["max_steps"] = 2
+    bench.path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    BenchRunner(load_benchmark(bench.path), out, in_process(calls)).run()
+    assert [(c[0], "--trainer.max_steps=2" in c) for c in calls] == [("fit", True), ("evaluate", False)] * 2
+    summary = json.loads(paths["summary"].read_text())
+    assert [r["steps"] for r in summary["arms"]["short"]] == [2, 2]
 
 
 @pytest.mark.parametrize(

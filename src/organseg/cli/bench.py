@@ -28,15 +28,17 @@ A benchmark YAML (``benchmarks/*.yaml``)::
 
 Budgets are optimiser steps (``max_steps`` per run; an arm's budget is the sum over its runs), never
 wall time; each run's steps, wall time and machine load are recorded. Resumable: a run is skipped when
-its state file says it finished and its checkpoint is there, and an evaluated (arm, seed) is not
-evaluated again; kill the command and start it again and it continues. The runs' own folders are
-``lightning_logs/organseg/<name>-<arm>-s<seed>-<run>``. A run whose chain up to it is identical in two
-arms (same configs, steps and loads) is trained once per seed and shared by both.
+its state file says it finished with the same command and config files and its checkpoint is there, and
+an (arm, seed) is not evaluated again while its runs are unchanged; kill the command and start it again
+and it continues (edit a budget or a config and what depends on it is trained again). The runs' own
+folders are ``lightning_logs/organseg/<name>-<arm>-s<seed>-<run>``. A run whose chain up to it is
+identical in two arms (same configs, steps and loads) is trained once per seed and shared by both.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -225,6 +227,14 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
+def _inputs_digest(configs: Sequence[str]) -> str:
+    """What the config files of a run say (their bytes), so that an edited config retrains the run."""
+    digest = hashlib.sha256()
+    for cfg in configs:
+        digest.update(str(cfg).encode() + b"\0" + Path(cfg).read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _checkpoint(run_id: str, which: str) -> Path | None:
     folder = LOGS / run_id / "checkpoints"
     if which == "best":
@@ -268,14 +278,9 @@ class BenchRunner:
             raise BenchError(f"{self.bench.path}: `{_quote(args)}` exited with status {rc}; see {log}")
 
     def fit(self, arm: str, seed: int, run: Run, done: dict[str, dict]) -> dict:
+        """Train one run, or reuse it when its state file records the same command and config files
+        (another ``max_steps``, config or checkpoint to load: trained again) and its checkpoint is there."""
         run_id = self.run_id(arm, seed, run)
-        state = self._state(run_id)
-        if state.is_file():
-            record = json.loads(state.read_text())
-            if Path(record["checkpoint"]).is_file():
-                print(f"= {run_id}: finished before ({record['steps']} steps), skipped", flush=True)
-                return record
-        shutil.rmtree(LOGS / run_id, ignore_errors=True)  # an unfinished attempt of this run: ours to remove
         args = ["fit"] + [a for cfg in run.configs for a in ("-c", cfg)]
         args += [
             f"--trainer.max_steps={run.max_steps}",
@@ -287,6 +292,16 @@ class BenchRunner:
         ]
         for key, dep in run.loads.items():
             args.append(f"--model.init_args.{key}={done[dep]['checkpoint']}")
+        inputs = _inputs_digest(run.configs)
+        state = self._state(run_id)
+        if state.is_file():
+            record = json.loads(state.read_text())
+            same = record["command"] == _quote(args) and record.get("inputs", inputs) == inputs
+            if same and Path(record["checkpoint"]).is_file():
+                print(f"= {run_id}: finished before ({record['steps']} steps), skipped", flush=True)
+                return record
+            print(f"~ {run_id}: its command or configs changed since it ran: trained again", flush=True)
+        shutil.rmtree(LOGS / run_id, ignore_errors=True)  # an unfinished or outdated attempt: ours to remove
         load_before, t0 = os.getloadavg()[0], time.perf_counter()
         self._call(args, run_id)
         wall = time.perf_counter() - t0
@@ -296,6 +311,7 @@ class BenchRunner:
         record = {
             "run_id": run_id,
             "command": _quote(args),
+            "inputs": inputs,
             "checkpoint": str(ckpt),
             "max_steps": run.max_steps,
             "steps": _global_step(ckpt),
@@ -308,13 +324,16 @@ class BenchRunner:
 
     def arm_seed(self, arm: str, seed: int) -> dict:
         key = f"{arm}-s{seed}"
-        state = self._state(key)
-        if state.is_file():
-            print(f"= {key}: evaluated before, skipped", flush=True)
-            return json.loads(state.read_text())
         done: dict[str, dict] = {}
         for run in self.bench.arms[arm]:
             done[run.name] = self.fit(arm, seed, run, done)
+        state = self._state(key)
+        if state.is_file():
+            record = json.loads(state.read_text())
+            evaluated = {name: r["command"] for name, r in record["runs"].items()}
+            if evaluated == {name: r["command"] for name, r in done.items()}:
+                print(f"= {key}: evaluated before, skipped", flush=True)
+                return record
         final = done[self.bench.arms[arm][-1].name]
         eval_dir = self.out / "eval" / key
         args = [
