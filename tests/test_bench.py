@@ -218,3 +218,20 @@ def test_an_unfinished_result_folder_is_continued_on_another_day(tmp_path):
     assert default_out("fn", True, tmp_path) == unfinished
     (unfinished / "table.md").write_text("done")
     assert default_out("fn", True, tmp_path) == today  # finished: a new run starts a new folder
+
+
+def test_a_runs_checkpoint_best_newest_else_last(tmp_path):
+    import os
+
+    from organseg.runs import run_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert run_checkpoint(tmp_path) is None and run_checkpoint(tmp_path, "last") is None
+    (folder / "last.ckpt").write_text("")
+    assert run_checkpoint(tmp_path) == folder / "last.ckpt"
+    for i, name in enumerate(("epoch001-dice0.500.ckpt", "epoch003-dice0.400.ckpt")):
+        (folder / name).write_text("")
+        os.utime(folder / name, (1000 + i, 1000 + i))
+    assert run_checkpoint(tmp_path) == folder / "epoch003-dice0.400.ckpt"  # newest, as ModelCheckpoint keeps
+    assert run_checkpoint(tmp_path, "last") == folder / "last.ckpt"

@@ -22,6 +22,18 @@ def configure_wandb_mode() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
+def run_checkpoint(run_folder: str | os.PathLike, which: str = "best") -> Path | None:
+    """A finished run's checkpoint: ``best`` = the newest ``epoch*.ckpt`` (the ones ModelCheckpoint keeps
+    by the validation monitor), else ``last.ckpt``; ``last`` = ``last.ckpt``; None when there is none."""
+    folder = Path(run_folder) / "checkpoints"
+    if which == "best":
+        best = sorted(folder.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if best:
+            return best[-1]
+    last = folder / "last.ckpt"
+    return last if last.is_file() else None
+
+
 def run_dir(trainer) -> Path:
     """The run's own folder, the one ModelCheckpoint writes ``checkpoints/`` into:
     ``<save_dir>/<logger name>/<version>`` (W&B: ``lightning_logs/<project>/<run id>``)."""

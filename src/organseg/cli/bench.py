@@ -53,6 +53,7 @@ from pathlib import Path
 import yaml
 
 from organseg.errors import ConfigError, OrgansegError
+from organseg.runs import run_checkpoint
 
 LOGS = Path("lightning_logs/organseg")
 KNOWN_KEYS = {"name", "prepare", "seeds", "split", "checkpoint", "groups", "arms", "compare", "args", "quick"}
@@ -235,16 +236,6 @@ def _inputs_digest(configs: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _checkpoint(run_id: str, which: str) -> Path | None:
-    folder = LOGS / run_id / "checkpoints"
-    if which == "best":
-        best = sorted(folder.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if best:
-            return best[-1]
-    last = folder / "last.ckpt"
-    return last if last.is_file() else None
-
-
 def _global_step(ckpt: Path) -> int | None:
     from organseg.methods.checkpoints import read_checkpoint  # noqa: PLC0415  (torch: only when running)
 
@@ -260,7 +251,6 @@ class BenchRunner:
     ):
         self.bench, self.out = bench, out
         self.execute = execute or organseg_subprocess
-        self.commands: list[str] = []
 
     def run_id(self, arm: str, seed: int, run: Run) -> str:
         """``<bench>-<arm>-s<seed>-<run>``, named after the run's owner arm when the run is shared."""
@@ -270,7 +260,6 @@ class BenchRunner:
         return self.out / "state" / f"{key}.json"
 
     def _call(self, args: list[str], log_name: str) -> None:
-        self.commands.append(_quote(args))
         print(f"\n$ {_quote(args)}", flush=True)
         rc = self.execute(args, self.out / "logs" / log_name)
         if rc != 0:
@@ -305,7 +294,7 @@ class BenchRunner:
         load_before, t0 = os.getloadavg()[0], time.perf_counter()
         self._call(args, run_id)
         wall = time.perf_counter() - t0
-        ckpt = _checkpoint(run_id, self.bench.checkpoint)
+        ckpt = run_checkpoint(LOGS / run_id, self.bench.checkpoint)
         if ckpt is None:
             raise BenchError(f"{self.bench.path}: run {run_id} wrote no checkpoint under {LOGS / run_id}")
         record = {

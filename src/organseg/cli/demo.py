@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from organseg.runs import run_checkpoint
+
 PLAN = "experiments/demo_plan.yaml"
 LOGS = Path("lightning_logs/organseg")
 
@@ -33,13 +35,10 @@ def sh(args: list[str]) -> None:
 
 def selected_checkpoint(run_id: str) -> Path:
     """The run's best checkpoint by its validation monitor (newest if several), else ``last.ckpt``."""
-    folder = LOGS / run_id / "checkpoints"
-    best = sorted(folder.glob("epoch*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if best:
-        return best[-1]
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt"
-    raise SystemExit(f"demo: run {run_id} wrote no checkpoint under {folder}")
+    ckpt = run_checkpoint(LOGS / run_id, "best")
+    if ckpt is None:
+        raise SystemExit(f"demo: run {run_id} wrote no checkpoint under {LOGS / run_id / 'checkpoints'}")
+    return ckpt
 
 
 def load_plan(path: str) -> dict:

@@ -9,33 +9,18 @@ bootstrap interval (``statistics``), a win in bold only where the interval exclu
 from __future__ import annotations
 
 import csv
-import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .benchmark_plots import dice_boxplots, forest_plot
-from .report import atomic_write_text, to_jsonable
+from .report import atomic_write_text, csv_text, to_jsonable
 from .statistics import INTERVAL_NOTE, RESULT_COLUMNS, PairedDifference, paired_difference, seed_summary
 
 
 def read_rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def rows_text(rows: Sequence[Mapping]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if _missing(row.get(k)) else row.get(k) for k in RESULT_COLUMNS})
-    return buf.getvalue()
-
-
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and not math.isfinite(v))
 
 
 def _groups_and_organs(organs: Sequence[str], groups: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -105,7 +90,7 @@ def write_benchmark_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     differences = comparisons_for(rows, comparisons, organs, groups)
     paths = {
-        "per_case": atomic_write_text(out_dir / "per_case.csv", rows_text(rows)),
+        "per_case": atomic_write_text(out_dir / "per_case.csv", csv_text(rows, RESULT_COLUMNS)),
         "boxplot": dice_boxplots(rows, arms, organs, out_dir / "dice_boxplot.png"),
     }
     for (a, b), per_label in differences.items():

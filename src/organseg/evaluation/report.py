@@ -22,7 +22,7 @@ from organseg.io.atomic import atomic_open, make_dirs
 
 from .metrics import EMPTY_MASK_POLICY, ROW_KEYS, STATUS_OK, SUMMARY_KEYS, summarize
 
-__all__ = ["atomic_write_text", "format_table", "to_jsonable", "write_report"]
+__all__ = ["atomic_write_text", "csv_text", "format_table", "to_jsonable", "write_report"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -96,7 +96,8 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def _csv_text(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
+    """CSV with ``keys`` first (then any extra keys of the rows); floats exact, NaN as ``nan``."""
     fields = list(keys)
     for r in rows:  # extra keys (e.g. added by the caller) go after the standard ones
         fields.extend(k for k in r if k not in fields)
@@ -143,8 +144,8 @@ def write_report(
         "report": out_dir / "report.md",
         "summary": out_dir / "summary.json",
     }
-    atomic_write_text(paths["per_case"], _csv_text(rows, ROW_KEYS))
-    atomic_write_text(paths["per_organ"], _csv_text(summary, SUMMARY_KEYS))
+    atomic_write_text(paths["per_case"], csv_text(rows, ROW_KEYS))
+    atomic_write_text(paths["per_organ"], csv_text(summary, SUMMARY_KEYS))
 
     n_cases = len({r.get("case_id", "") for r in rows})
     status_counts = Counter(str(r.get("status", "")) for r in rows)
