@@ -241,6 +241,48 @@ def test_truncated_nrrd_is_a_case_error(tmp_path):
         read_case(card, list_cases(card)[0])
 
 
+@pytest.mark.parametrize(
+    "values, dtype, shown",
+    [
+        ((7,), np.uint8, "{7}"),  # every voxel 7: was read as "the whole volume is mandible"
+        ((0, 7), np.uint8, "{7}"),
+        ((0, 1, 2), np.uint8, "{2}"),
+        ((0, 1, 255), np.uint8, "{0, 1, 255}"),  # the two encodings mixed
+        ((0, -1), np.int16, "{-1}"),
+        ((0, 0.5, 1), np.float32, "{0.5}"),  # a probability map
+    ],
+)
+def test_pddca_non_binary_structure_mask_is_a_case_error(tmp_path, values, dtype, shown):
+    make_pddca_dataset(tmp_path / "pddca", ("c1",), overlap=False)
+    path = tmp_path / "pddca" / "c1" / "structures" / "Mandible.nrrd"
+    mask = np.full((40, 36, 12), values[0], dtype=dtype)
+    for i, v in enumerate(values[1:], start=1):
+        mask[i :: len(values)] = v
+    write(mask, path, compress=True)
+    card = make_card(tmp_path, tmp_path / "pddca", layout="pddca")
+    with pytest.raises(CaseError) as info:
+        read_case(card, list_cases(card)[0])
+    msg = str(info.value)
+    assert msg.startswith("c1: structure Mandible is not a binary mask"), msg
+    assert f"values {shown}" in msg and "{0, 1} or only {0, 255}" in msg, msg
+    assert msg.endswith(f"({path})") and "\n" not in msg
+
+
+@pytest.mark.parametrize("one", [1, 255])
+def test_pddca_structure_masks_in_0_1_or_0_255_are_accepted(tmp_path, one):
+    expected = make_pddca_dataset(tmp_path / "pddca", ("c1",), overlap=False)
+    sdir = tmp_path / "pddca" / "c1" / "structures"
+    for p in sdir.glob("*.nrrd"):
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(p))).transpose(2, 1, 0)
+        write((mask * one).astype(np.uint8), p, compress=True)
+    write(np.zeros((40, 36, 12), np.uint8), sdir / "Parotid_L.nrrd", compress=True)  # empty: fine
+    card = make_card(tmp_path, tmp_path / "pddca", layout="pddca")
+    _, label, _ = read_case(card, list_cases(card)[0])
+    want = expected["c1"][1].copy()
+    want[want == CLASSES.index("parotid_l")] = 0
+    np.testing.assert_array_equal(label, want)
+
+
 def test_pddca_case_without_structures(tmp_path):
     make_pddca_dataset(tmp_path / "pddca", ("c1",), overlap=False)
     shutil.rmtree(tmp_path / "pddca" / "c1" / "structures")

@@ -6,9 +6,10 @@ Layouts (``card.layout``):
   ``<root>/imagesTr/<case>.<ending>`` (Medical Segmentation Decathlon) and
   ``<root>/labelsTr/<case>.<ending>``; ``<ending>`` is ``dataset.json``'s ``file_ending`` when given,
   else any of ``.nii.gz .nii .nrrd .nhdr .mha .mhd``.
-* ``pddca``: ``<root>/<case>/img.nrrd`` plus ``<root>/<case>/structures/<Stem>.nrrd`` binary masks;
-  ``card.class_map`` maps a file stem to a class name. The masks are merged into one label map in class
-  index order (the later class index wins where masks overlap; reported once per process).
+* ``pddca``: ``<root>/<case>/img.nrrd`` plus ``<root>/<case>/structures/<Stem>.nrrd`` binary masks
+  (values only {0, 1} or only {0, 255}; anything else is a CaseError); ``card.class_map`` maps a file
+  stem to a class name. The masks are merged into one label map in class index order (the later class
+  index wins where masks overlap; reported once per process).
 
 Every problem with a case is a :class:`CaseError` whose message is one line, ``"<case>: <problem> (<file>)"``.
 """
@@ -381,6 +382,27 @@ def _ending_of(path: Path) -> str:
     return split[1] if split else Path(path).suffix
 
 
+def _binary_mask(case_id: str, stem: str, mask: np.ndarray, path: Path) -> np.ndarray:
+    """A structure mask as bool. It must hold only {0, 1} or only {0, 255} (the two binary encodings in
+    use); anything else (all 7s, a probability map, a label map with several organs) is a CaseError:
+    reading it as ``mask != 0`` would silently turn every non-zero voxel into the organ."""
+    if mask.dtype.kind == "f" and not np.all(np.isfinite(mask)):
+        raise CaseError(f"{case_id}: structure {stem} has non-finite values ({path})", case_id)
+    if mask.dtype.kind == "b":
+        return np.asarray(mask)
+    values = _label_values(mask) if mask.dtype.kind in "ui" else np.unique(mask)
+    present = {float(v) for v in values}
+    if not (present <= {0.0, 1.0} or present <= {0.0, 255.0}):
+        odd = sorted(v for v in values if float(v) not in (0.0, 1.0, 255.0)) or list(values)
+        shown = ", ".join(f"{v:g}" for v in odd[:5]) + (", ..." if len(odd) > 5 else "")
+        raise CaseError(
+            f"{case_id}: structure {stem} is not a binary mask (values {{{shown}}}; expected only "
+            f"{{0, 1}} or only {{0, 255}}) ({path})",
+            case_id,
+        )
+    return mask != 0
+
+
 def _merge_structures(card: DatasetCard, case: CaseFiles, image: sitk.Image) -> np.ndarray:
     cid = case.case_id
     if not case.structures:
@@ -395,10 +417,7 @@ def _merge_structures(card: DatasetCard, case: CaseFiles, image: sitk.Image) -> 
     for stem, path in by_index:
         mask_img = read_validated_image(path, cid, f"structure {stem}")
         _check_grid(cid, image, mask_img, f"structure {stem}", path)
-        mask = sitk.GetArrayViewFromImage(mask_img)
-        if mask.dtype.kind == "f" and not np.all(np.isfinite(mask)):
-            raise CaseError(f"{cid}: structure {stem} has non-finite values ({path})", cid)
-        mask = mask != 0
+        mask = _binary_mask(cid, stem, sitk.GetArrayViewFromImage(mask_img), path)
         index = card.index(card.class_map[stem])
         if str(card.path) not in _overlap_warned:
             overlap = int(np.count_nonzero(label[mask]))
