@@ -437,6 +437,63 @@ def test_a_missing_init_from_is_one_line_before_any_work(hn_small, tmp_path, mon
     assert work == [] and nothing_written(tmp_path)
 
 
+# ------------------------------------------- the checkpoint's class, not silently another (issue 15)
+@pytest.fixture(scope="module")
+def snet_ckpt(hn_small, tmp_path_factory) -> Path:
+    """A real SNetStage checkpoint written by ``organseg fit`` (LightningCLI records its class path)."""
+    folder = tmp_path_factory.mktemp("snet_fit")
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        assert main(snet_args(hn_small, folder, max_steps=1)) == 0
+    finally:
+        os.chdir(here)
+    (path,) = folder.rglob("last.ckpt")
+    return path
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_a_checkpoint_of_another_model_class_is_one_line_before_any_work(
+    hn_small, snet_ckpt, tmp_path, monkeypatch, capsys, work, command
+):
+    """An S-Net checkpoint given with the U-Net config: LightningCLI would take the class from the
+    checkpoint and run SNetStage without a word; it stops instead, naming both classes."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, *fit_args(hn_small, tmp_path)[1:], f"--ckpt_path={snet_ckpt}"]) == 2
+    assert only_line(capsys, command) == (
+        f"organseg {command}: error: ckpt_path: checkpoint {snet_ckpt} holds a SNetStage "
+        "(organseg.methods.focusnet_stages.SNetStage), but model.class_path is "
+        "organseg.methods.UNetBaseline; give the config of the model that wrote the checkpoint"
+    )
+    assert work == [] and nothing_written(tmp_path)
+
+
+def test_the_class_used_with_ckpt_path_is_stated(hn_small, snet_ckpt, tmp_path, monkeypatch, capsys):
+    """With the matching config the run goes ahead and says which class it uses (the checkpoint's)."""
+    from organseg.methods import SNetStage
+
+    monkeypatch.chdir(tmp_path)
+    ran: list[str] = []  # the test case reaches the stated class (not evaluated: that takes ~50 s here)
+    monkeypatch.setattr(SNetStage, "test_step", lambda self, batch, batch_idx: ran.append(batch["case_id"]))
+    assert main(["test", *snet_args(hn_small, tmp_path)[1:], f"--ckpt_path={snet_ckpt}"]) == 0
+    out = capsys.readouterr().out
+    line = f"organseg: model organseg.methods.focusnet_stages.SNetStage (the class recorded in {snet_ckpt})"
+    assert line in out.splitlines(), out
+    assert len(ran) == 1
+
+
+def test_the_class_check_compares_classes_not_spellings(tiny_ckpt):
+    from organseg.cli.lightning import check_model_class
+
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)  # built in Python: no _class_path
+    full = "organseg.methods.unet_baseline.UNetBaseline"
+    for spelling in ("organseg.methods.UNetBaseline", full):  # the package re-export is the same class
+        assert check_model_class({"model": {"class_path": spelling}}, ckpt, tiny_ckpt) == full
+    assert check_model_class({"model": None}, ckpt, tiny_ckpt) == full  # no model in the config
+    with pytest.raises(CheckpointError, match=r"holds a UNetBaseline .* model.class_path is .*SNetStage;"):
+        check_model_class({"model": {"class_path": "organseg.methods.SNetStage"}}, ckpt, tiny_ckpt)
+
+
 # ------------------------------------------------------- noise a newcomer reads as errors (issue 11)
 NOISE = (
     "module(s) in eval mode",  # Lightning, about frozen parts / averaged models kept in eval mode on purpose

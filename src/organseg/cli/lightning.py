@@ -26,11 +26,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 
 from organseg.data.datamodule import CTDataModule, check_arguments
 from organseg.errors import CheckpointError, ConfigError, UsageError
 from organseg.methods.base import SegmentationModuleBase
-from organseg.methods.checkpoints import read_checkpoint
+from organseg.methods.checkpoints import CHECKPOINT_KEY, read_checkpoint
 from organseg.runs import configure_wandb_mode, run_dir
 from organseg.runtime import slurm
 from organseg.runtime.callbacks import ValidationImages
@@ -76,17 +77,47 @@ def condense_parser_error(message: str) -> str:
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc")
 
 
-def check_ckpt_path(ckpt_path) -> None:
-    """``--ckpt_path``: a readable organseg checkpoint (``read_checkpoint``'s one-line CheckpointError
-    naming the file otherwise), or one of Lightning's own names (``last``, ``best``, ``hpc``,
-    ``registry:...``), which Lightning resolves itself."""
+def check_ckpt_path(ckpt_path) -> dict | None:
+    """``--ckpt_path``: a readable organseg checkpoint, returned (``read_checkpoint``'s one-line
+    CheckpointError naming the file otherwise), or one of Lightning's own names (``last``, ``best``,
+    ``hpc``, ``registry:...``), which Lightning resolves itself (None)."""
     name = str(ckpt_path)
     if ckpt_path is None or name in LIGHTNING_CKPT_NAMES or name.split(":", 1)[0].lower() == "registry":
-        return
+        return None
     try:
-        read_checkpoint(ckpt_path)
+        return read_checkpoint(ckpt_path)
     except CheckpointError as exc:
         raise CheckpointError(f"ckpt_path: {exc}") from None
+
+
+def checkpoint_class_path(ckpt: dict) -> str | None:
+    """The LightningModule class a checkpoint's module is rebuilt as: LightningCLI replaces the config's
+    ``model.class_path`` with the ``_class_path`` among the checkpoint's hyper-parameters (written when
+    the CLI built the module); a module built in Python has only organseg's own record of its class."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    recorded = hparams.get("_class_path") or (ckpt.get(CHECKPOINT_KEY) or {}).get("module")
+    return str(recorded) if recorded else None
+
+
+def check_model_class(config, ckpt: dict, ckpt_path) -> str | None:
+    """With ``--ckpt_path``, the class the run will use: the checkpoint's (LightningCLI takes it from
+    there, whatever the config says). A config whose ``model.class_path`` names another class is a
+    one-line CheckpointError naming both: an S-Net checkpoint given with the U-Net config would otherwise
+    run as SNetStage without a word. Returns the checkpoint's class path (None when it records none)."""
+    theirs = checkpoint_class_path(ckpt)
+    ours = (config.get("model") or {}).get("class_path")
+    if theirs is None or not ours:
+        return theirs
+    same = ours == theirs
+    if not same:
+        ours_cls, theirs_cls = _class_of({"class_path": ours}), _class_of({"class_path": theirs})
+        same = ours_cls is not None and ours_cls is theirs_cls
+    if not same:
+        raise CheckpointError(
+            f"ckpt_path: checkpoint {ckpt_path} holds a {theirs.rpartition('.')[2]} ({theirs}), but "
+            f"model.class_path is {ours}; give the config of the model that wrote the checkpoint"
+        )
+    return theirs
 
 
 def drop_unknown_ckpt_hparams(config) -> None:
@@ -179,7 +210,12 @@ class OrgansegCLI(LightningCLI):
         # fail once the caches are built and the loaders started)
         sub = self.config.get("subcommand")
         if sub:
-            check_ckpt_path(self.config[sub].get("ckpt_path"))
+            ckpt_path = self.config[sub].get("ckpt_path")
+            ckpt = check_ckpt_path(ckpt_path)
+            if ckpt is not None:
+                used = check_model_class(self.config[sub], ckpt, ckpt_path)
+                if used and rank_zero_only.rank == 0:  # say which class runs: the checkpoint's
+                    print(f"organseg: model {used} (the class recorded in {ckpt_path})", flush=True)
             check_config(sub, self.config[sub])
 
     def add_arguments_to_parser(self, parser) -> None:
