@@ -386,3 +386,105 @@ def test_inference_settings_reach_the_model(hn_small, card, tiny_ckpt, tmp_path,
     assert "--sw-overlap must be in [0, 1)" in _err(capsys)
     assert main([*base, "--out", str(tmp_path / "d"), "--sw-batch-size", "0"]) == 2
     assert "--sw-batch-size must be at least 1" in _err(capsys)
+
+
+# ---------------------------------------------------------------------------- PDDCA inputs (issue 15)
+def test_pddca_cases_are_named_after_their_folders(hn_small, tiny_ckpt, tmp_path, capsys):
+    """Every PDDCA image is <case>/img.nrrd: two of them in one call are two cases named after their
+    folders (given as files, as case folders, or as the folder of case folders), not a name collision."""
+    image, _ = _case(hn_small, spacing=(3.0, 3.0, 9.0), direction=np.eye(3))
+    root = tmp_path / "pddca"
+    for cid in ("0522c0001", "0522c0002"):
+        (root / cid / "structures").mkdir(parents=True)
+        sitk.WriteImage(image, str(root / cid / "img.nrrd"))
+    want = ["0522c0001_seg.nii.gz", "0522c0002_seg.nii.gz", "labels.json"]
+    ways = {
+        "files_and_a_case_folder": [str(root / "0522c0001" / "img.nrrd"), str(root / "0522c0002")],
+        "root": [str(root)],
+    }
+    for way, inputs in ways.items():
+        out = tmp_path / f"out_{way}"
+        assert main(["predict", "--ckpt", str(tiny_ckpt), "--input", *inputs, "--out", str(out)]) == 0, way
+        assert sorted(p.name for p in out.iterdir()) == want, way
+        _geometry_equal(sitk.ReadImage(str(out / "0522c0002_seg.nii.gz")), image)
+    out = capsys.readouterr().out
+    assert "predict: model organseg.methods.unet_baseline.UNetBaseline (the class recorded in" in out
+
+
+# ---------------------------------------------------------------------- nothing left behind (issue 15)
+def _bad_input(kind: str, path: Path, image: sitk.Image) -> Path:
+    if kind == "2d":
+        sitk.WriteImage(image[:, :, 0], str(path))
+    elif kind == "4d":
+        sitk.WriteImage(sitk.JoinSeries([image, image]), str(path))
+    elif kind == "nan":
+        arr = sitk.GetArrayFromImage(image)
+        arr[2, 3, 4] = np.nan
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(image)
+        sitk.WriteImage(bad, str(path))
+    elif kind == "text":
+        path.write_text("not an image\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, problem",
+    [("2d", "image is 2D"), ("4d", "image is 4D"), ("nan", "non-finite"), ("text", "unreadable image")],
+)
+def test_a_bad_input_among_good_ones_writes_nothing(hn_small, tiny_ckpt, tmp_path, capsys, kind, problem):
+    """A good file first, then a bad one: one line naming the bad file, exit 2, and --out as it was
+    (not created when it did not exist; an existing one keeps exactly its files: no labels.json, no
+    result for the good case)."""
+    image, _ = _case(hn_small, spacing=(3.0, 3.0, 9.0), direction=np.eye(3))
+    good = tmp_path / "a_good.nii.gz"
+    sitk.WriteImage(image, str(good))
+    bad = _bad_input(kind, tmp_path / "b_bad.nii.gz", image)
+    out = tmp_path / "out"
+    args = ["predict", "--ckpt", str(tiny_ckpt), "--input", str(good), str(bad), "--out", str(out)]
+    assert main(args) == 2
+    err = _err(capsys)
+    assert err.startswith("organseg predict: error: b_bad: ") and problem in err and str(bad) in err, err
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(args) == 2
+    assert problem in _err(capsys)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_that_fails_part_way_leaves_out_as_it_was(hn_small, tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """A failure while predicting the second case (here a bug, with its traceback) leaves no result of the
+    first case and no labels.json; with --overwrite the old outputs stay untouched."""
+    import organseg.inference.raw_images as raw_images
+
+    image, _ = _case(hn_small, spacing=(3.0, 3.0, 9.0), direction=np.eye(3))
+    inputs = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for p in inputs:
+        sitk.WriteImage(image, str(p))
+    real, calls, fail = raw_images.predict_image, [], [True]
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and fail[0]:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(raw_images, "predict_image", second_fails)
+    out = tmp_path / "out"
+    args = ["predict", "--ckpt", str(tiny_ckpt), "--input", *map(str, inputs), "--out", str(out)]
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(args)
+    assert not out.exists()
+    out.mkdir()
+    (out / "a_seg.nii.gz").write_bytes(b"old")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="simulated"):
+        main([*args, "--overwrite"])
+    assert [p.name for p in out.iterdir()] == ["a_seg.nii.gz"]
+    assert (out / "a_seg.nii.gz").read_bytes() == b"old"
+    calls.clear()
+    fail[0] = False
+    assert main([*args, "--overwrite"]) == 0 and len(calls) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a_seg.nii.gz", "b_seg.nii.gz", "labels.json"]
+    assert Geometry.of(sitk.ReadImage(str(out / "a_seg.nii.gz"))).shape == tuple(image.GetSize())

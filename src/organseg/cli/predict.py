@@ -2,21 +2,28 @@
 geometry (same size, spacing, origin and direction) as NIfTI, plus a DICOM RTSTRUCT for a DICOM CT series.
 
 Inputs: NIfTI/NRRD/MHA files, folders of them, a folder holding one DICOM CT series, or a folder whose
-sub-folders each hold one series. Each input is preprocessed exactly as the checkpoint's dataset card
-preprocessed its training cache (``organseg.cache.build.preprocess_volume``: resample to the target
-spacing, crop to the body, clip and scale the HU window), segmented with the model's whole-case
-``predict_case`` (sliding window; the locate-zoom-paste pipeline for FocusNetV2), then the crop and the
-resampling are undone (``organseg.io.geometry.restore_original_geometry``).
+sub-folders each hold one series (or are PDDCA case folders, ``<case>/img.nrrd``: named after the case
+folder, since every PDDCA image has the same file name). Each input is preprocessed exactly as the
+checkpoint's dataset card preprocessed its training cache (``organseg.cache.build.preprocess_volume``:
+resample to the target spacing, crop to the body, clip and scale the HU window), segmented with the
+model's whole-case ``predict_case`` (sliding window; the locate-zoom-paste pipeline for FocusNetV2),
+then the crop and the resampling are undone (``organseg.io.geometry.restore_original_geometry``).
 
 Writes ``<out>/<case>_seg.nii.gz`` (uint8 class indices), ``<out>/labels.json`` (class name -> value)
 and, for a DICOM series, ``<out>/<case>_rtstruct.dcm`` (one ROI per organ present, via rt-utils).
-Existing outputs are never replaced without ``--overwrite``; every file is written atomically.
+Existing outputs are never replaced without ``--overwrite``. Every input is read and validated before
+anything is written, and the outputs are moved into ``--out`` only when every case is done: a failed
+run leaves ``--out`` as it was (and removes it if it created it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -127,11 +134,45 @@ def _interpolation(card) -> str:
     return str(attrs.get("interpolation", "linear")) if problem is None else "linear"
 
 
+def _staging_folder(out: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=".organseg-predict-", dir=out))
+    except OSError as exc:
+        raise OutputError.from_os_error(exc) from exc
+
+
+def _predict_all(items, held, model, card, extra, interpolation, args, stage: Path, out: Path) -> list[str]:
+    """Segment every input into ``stage`` (named as they will be in ``out``); the lines to print."""
+    from organseg.inference.raw_images import predict_image, read_input  # noqa: PLC0415 - loads torch
+
+    written = []
+    for item in track(items, description=f"predicting {len(items)} case(s)", console=Console(stderr=True)):
+        if held is not None and held[0] is item:
+            (image, files), held = held[1], None
+        else:
+            image, files = read_input(item)
+        label = predict_image(model, image, card, interpolation, args.device, args.precision)
+        del image
+        write_image(label, stage / f"{item.case}{SEG_SUFFIX}")
+        line = f"{item.case}: {out / f'{item.case}{SEG_SUFFIX}'}"
+        if item.kind == "dicom" and args.rtstruct != "never":
+            rs = f"{item.case}{RTSTRUCT_SUFFIX}"
+            rois = write_rtstruct(
+                label,
+                card.classes,
+                read_headers(files),
+                stage / rs,
+                description=f"organseg {extra.get('module', '').rsplit('.', 1)[-1]} {Path(args.ckpt).name}",
+            )
+            line += f", {out / rs} ({len(rois)} ROI(s))"
+        written.append(line)
+    return written
+
+
 def run(args) -> int:
     # lazy: torch and the models are imported when the command runs, not by `organseg --help`
     from organseg.inference.raw_images import (  # noqa: PLC0415
         collect_inputs,
-        predict_image,
         read_input,
         set_sliding_window,
     )
@@ -144,29 +185,37 @@ def run(args) -> int:
     out = Path(args.out)
     _check_outputs(items, out, args.rtstruct, args.overwrite)
     model, card, extra = load_segmenter(args.ckpt, args.device, args.data)
+    used = extra.get("module", type(model).__name__)
+    console.print(
+        f"predict: model {used} (the class recorded in {args.ckpt})", highlight=False, soft_wrap=True
+    )
     set_sliding_window(model, args.sw_overlap, args.sw_batch_size)
     interpolation = _interpolation(card)
     sidecar = _labels_json(card, args.ckpt, out, args.overwrite)
+    # every input is read and validated before anything is written (a 2D/4D/NaN/text input among good
+    # ones stops the command with nothing in --out); read last to first, so the first case stays loaded
+    held: tuple | None = None
+    for item in reversed(items):
+        held = None  # one image in memory at a time
+        held = (item, read_input(item))
+    created = not out.exists()
     make_dirs(out)
-    if sidecar is not None:
-        write_json(sidecar, out / "labels.json")
-    written = []
-    for item in track(items, description=f"predicting {len(items)} case(s)", console=Console(stderr=True)):
-        image, files = read_input(item)
-        label = predict_image(model, image, card, interpolation, args.device, args.precision)
-        seg = write_image(label, out / f"{item.case}{SEG_SUFFIX}")
-        line = f"{item.case}: {seg}"
-        if item.kind == "dicom" and args.rtstruct != "never":
-            rs = out / f"{item.case}{RTSTRUCT_SUFFIX}"
-            rois = write_rtstruct(
-                label,
-                card.classes,
-                read_headers(files),
-                rs,
-                description=f"organseg {extra.get('module', '').rsplit('.', 1)[-1]} {Path(args.ckpt).name}",
-            )
-            line += f", {rs} ({len(rois)} ROI(s))"
-        written.append(line)
+    # outputs go to a staging folder inside --out and are moved into place only once every case is done:
+    # a run that fails part-way (a bug, no memory, Ctrl-C) leaves --out as it found it
+    stage = _staging_folder(out)
+    try:
+        written = _predict_all(items, held, model, card, extra, interpolation, args, stage, out)
+        if sidecar is not None:
+            write_json(sidecar, stage / "labels.json")
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out / path.name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty: a folder this run created
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     for line in written:
         console.print(line, highlight=False, soft_wrap=True)
     console.print(

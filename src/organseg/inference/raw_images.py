@@ -38,14 +38,31 @@ class PredictInput:
     path: Path
 
 
+#: PDDCA's image file (``<case>/img.nrrd``): every case has the same file name, so the case is its folder
+PDDCA_IMAGE = "img.nrrd"
+
+
 def case_name(path: Path) -> str:
-    """``case_0000.nii.gz`` -> ``case`` (file ending and nnU-Net channel suffix dropped); a folder's name."""
+    """``case_0000.nii.gz`` -> ``case`` (file ending and nnU-Net channel suffix dropped); a folder's name.
+    A PDDCA image (``<case>/img.nrrd``, the same name in every case) is named after its case folder."""
     name = path.name
+    if name.lower() == PDDCA_IMAGE:
+        folder = Path(path).absolute().parent.name
+        if folder:
+            return folder
     for ending in IMAGE_ENDINGS:
         if name.lower().endswith(ending):
             name = name[: -len(ending)]
             break
     return _CHANNEL.sub("", name) or name
+
+
+def _pddca_image(folder: Path) -> Path | None:
+    """``folder/img.nrrd`` (any case of the name) when ``folder`` is a PDDCA case folder, else None."""
+    return next(
+        (p for p in folder.iterdir() if p.is_file() and p.name.lower() == PDDCA_IMAGE),
+        None,
+    )
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -88,13 +105,15 @@ def collect_inputs(paths: list[str]) -> list[PredictInput]:
                 f"put each series in its own folder"
             )
         subs = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-        series_dirs = [(d, series_ids(d)) for d in subs]
+        pddca = [(d, img) for d in subs if (img := _pddca_image(d)) is not None]  # <case>/img.nrrd
+        series_dirs = [(d, series_ids(d)) for d in subs if all(d != c for c, _ in pddca)]
         series_dirs = [(d, s) for d, s in series_dirs if s]
-        if not series_dirs:
+        if not series_dirs and not pddca:
             raise InputError(
-                f"input {path}: no readable images in this folder (NIfTI/NRRD/MHA files or one "
-                f"DICOM series per folder)"
+                f"input {path}: no readable images in this folder (NIfTI/NRRD/MHA files, one "
+                f"DICOM series per folder, or PDDCA case folders <case>/{PDDCA_IMAGE})"
             )
+        found += [PredictInput(d.name, "image", img) for d, img in pddca]
         for d, s in series_dirs:
             if len(s) > 1:
                 raise DicomError(
