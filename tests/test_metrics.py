@@ -22,6 +22,7 @@ from monai.metrics import (
 
 from organseg.evaluation import (
     EMPTY_MASK_POLICY,
+    HD95_DEFINITION,
     case_metrics,
     format_table,
     image_diagonal_mm,
@@ -261,9 +262,45 @@ def test_write_report_files_and_valid_json(tmp_path, handmade):
     md = paths["report"].read_text()
     assert md.startswith("# Phantom test")
     assert "| organ | Dice | HD95 (mm) | ASSD (mm) | n |" in md
-    assert EMPTY_MASK_POLICY in md
+    assert f"{EMPTY_MASK_POLICY}\n\n{HD95_DEFINITION}\n" in md  # the definition beside the policy
+    assert doc["hd95_definition"] == HD95_DEFINITION
     assert re.search(r"\| brainstem \| 0\.\d{3} ± 0\.\d{3} \| \d+\.\d{2} ± \d+\.\d{2} \| ", md)
     assert "| chiasm | n/a | n/a | n/a | 0 |" in md
+
+
+def _stated_hd95_assd(pred, ref, spacing):
+    """HD95 and ASSD exactly as HD95_DEFINITION states them, with scipy and numpy only."""
+    from scipy import ndimage
+
+    def surface(m):
+        return m & ~ndimage.binary_erosion(m)  # scipy's default structure: 6-connected
+
+    sp, sr = surface(pred), surface(ref)
+    to_ref = ndimage.distance_transform_edt(~sr, sampling=spacing)[sp]  # each pred surface voxel -> ref
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[sr]
+    hd95 = max(np.percentile(to_ref, 95), np.percentile(to_pred, 95))  # numpy's default: linear
+    return hd95, np.concatenate([to_ref, to_pred]).mean()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hd95_is_what_the_reports_say(seed):
+    """The definition printed in every report is the one computed, checked on the degenerate predictions
+    where HD95 conventions part (tens of voxels, scattered) and on balls, on an anisotropic grid."""
+    rng = np.random.default_rng(seed)
+    spacing = (0.9, 1.3, 2.5)
+    shape = (24, 22, 12)
+    ref = _ball(shape, (11, 10, 6), 6.0, spacing)
+    pred = np.zeros(shape, bool)
+    if seed % 2:
+        pred[tuple(rng.integers(0, s, 30) for s in shape)] = True  # a few tens of scattered voxels
+    else:
+        pred = _ball(shape, (11 + seed, 9, 6), 4.0 + seed / 2, spacing) | (rng.random(shape) < 0.01)
+    _, hd95, assd = binary_metrics(pred, ref, spacing)
+    want_hd95, want_assd = _stated_hd95_assd(pred, ref, spacing)
+    assert hd95 == pytest.approx(want_hd95, rel=1e-5)
+    assert assd == pytest.approx(want_assd, rel=1e-5)
+    assert "larger of the two directed 95th percentiles" in HD95_DEFINITION
+    assert "6-connected" in HD95_DEFINITION and "linear interpolation" in HD95_DEFINITION
 
 
 def test_format_table_cells():

@@ -10,6 +10,7 @@
 
 from .metrics import (
     EMPTY_MASK_POLICY,
+    HD95_DEFINITION,
     STATUS_ABSENT,
     STATUS_FALSE_POSITIVE,
     STATUS_MISSED,
@@ -24,6 +25,7 @@ from .report import format_table, write_report
 
 __all__ = [
     "EMPTY_MASK_POLICY",
+    "HD95_DEFINITION",
     "STATUS_ABSENT",
     "STATUS_FALSE_POSITIVE",
     "STATUS_MISSED",

@@ -21,7 +21,7 @@ Conventions
 
 Empty-mask policy
 -----------------
-See :data:`EMPTY_MASK_POLICY` (printed under every report):
+See :data:`EMPTY_MASK_POLICY` (printed under every report, beside :data:`HD95_DEFINITION`):
 
 * reference empty and prediction empty -> status ``"absent"``; Dice, HD95 and ASSD are NaN and the
   row is excluded from every mean (nothing to segment, nothing predicted);
@@ -52,6 +52,7 @@ from scipy import ndimage
 __all__ = [
     "CROP_PAD",
     "EMPTY_MASK_POLICY",
+    "HD95_DEFINITION",
     "METRIC_KEYS",
     "ROW_KEYS",
     "SUMMARY_KEYS",
@@ -83,6 +84,16 @@ EMPTY_MASK_POLICY = (
     "percentiles), ASSD is the symmetric average surface distance; distances are in mm using the "
     "voxel spacing."
 )
+
+HD95_DEFINITION = (
+    "HD95 definition (MONAI compute_hausdorff_distance, percentile=95): a mask's surface is its voxels "
+    "that one binary erosion (6-connected) removes; for each surface voxel of one mask, the Euclidean "
+    "distance in mm to the nearest surface voxel of the other; HD95 = the larger of the two directed "
+    "95th percentiles (linear interpolation between ranks). It is not surface-area weighted: tools that "
+    "weight by surfel area (DeepMind's surface-distance) can differ by about a voxel on masks of a few "
+    "tens of voxels. ASSD = the mean of both directions' distances, pooled."
+)
+"""How HD95 (and ASSD) are computed, printed beside :data:`EMPTY_MASK_POLICY` in every report."""
 
 METRIC_KEYS = ("dice", "hd95", "assd")
 ROW_KEYS = ("case_id", "organ", "dice", "hd95", "assd", "n_ref", "n_pred", "status")

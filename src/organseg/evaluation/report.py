@@ -20,7 +20,7 @@ import numpy as np
 
 from organseg.io.atomic import atomic_open, make_dirs
 
-from .metrics import EMPTY_MASK_POLICY, ROW_KEYS, STATUS_OK, SUMMARY_KEYS, summarize
+from .metrics import EMPTY_MASK_POLICY, HD95_DEFINITION, ROW_KEYS, STATUS_OK, SUMMARY_KEYS, summarize
 
 __all__ = ["atomic_write_text", "csv_text", "format_table", "to_jsonable", "write_report"]
 
@@ -123,14 +123,14 @@ def write_report(
         out_dir: created if needed.
         title: Markdown heading of ``report.md``.
         extra: more top-level entries for ``summary.json`` (e.g. checkpoint, dataset, split); it
-            must not use the keys ``per_organ``, ``mean`` or ``policy``.
+            must not use the keys ``per_organ``, ``mean``, ``policy`` or ``hd95_definition``.
 
     Returns:
         ``{"per_case": path, "per_organ": path, "report": path, "summary": path}``.
     """
     rows = [dict(r) for r in rows]
     extra = dict(extra or {})
-    clash = {"per_organ", "mean", "policy"} & set(extra)
+    clash = {"per_organ", "mean", "policy", "hd95_definition"} & set(extra)
     if clash:
         raise ValueError(f"extra must not override {sorted(clash)}")
     out_dir = Path(out_dir)
@@ -161,13 +161,14 @@ def write_report(
             + f" (ok: {status_counts.get(STATUS_OK, 0)}).",
             "",
         ]
-    md += [EMPTY_MASK_POLICY, ""]
+    md += [EMPTY_MASK_POLICY, "", HD95_DEFINITION, ""]
     atomic_write_text(paths["report"], "\n".join(md))
 
     doc = {
         "per_organ": {s["organ"]: {k: v for k, v in s.items() if k != "organ"} for s in organ_rows},
         "mean": {k: v for k, v in mean_row.items() if k != "organ"},
         "policy": EMPTY_MASK_POLICY,
+        "hd95_definition": HD95_DEFINITION,
         "n_cases": n_cases,
         "status_counts": dict(status_counts),
         **extra,
