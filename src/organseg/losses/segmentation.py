@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
 from torch import nn
 
@@ -89,3 +90,49 @@ class FocalDiceLoss(nn.Module):
             "loss_focal": focal,
             "loss_dice": dice,
         }
+
+
+def _flat(values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """One tensor, or several of any shapes (e.g. organs with different ROI sizes) pooled into one 1-D
+    float tensor: a loss over the pooled voxels equals the loss over the concatenation."""
+    if isinstance(values, torch.Tensor):
+        return values.reshape(-1).float()
+    return torch.cat([v.reshape(-1).float() for v in values])
+
+
+def binary_focal_loss(
+    logits: torch.Tensor | Sequence[torch.Tensor],
+    target: torch.Tensor | Sequence[torch.Tensor],
+    alpha: float = 0.5,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """FocusNetV2's SOS focal loss (upstream ``losses.BinaryFocalLoss``, alpha 0.5, gamma 2), the mean
+    over every voxel of ``-alpha (1-p)^gamma log p * t - (1-alpha) p^gamma log(1-p) * (1-t)``, p = sigmoid.
+
+    Upstream's negative term uses ``logsigmoid(1 - logit)``, a typo for ``log(1 - p) = logsigmoid(-logit)``
+    (it leaves a non-zero gradient at p = 0); this is the intended formula. Several tensors (organs) are
+    pooled, as upstream stacks its three organs into one batch."""
+    x, t = _flat(logits), _flat(target).to(_flat(logits).dtype)
+    p = torch.sigmoid(x)
+    pos = -alpha * (1 - p).pow(gamma) * F.logsigmoid(x) * t
+    neg = -(1 - alpha) * p.pow(gamma) * F.logsigmoid(-x) * (1 - t)
+    return (pos + neg).mean()
+
+
+def adaptive_tversky(
+    tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, smooth: float = 1e-5
+) -> torch.Tensor:
+    """Upstream's adaptive Tversky index per class from summed TP/FP/FN: ``alpha = FP / (FP + FN)`` clamped
+    to [0.2, 0.8] (not detached, as upstream), ``beta = 1 - alpha``, ``TP / (TP + alpha FP + beta FN)``."""
+    alpha = torch.clamp(fp / (fp + fn + smooth), 0.2, 0.8)
+    return tp / (tp + alpha * fp + (1 - alpha) * fn + smooth)
+
+
+def binary_adaptive_tversky_loss(
+    logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """FocusNetV2's SOS Dice term (upstream ``losses.BinaryDiceLoss``): ``1 - adaptive_tversky`` of
+    sigmoid(logits), TP/FP/FN summed over every voxel of every given tensor (batch and organs pooled)."""
+    p, t = torch.sigmoid(_flat(logits)), _flat(target)
+    tp, fp, fn = (p * t).sum(), (p * (1 - t)).sum(), ((1 - p) * t).sum()
+    return 1 - adaptive_tversky(tp, fp, fn)

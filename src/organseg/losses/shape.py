@@ -147,3 +147,89 @@ def adversarial_losses(
             + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
         )
     return out
+
+
+# ---------------------------------------------------------------- upstream's shape constraint (adv_train.py)
+# The autoencoder IS the discriminator (no real/fake head): its step reconstructs both masks and pushes the
+# embeddings of predicted and true masks apart; the segmenter's step pulls them together.
+UPSTREAM_RECON_WEIGHT = 0.999  # D: reconstruction of sigmoid(pred) and of the true mask
+UPSTREAM_PUSH_WEIGHT = 0.001  # D: minus this times the embedding distance
+UPSTREAM_PUSH_FEATURE_WEIGHT = 0.2  # D: weight of each decoder feature-map distance inside it
+UPSTREAM_CODE_WEIGHT = 5.0  # G: code distance; feature maps and the mask itself weigh 1
+
+
+def ae_outputs(ae: nn.Module, masks: torch.Tensor, frozen: bool = False):
+    """``(reconstruction probabilities, code, decoder feature maps)`` of ``masks`` [B, K, *roi]: upstream's
+    ``ConvAE`` returns ``(recon, code, _, [f1, f2])``; here f1, f2, ... are the outputs of the decoder's
+    conv stages, coarse first (two with the default three strides, at 1/4 and 1/2 of the ROI, as upstream's).
+    ``frozen=True``: gradients reach ``masks`` but no AE parameter (``call_frozen``)."""
+    x = _ae_input(masks, ae.in_channels)
+    if frozen:
+        code = call_frozen(ae, "encode", x)
+        logits, feats = call_frozen(ae, "decode", code, x.shape[-3:], return_features=True)
+    else:
+        code = ae.encode(x)
+        logits, feats = ae.decode(code, x.shape[-3:], return_features=True)
+    return torch.sigmoid(logits), code, feats[1:]
+
+
+def _pooled_mse(pairs) -> torch.Tensor:
+    """MSE over all elements of all ``(a, b)`` pairs together (= MSE of the concatenation; organs with
+    different ROI sizes cannot be concatenated, upstream's three equal ROIs are one batch)."""
+    pairs = list(pairs)
+    sse = sum(((a.float() - b.float()) ** 2).sum() for a, b in pairs)
+    return sse / sum(a.numel() for a, _ in pairs)
+
+
+def _distances(out_pred: list, out_true: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Code MSE and one MSE per decoder feature level between predicted and true embeddings."""
+    code = _pooled_mse((p[1], t[1]) for p, t in zip(out_pred, out_true))
+    levels = len(out_pred[0][2])
+    feats = [_pooled_mse((p[2][j], t[2][j]) for p, t in zip(out_pred, out_true)) for j in range(levels)]
+    return code, feats
+
+
+def upstream_discriminator_loss(
+    ae: nn.Module, pred_logits: list[torch.Tensor], true_masks: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Upstream's D step (``adv_train.calc_discriminator_loss``), one tensor per organ (logits and masks
+    [N, 1, *roi_k]), predictions detached:
+
+    ``loss_recon = 0.999 [MSE(AE(sigmoid(pred)), sigmoid(pred)) + MSE(AE(true), true)]``,
+    ``loss_push = -0.001 [MSE(z_pred, z_true) + 0.2 MSE(f1_pred, f1_true) + 0.2 MSE(f2_pred, f2_true)]``,
+    ``loss = loss_recon + loss_push`` (AE parameters only)."""
+    probs = [torch.sigmoid(p.detach().float()) for p in pred_logits]
+    trues = [t.float() for t in true_masks]
+    out_p = [ae_outputs(ae, p) for p in probs]
+    out_t = [ae_outputs(ae, t) for t in trues]
+    recon = _pooled_mse((o[0], _ae_input(p, ae.in_channels)) for o, p in zip(out_p, probs)) + _pooled_mse(
+        (o[0], _ae_input(t, ae.in_channels)) for o, t in zip(out_t, trues)
+    )
+    code, feats = _distances(out_p, out_t)
+    loss_recon = UPSTREAM_RECON_WEIGHT * recon
+    loss_push = -UPSTREAM_PUSH_WEIGHT * (code + UPSTREAM_PUSH_FEATURE_WEIGHT * sum(feats))
+    return {"loss": loss_recon + loss_push, "loss_recon": loss_recon, "loss_push": loss_push}
+
+
+def upstream_generator_shape_loss(
+    ae: nn.Module, pred_logits: list[torch.Tensor], true_masks: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The shape part of upstream's G step (``adv_train.calc_seg_loss``'s ``loss_AE``; its real/fake term
+    is 0): ``5 MSE(z_pred, z_true) + MSE(f1) + MSE(f2) + MSE(sigmoid(pred), true)``, with the AE frozen
+    (gradients reach the predictions only). The segmentation part (binary focal + 0.5 binary Dice) is the
+    SOS loss, added by the caller."""
+    probs = [torch.sigmoid(p.float()) for p in pred_logits]
+    trues = [t.float() for t in true_masks]
+    out_p = [ae_outputs(ae, p, frozen=True) for p in probs]
+    with torch.no_grad():
+        out_t = [ae_outputs(ae, t) for t in trues]
+    code, feats = _distances(out_p, out_t)
+    mask = _pooled_mse(zip(probs, trues))
+    loss_code = UPSTREAM_CODE_WEIGHT * code
+    loss_features = sum(feats)
+    return {
+        "loss": loss_code + loss_features + mask,
+        "loss_code": loss_code,
+        "loss_features": loss_features,
+        "loss_mask": mask,
+    }
