@@ -82,9 +82,8 @@ def test_streamed_equals_monai_full_volume(shape):
     # identical windows and weights; only the order in which a voxel's (<= 8) window contributions
     # are summed differs, so an argmax could flip only at a float32 tie: none expected here
     assert torch.equal(labels, ref[:C].argmax(0).to(torch.uint8))
-    no_small = ref[:C].clone()
-    no_small[SMALL] = -math.inf  # default small_organs_from="sos": S-Net's best non-small class
-    assert torch.equal(out["labels"], no_small.argmax(0).to(torch.uint8))
+    # default merge="upstream" with nothing found: S-Net's own argmax, small organs included
+    assert torch.equal(out["labels"], labels)
     torch.testing.assert_close(out["peaks"], ref[C:].amax(dim=(1, 2, 3)), rtol=1e-5, atol=1e-6)
     if shape == SHAPE:  # the streamed blend itself, slab by slab
 
@@ -215,7 +214,7 @@ def test_forced_sol_centres_and_exact_sos_paste():
         patch_size=PATCH,
         threshold=0.3,
         return_snet_labels=True,
-        small_organs_from="snet_and_sos",
+        merge="replace_in_roi",
     )
     x, y, z = grid()
     snet = _pattern(x, y, z).to(torch.uint8)
@@ -252,12 +251,42 @@ def test_forced_sol_centres_and_exact_sos_paste():
     assert (out["labels"] != snet).any()
 
 
-def test_small_organs_come_only_from_sos_by_default():
-    """Default rule (upstream's separate SOS map): S-Net's small-organ votes are ignored everywhere
-    (its best other class is used), found organs are the SOS masks, an organ not found is absent."""
+def test_upstream_merge_keeps_snet_labels_and_lays_only_sos_masks_over_them():
+    """Default merge (upstream's separate SOS map laid over S-Net's): every voxel outside the SOS masks keeps
+    S-Net's label -- outside the ROIs, inside them, S-Net's small-organ voxels included (none becomes a
+    runner-up class); only the SOS balls change, to their organ."""
     model = forced_model(FORCED_CENTRES, FORCED_PEAKS)
     out = predict_focusnet(
         model, coordinate_image(), patch_size=PATCH, threshold=0.3, return_snet_labels=True
+    )
+    x, y, z = grid()
+    snet = _pattern(x, y, z).to(torch.uint8)
+    assert torch.equal(out["snet_labels"], snet)
+    expected, balls, boxes = (
+        snet.clone(),
+        torch.zeros(SHAPE, dtype=torch.bool),
+        torch.zeros(SHAPE, dtype=torch.bool),
+    )
+    for k in (0, 1):
+        box, ball = roi_and_ball(k)
+        expected[box & ball] = SMALL[k]
+        balls |= box & ball
+        boxes |= box
+        # S-Net's organ-k voxels inside the ROI but off the SOS mask (replace_in_roi would clear them)
+        assert bool((box & ~ball & (snet == SMALL[k])).any())
+    assert torch.equal(out["labels"][~boxes], snet[~boxes])  # outside the pasted ROIs: untouched
+    assert torch.equal(out["labels"][~balls], snet[~balls])  # and inside them, off the SOS masks
+    assert torch.equal(out["labels"], expected)
+    # S-Net's small-organ voxels off the masks are still small organs (runner_up would have moved them)
+    assert bool(torch.isin(out["labels"][~balls], torch.tensor(SMALL, dtype=torch.uint8)).any())
+
+
+def test_runner_up_merge_takes_small_organs_only_from_sos():
+    """merge="runner_up" (ours, the default before issue 13): S-Net's small-organ votes are ignored everywhere
+    (its best other class is used), found organs are the SOS masks, an organ not found is absent."""
+    model = forced_model(FORCED_CENTRES, FORCED_PEAKS)
+    out = predict_focusnet(
+        model, coordinate_image(), patch_size=PATCH, threshold=0.3, return_snet_labels=True, merge="runner_up"
     )
     x, y, z = grid()
     pattern = _pattern(x, y, z)
@@ -270,8 +299,8 @@ def test_small_organs_come_only_from_sos_by_default():
     assert torch.equal(out["labels"], expected)
     assert all((out["labels"] == SMALL[k]).any() for k in (0, 1))
     assert not (out["labels"] == SMALL[2]).any()  # not found by SOL: absent
-    with pytest.raises(ValueError, match="small_organs_from"):
-        predict_focusnet(model, coordinate_image(), patch_size=PATCH, small_organs_from="snet")
+    with pytest.raises(ValueError, match="merge"):
+        predict_focusnet(model, coordinate_image(), patch_size=PATCH, merge="snet")
 
 
 # slabs are [0,4) [4,8) [8,16): peaks on a slab's last / first slice, and on the volume border

@@ -327,6 +327,7 @@ class Record(pl.Callback):
 
 
 def test_joint_step_runs_both_optimizers_and_logs_all_terms(tmp_path):
+    """Ours (the behaviour before issue 13): every part fine-tuned, code-L2 + BCE real/fake shape terms."""
     torch.manual_seed(0)
     sos_path, ae_path = tmp_path / "sos.ckpt", tmp_path / "ae.ckpt"
     src = SOSStage(**TINY)
@@ -340,6 +341,10 @@ def test_joint_step_runs_both_optimizers_and_logs_all_terms(tmp_path):
         class_weights="uniform",
         jitter_voxels=[0, 0, 0],
         adv_weight=0.1,
+        joint_trainable="all",
+        shape_loss="code_l2_bce",
+        sos_centres="true_jittered",
+        sos_loss="focal_dice",
     )
     before = {p: state(module, p) for p in ("snet", "sol", "sos", "shape_ae", "disc")}
     rec = Record()
@@ -422,7 +427,7 @@ def test_cli_fit_stage1_then_sol_loads_it(hn_small, tmp_path):
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["organseg"]["module"].endswith("SNetStage")
     hp = {k: ckpt["hyper_parameters"][k] for k in ("num_classes", "classes", "architecture", "spacing")}
-    assert hp["architecture"]["base_channels"] == 4 and hp["architecture"]["roi_mm"] == [32.0, 32.0, 15.0]
+    assert hp["architecture"]["base_channels"] == 4 and hp["architecture"]["roi_mm"] == [64.0, 64.0, 20.0]
     assert ckpt["organseg"]["architecture"]["spacing"] == hp["spacing"]  # linked from the card
     sol = SOLStage(**hp, patch_size=PATCH, init_from=str(last))
     sol.load_init()

@@ -20,15 +20,20 @@
    (``patch_size``, enlarged to hold organ k's ROI, shifted to lie inside the volume), and
    ``model.sos_logits`` crops the ROI from concat(features, heatmap k, CT) at the centre in window
    coordinates; ``sigmoid > 0.5`` is pasted with ``paste_roi`` at the ROI start in volume coordinates
-   (the SOS result replaces S-Net's for that organ inside the ROI, ROI parts outside the volume are
-   dropped). Organs are pasted in ``small_classes`` order, so where two ROIs overlap the later organ's
-   mask wins.
-4. **Where small organs come from** (``small_organs_from``): ``"sos"`` (default) takes them from the
-   SOS-Nets only, as upstream (which writes the SOS result into a separate map): the S-Net label map
-   is the argmax over the other classes (the small-organ channels are ignored), so S-Net's small-organ
-   votes elsewhere in the volume -- early in training, whole organs labelled "lens" -- cannot survive,
-   and an organ SOL does not find is absent. ``"snet_and_sos"`` keeps S-Net's small-organ labels
-   outside the ROIs (the SOS result still replaces them inside).
+   (by the ``merge`` rule of step 4; ROI parts outside the volume are dropped). Organs are pasted in
+   ``small_classes`` order, so where two ROIs overlap the later organ's mask wins.
+4. **Merge** (``merge``) of S-Net's label map and the SOS masks:
+
+   - ``"upstream"`` (default): S-Net's argmax over all classes is kept as it is and each SOS mask is laid
+     over it: only the voxels SOS calls organ k change (to k). Upstream writes the SOS result into a
+     separate map (its small-organ Dice is read from that map, every other organ's from S-Net's); laying
+     it over S-Net's map changes no label outside the SOS masks, so no S-Net voxel becomes another class;
+   - ``"replace_in_roi"`` (ours; ``small_organs_from: snet_and_sos`` before issue 13): as ``upstream``,
+     and S-Net's organ-k voxels inside organ k's ROI that SOS does not confirm become background;
+   - ``"runner_up"`` (ours; ``small_organs_from: sos``, the default before issue 13): small organs only
+     from SOS, S-Net's label map is its argmax over the non-small classes, so every voxel S-Net gave a
+     small organ becomes S-Net's second choice (a large organ or background) -- large-organ false
+     positives next to the small organs.
 
 Peak memory (float32, ``C`` classes, ``K`` small organs, volume ``X x Y x Z``, patch ``px x py x pz``):
     the input image (4 XYZ bytes; plus one padded copy only if the volume is smaller than the patch)
@@ -60,14 +65,23 @@ from organseg.spatial.roi import paste_roi, roi_box
 __all__ = ["predict_focusnet", "blend_slabs", "window_starts"]
 
 _EPS = 1e-6  # decode_centres' log clamp
-SMALL_ORGANS_FROM = ("sos", "snet_and_sos")
+MERGES = ("upstream", "replace_in_roi", "runner_up")
+# the merge rules' names before issue 13 (checkpoints store them as ``small_organs_from``)
+SMALL_ORGANS_FROM = {"sos": "runner_up", "snet_and_sos": "replace_in_roi"}
 
 
-def check_small_organs_from(value: str) -> str:
-    """``value`` if it is a known small-organ merge rule (module doc, step 4), else a one-line ConfigError."""
-    if value not in SMALL_ORGANS_FROM:
-        raise ConfigError(f"small_organs_from must be one of {SMALL_ORGANS_FROM}, got {value!r}")
+def check_merge(value: str) -> str:
+    """``value`` if it is a known merge rule (module doc, step 4), else a one-line ConfigError."""
+    if value not in MERGES:
+        raise ConfigError(f"merge must be one of {MERGES}, got {value!r}")
     return value
+
+
+def merge_from_small_organs_from(value: str) -> str:
+    """The ``merge`` rule of a pre-issue-13 ``small_organs_from`` value (stored in older checkpoints)."""
+    if value not in SMALL_ORGANS_FROM:
+        raise ConfigError(f"small_organs_from must be one of {list(SMALL_ORGANS_FROM)}, got {value!r}")
+    return SMALL_ORGANS_FROM[value]
 
 
 def scan_interval(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
@@ -234,7 +248,7 @@ def predict_focusnet(
     sw_batch_size: int = 2,
     subvoxel: bool = True,
     return_snet_labels: bool = False,
-    small_organs_from: str = "sos",
+    merge: str = "upstream",
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> dict:
@@ -254,8 +268,8 @@ def predict_focusnet(
     ``torch.channels_last_3d`` (the model's parameters are converted back to contiguous afterwards).
 
     Returns a dict:
-        ``labels``  uint8 [X, Y, Z]: S-Net's argmax (over the non-small classes unless
-                    ``small_organs_from="snet_and_sos"``), with each found small organ's SOS mask pasted;
+        ``labels``  uint8 [X, Y, Z]: S-Net's argmax (over the non-small classes with
+                    ``merge="runner_up"``), with each found small organ's SOS mask merged (``merge``);
         ``centres`` float32 [K, 3] voxel (x, y, z) centres from SOL-Net, NaN where not found;
         ``found``   bool [K]: heatmap peak > ``threshold``;
         ``peaks``   float32 [K]: the blended heatmap peaks;
@@ -266,7 +280,7 @@ def predict_focusnet(
     """
     if image.dim() != 5 or image.shape[:2] != (1, 1):
         raise ValueError(f"predict_focusnet needs an image [1, 1, X, Y, Z], got {tuple(image.shape)}")
-    check_small_organs_from(small_organs_from)
+    check_merge(merge)
     patch = tuple(int(p) for p in patch_size)
     divisor = tuple(model.snet.divisor)
     if len(patch) != 3 or any(p % d for p, d in zip(patch, divisor)):
@@ -290,7 +304,7 @@ def predict_focusnet(
                 sw_batch_size,
                 subvoxel,
                 return_snet_labels,
-                small_organs_from == "sos",
+                merge,
                 torch.channels_last_3d if channels_last else torch.contiguous_format,
             )
     finally:
@@ -310,7 +324,7 @@ def _predict(
     sw_batch_size,
     subvoxel,
     return_snet_labels,
-    small_only_from_sos,
+    merge,
     memory_format,
 ) -> dict:
     size = tuple(int(s) for s in image.shape[2:])
@@ -334,7 +348,7 @@ def _predict(
     for z0, z1, slab in blend_slabs(predictor, image, patch, overlap, sw_batch_size, device, progress):
         if snet_labels is not None:
             snet_labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
-        if small_only_from_sos and small:
+        if merge == "runner_up" and small:
             slab[small] = -math.inf  # these slices are final: the buffer is free to overwrite here
         labels[..., z0:z1] = slab[:num_classes].argmax(dim=0).to(torch.uint8).cpu()
         lo, hi = max(z0, before[2]), min(z1, before[2] + size[2])
@@ -376,7 +390,7 @@ def _predict(
         mask = (roi_logits[0, 0].float() > 0).cpu()  # sigmoid > 0.5
         start = [int(s) + w - b for s, w, b in zip(starts[0].tolist(), wstart, before)]
         roi_starts[k] = torch.tensor(start)
-        paste_roi(labels, mask, start, model.small_classes[k], inplace=True)
+        paste_roi(labels, mask, start, model.small_classes[k], inplace=True, clear=merge != "upstream")
     out = {"labels": labels, "centres": centres, "found": found, "peaks": peaks, "roi_starts": roi_starts}
     if return_snet_labels:
         out["snet_labels"] = snet_labels

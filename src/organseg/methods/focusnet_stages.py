@@ -5,11 +5,18 @@ stage loads the previous stage's container with ``init_from`` and trains its own
 
 1. ``SNetStage``      trains ``focusnet.snet`` (weighted focal + Dice, as UNetBaseline);
 2. ``SOLStage``       S-Net frozen; trains ``focusnet.sol`` (heatmap MSE against ``batch["heatmap"]``);
-3. ``SOSStage``       S-Net + SOL frozen; trains ``focusnet.sos`` on ROIs around the TRUE centres
-                      (+ random jitter) with binary focal + Dice; validates locate-zoom-paste;
+3. ``SOSStage``       S-Net + SOL frozen; trains ``focusnet.sos`` on ROIs at the SOL-predicted centres
+                      of every patch, negatives included (upstream), with binary focal + 0.5 x binary
+                      Tversky; validates locate-zoom-paste (upstream trains SOS only in its stage 5:
+                      this stage is a warm-up without the shape constraint);
 4. ``ShapeAEStage``   pre-trains ``focusnet.shape_ae`` on true small-organ ROI masks (reconstruction);
-5. ``JointStage``     fine-tunes S-Net + SOL + SOS with their losses + shape/adversarial terms, and
-                      the AE + discriminator adversarially (manual optimisation, two optimisers).
+5. ``JointStage``     upstream's ``adv_train.py``: trains only the SOS-Nets (generator) against the shape
+                      autoencoder (discriminator), manual optimisation, two optimisers.
+
+**Upstream by default, ours as named options** (issue 13; the first value is upstream's, each documented
+in the stage YAML and the README): ``sos_centres: predicted | true_jittered``, ``sos_loss: upstream |
+focal_dice``, ``merge: upstream | replace_in_roi | runner_up`` (stages 3, 5), ``joint_trainable: sos |
+all`` and ``shape_loss: upstream | code_l2_bce`` (stage 5).
 
 Conventions and choices:
 
@@ -68,20 +75,34 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss, FocalLoss
 
 from organseg.errors import CheckpointError, ConfigError
-from organseg.inference.locate_zoom_paste import check_small_organs_from, predict_focusnet
+from organseg.inference.locate_zoom_paste import check_merge, merge_from_small_organs_from, predict_focusnet
 from organseg.losses import FocalDiceLoss
 from organseg.losses.heatmap import HeatmapMSELoss
-from organseg.losses.shape import adversarial_losses, discriminator_logits, reconstruction_loss, shape_loss
+from organseg.losses.segmentation import binary_adaptive_tversky_loss, binary_focal_loss
+from organseg.losses.shape import (
+    adversarial_losses,
+    discriminator_logits,
+    reconstruction_loss,
+    shape_loss,
+    upstream_discriminator_loss,
+    upstream_generator_shape_loss,
+)
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
 from organseg.methods.checkpoints import CHECKPOINT_KEY, read_checkpoint
 from organseg.methods.unet_baseline import adamw_poly, initial_class_weights, resolve_class_weights
 from organseg.networks.focusnetv2 import FocusNetArchitecture
 from organseg.spatial.heatmaps import decode_centres
-from organseg.spatial.roi import crop_rois
+from organseg.spatial.roi import crop_rois, roi_box
 
 # the H&N card's small organs (data_modules/cards/hn_phantom.yaml), the default when none are given
 DEFAULT_SMALL_ORGANS = ["lens_l", "lens_r", "optic_nerve_l", "optic_nerve_r", "chiasm", "pituitary"]
 PARTS = ("snet", "sol", "sos", "shape_ae", "disc")
+# the choices of each upstream-vs-ours option; the first is upstream's and the default
+SOS_CENTRES = ("predicted", "true_jittered")
+SOS_LOSSES = ("upstream", "focal_dice")
+JOINT_TRAINABLE = ("sos", "all")
+SHAPE_LOSSES = ("upstream", "code_l2_bce")
+UPSTREAM_SOS_DICE_WEIGHT = 0.5  # upstream's SOS loss: binary focal + 0.5 x binary (adaptive Tversky) Dice
 DEFAULT_ARCHITECTURE = FocusNetArchitecture()  # = experiments/focusnetv2/architecture.yaml
 
 
@@ -480,13 +501,24 @@ class _ROIMixin:
 
 
 class SOSStage(_ROIMixin, FocusNetStageBase):
-    """Stage 3: one binary SOS-Net per small organ on ROIs of concat(S-Net features, SOL heatmap, CT)
-    around the TRUE centres plus uniform integer jitter (``jitter_voxels`` per axis), so it tolerates
-    SOL's localisation error; binary focal (``focal_gamma``) + Dice, averaged over organs present.
+    """Stage 3: one binary SOS-Net per small organ on ROIs of concat(S-Net features, SOL heatmap, CT),
+    S-Net and SOL frozen.
 
-    Args: ``init_from`` a ``SOLStage`` checkpoint (required); ``small_organs_from`` ``"sos"`` (small
-    organs only from the SOS-Nets, upstream) or ``"snet_and_sos"`` (S-Net's small-organ labels kept
-    outside the ROIs), see ``organseg.inference.locate_zoom_paste``.
+    Args (each default is upstream's; the other value is ours, kept as an option):
+        init_from: a ``SOLStage`` checkpoint (required).
+        sos_centres: where the training ROIs are cropped. ``"predicted"`` (upstream): at the SOL argmax of
+            every organ in every training patch, the box shifted inside the patch (upstream's clamp),
+            whether the organ is there or not, so SOS also learns negatives (all-zero ROIs), as it meets
+            them at test time. ``"true_jittered"`` (ours): at the true centre plus a uniform integer
+            offset in [-j, j] per axis (``jitter_voxels``), only where the organ is in the patch.
+        sos_loss: ``"upstream"``: binary focal (alpha 0.5, ``focal_gamma``) + 0.5 x adaptive binary
+            Tversky (upstream's ``BinaryFocalLoss`` with its negative-term typo fixed, and
+            ``BinaryDiceLoss``), voxels of all organs and samples pooled. ``"focal_dice"`` (ours):
+            ``focal_weight`` x MONAI focal + ``dice_weight`` x MONAI Dice (batch-pooled), mean over organs.
+        merge: how the SOS masks enter S-Net's label map at prediction time: ``"upstream"`` |
+            ``"replace_in_roi"`` | ``"runner_up"`` (``organseg.inference.locate_zoom_paste``).
+        small_organs_from: the pre-issue-13 name of ``merge`` (``"sos"`` = ``runner_up``,
+            ``"snet_and_sos"`` = ``replace_in_roi``), still read from older checkpoints; ``merge`` wins.
     """
 
     trainable = ("sos",)
@@ -496,27 +528,75 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
     def __init__(
         self,
         *,
+        sos_centres: str = "predicted",
+        sos_loss: str = "upstream",
+        merge: str = "upstream",
+        small_organs_from: str | None = None,
         jitter_voxels: list[int] = (3, 3, 1),
         focal_gamma: float = 2.0,
         focal_weight: float = 1.0,
         dice_weight: float = 1.0,
-        small_organs_from: str = "sos",
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         hd95_every_n_epochs: int = 0,
         **kwargs,
     ):
+        _check_choice("sos_centres", sos_centres, SOS_CENTRES)
+        _check_choice("sos_loss", sos_loss, SOS_LOSSES)
+        if small_organs_from is not None and merge == "upstream":
+            merge = merge_from_small_organs_from(small_organs_from)  # an older checkpoint's merge rule
         super().__init__(lr=lr, weight_decay=weight_decay, hd95_every_n_epochs=hd95_every_n_epochs, **kwargs)
-        self.small_organs_from = check_small_organs_from(small_organs_from)
+        self.merge = check_merge(merge)
+        self.hparams["merge"] = self.merge
+        self.sos_centres = sos_centres
+        self.sos_loss_kind = sos_loss
         self.jitter_voxels = [int(j) for j in jitter_voxels]
         self.sos_focal = FocalLoss(gamma=focal_gamma)  # sigmoid, binary
         self.sos_dice = DiceLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
-    def sos_outputs(
-        self, batch: dict, features: torch.Tensor, heatmaps: torch.Tensor, jitter: Sequence[int]
-    ) -> list[dict]:
-        """``gt_rois`` plus each organ's SOS ``logits`` [N,1,*roi_k] at the same boxes."""
-        rois = self.gt_rois(batch, jitter)
+    @property
+    def uses_heatmap_targets(self) -> bool:
+        """Only true-centred ROIs read ``batch["heatmap"]`` (predicted centres come from SOL itself)."""
+        return self.sos_centres == "true_jittered"
+
+    def predicted_rois(self, batch: dict, heatmaps: torch.Tensor) -> list[dict]:
+        """Upstream's training ROIs: per small organ, one per sample, centred at the argmax of that
+        organ's SOL heatmap in the patch, the box shifted to lie inside the patch; ``target`` is the crop
+        of ``label == class``, all zero where the organ is not in the ROI (a negative). Same keys as
+        ``gt_rois``; ``present`` [N] says which targets hold organ voxels."""
+        n, dims = heatmaps.shape[0], tuple(int(d) for d in heatmaps.shape[-3:])
+        out = []
+        for k, cls in enumerate(self.small_classes):
+            size = self.roi_sizes[k]
+            flat = heatmaps[:, k].detach().reshape(n, -1).argmax(dim=1).cpu()
+            peaks = torch.stack(torch.unravel_index(flat, dims), dim=1).tolist()
+            starts = [roi_box(p, size, fit_within=dims)[0] for p in peaks]
+            # the box centre whose roi_box (without fit_within) is that shifted box
+            centres = torch.tensor(
+                [[s + z // 2 for s, z in zip(st, size)] for st in starts], dtype=torch.float32
+            )
+            mask = (batch["label"] == cls).float()[:, None]
+            target = crop_rois(mask, centres, size)
+            out.append(
+                {
+                    "k": k,
+                    "index": torch.arange(n, device=heatmaps.device),
+                    "centres": centres,
+                    "target": target,
+                    "present": target.flatten(1).amax(dim=1) > 0,
+                }
+            )
+        return out
+
+    def training_rois(self, batch: dict, heatmaps: torch.Tensor) -> list[dict]:
+        """The ROIs SOS trains on (``sos_centres``)."""
+        if self.sos_centres == "predicted":
+            return self.predicted_rois(batch, heatmaps)
+        return self.gt_rois(batch, self.jitter_voxels)
+
+    def sos_outputs(self, batch: dict, features: torch.Tensor, heatmaps: torch.Tensor) -> list[dict]:
+        """``training_rois`` plus each organ's SOS ``logits`` [N,1,*roi_k] at the same boxes."""
+        rois = self.training_rois(batch, heatmaps)
         for r in rois:
             i = r["index"]
             r["logits"], _ = self.focusnet.sos_logits(
@@ -528,6 +608,11 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
         if not rois:  # no small organ in this batch: a zero loss that still touches SOS (DDP-safe)
             zero = sum(p.sum() for p in self.focusnet.sos.parameters()) * 0.0
             return {"loss": zero, "loss_focal": zero.detach(), "loss_dice": zero.detach()}
+        if self.sos_loss_kind == "upstream":
+            logits, targets = [r["logits"] for r in rois], [r["target"] for r in rois]
+            focal = binary_focal_loss(logits, targets, alpha=0.5, gamma=self.hparams.focal_gamma)
+            dice = binary_adaptive_tversky_loss(logits, targets)
+            return {"loss": focal + UPSTREAM_SOS_DICE_WEIGHT * dice, "loss_focal": focal, "loss_dice": dice}
         focal = torch.stack([self.sos_focal(r["logits"], r["target"]) for r in rois]).mean()
         dice = torch.stack([self.sos_dice(r["logits"], r["target"]) for r in rois]).mean()
         return {
@@ -539,7 +624,7 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with torch.no_grad():
             _, features, heatmaps = self.focusnet.snet_sol(batch["image"])
-        terms = self.sos_loss(self.sos_outputs(batch, features, heatmaps, self.jitter_voxels))
+        terms = self.sos_loss(self.sos_outputs(batch, features, heatmaps))
         self._log_terms(terms, batch["image"].shape[0])
         return terms["loss"]
 
@@ -547,7 +632,7 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Locate-zoom-paste over whole cases with the bounded-memory pipeline
         (``organseg.inference.locate_zoom_paste.predict_focusnet``): S-Net labels, SOL centres, SOS masks
-        pasted."""
+        merged by ``merge``."""
         labels, centres, found = [], [], []
         for b in range(image.shape[0]):
             out = predict_focusnet(
@@ -559,7 +644,7 @@ class SOSStage(_ROIMixin, FocusNetStageBase):
                 device=image.device,
                 progress=progress,
                 sw_batch_size=self.sw_batch_size,
-                small_organs_from=self.small_organs_from,
+                merge=self.merge,
             )
             labels.append(out["labels"])
             centres.append(torch.as_tensor(out["centres"]))
@@ -646,24 +731,32 @@ class ShapeAEStage(_ROIMixin, FocusNetStageBase):
 
 # ==================================================================== stage 5
 class JointStage(SOSStage):
-    """Stage 5: fine-tune S-Net + SOL + SOS with their losses plus the shape constraint, and the
-    shape AE + discriminator adversarially (manual optimisation).
+    """Stage 5: the adversarial shape constraint (manual optimisation, two optimisers). Defaults are
+    upstream's (``adv_train.py``); each other value is ours, kept as an option.
 
-    Per step: (G) ``seg_weight * FocalDice(S-Net) + heatmap_weight * MSE(SOL) + SOS focal+Dice +
-    shape_weight * shape_loss(AE codes of sigmoid(SOS) vs true masks) + adv_weight * loss_adv``, AE and
-    discriminator called frozen (no parameter gradient); (D) ``loss_disc`` (true ROI masks vs detached
-    SOS probabilities) ``+ recon_weight * reconstruction`` of the true masks, on AE + discriminator.
-    SOS inputs are detached from S-Net/SOL (``detach_sos_inputs``, upstream), so each part learns
-    from its own loss; False lets the SOS/shape terms reach S-Net features too.
+    - ``joint_trainable``: ``"sos"`` (upstream) trains only the SOS-Nets (generator, Adam) against the
+      shape autoencoder (discriminator, Adam); S-Net and SOL stay frozen in eval mode and run without a
+      graph. ``"all"`` (ours, the behaviour before issue 13) fine-tunes S-Net + SOL + SOS (AdamW) with
+      ``seg_weight * FocalDice(S-Net) + heatmap_weight * MSE(SOL)`` added to the generator's loss
+      (``class_weights``, ``focal_gamma``/``focal_weight``/``dice_weight``, ``heatmap_alpha``,
+      ``detach_sos_inputs`` apply only there).
+    - ``shape_loss``: ``"upstream"``: the AE is the discriminator. Per step, first the D step
+      (``losses.shape.upstream_discriminator_loss``: 0.999 x reconstruction of sigmoid(pred) and of the
+      true mask - 0.001 x (code + 0.2 x each decoder feature-map distance), AE only), then the G step:
+      the SOS loss (``sos_loss``, upstream binary focal + 0.5 x binary Tversky) +
+      ``upstream_generator_shape_loss`` (5 x MSE(codes) + MSE(f1) + MSE(f2) + MSE(sigmoid(pred), true));
+      no real/fake term. ``"code_l2_bce"`` (ours, before issue 13): G = SOS loss + ``shape_weight`` x
+      ``shape_loss(kind=shape_kind)`` + ``adv_weight`` x BCE real/fake (``ShapeDiscriminator`` head),
+      then D = BCE real/fake on true vs detached predicted masks + ``recon_weight`` x BCE reconstruction
+      (AE + head).
+    - ``sos_centres`` / ``sos_loss`` / ``merge`` as in ``SOSStage`` (upstream: predicted centres, negatives
+      included).
 
-    Args: ``init_from`` a ``SOSStage`` checkpoint, ``shape_from`` a ``ShapeAEStage`` checkpoint
-    (both required for a real run). lr (segmenter, AdamW) / lr_disc (Adam), no schedule (upstream:
-    ``max_epochs_for_schedule`` must stay unset). ``SOSStage``'s arguments (``jitter_voxels``,
-    ``focal_gamma``/``focal_weight``/``dice_weight``, also of the S-Net loss here, ``small_organs_from``)
-    and class_weights as in ``SNetStage``.
+    Args: ``init_from`` a ``SOSStage`` checkpoint, ``shape_from`` a ``ShapeAEStage`` checkpoint (both
+    required for a real run). ``lr`` (generator) / ``lr_disc`` (autoencoder) / ``weight_decay``: upstream's
+    2e-4 / 2e-4 / 1e-4; no schedule (``max_epochs_for_schedule`` must stay unset).
     """
 
-    trainable = PARTS
     init_parts = ("snet", "sol", "sos")
     init_kinds = ("SOSStage", "JointStage")
 
@@ -671,6 +764,8 @@ class JointStage(SOSStage):
         self,
         *,
         shape_from: str | None = None,
+        joint_trainable: str = "sos",
+        shape_loss: str = "upstream",
         class_weights: str | list[float] = "inverse_sqrt_frequency",
         seg_weight: float = 1.0,
         heatmap_weight: float = 2.0,
@@ -680,7 +775,7 @@ class JointStage(SOSStage):
         adv_weight: float = 0.01,
         recon_weight: float = 1.0,
         detach_sos_inputs: bool = True,
-        lr: float = 1e-4,
+        lr: float = 2e-4,
         lr_disc: float = 2e-4,
         **kwargs,
     ):
@@ -688,8 +783,20 @@ class JointStage(SOSStage):
             raise ConfigError(
                 "JointStage has no learning-rate schedule (upstream): leave max_epochs_for_schedule unset"
             )
+        _check_choice("joint_trainable", joint_trainable, JOINT_TRAINABLE)
+        _check_choice("shape_loss", shape_loss, SHAPE_LOSSES)
         super().__init__(lr=lr, **kwargs)
         self.automatic_optimization = False
+        self.joint_trainable = joint_trainable
+        self.shape_loss_kind = shape_loss
+        # the parts this stage updates (the rest is frozen and kept in eval mode by ``train()``)
+        gen = ("sos",) if joint_trainable == "sos" else ("snet", "sol", "sos")
+        self.generator_parts = gen
+        self.shape_parts = ("shape_ae",) if shape_loss == "upstream" else ("shape_ae", "disc")
+        self.trainable = (*gen, *self.shape_parts)
+        for name in PARTS:
+            getattr(self.focusnet, name).requires_grad_(name in self.trainable)
+        self.train()
         self.shape_from = shape_from
         hp = self.hparams  # SOSStage's focal_gamma / focal_weight / dice_weight also weight the S-Net loss
         self.loss_fn = FocalDiceLoss(
@@ -701,9 +808,14 @@ class JointStage(SOSStage):
         )
         self.heatmap_loss = HeatmapMSELoss(heatmap_alpha)
 
+    @property
+    def uses_heatmap_targets(self) -> bool:
+        return self.joint_trainable == "all" or self.sos_centres == "true_jittered"
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
+        if self.joint_trainable == "all":
+            resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
 
     def load_init(self) -> None:
         super().load_init()
@@ -712,27 +824,81 @@ class JointStage(SOSStage):
 
     def configure_optimizers(self):
         hp = self.hparams
-        seg = [p for n in ("snet", "sol", "sos") for p in getattr(self.focusnet, n).parameters()]
-        shape = [*self.focusnet.shape_ae.parameters(), *self.focusnet.disc.parameters()]
+        gen = [p for n in self.generator_parts for p in getattr(self.focusnet, n).parameters()]
+        shape = [p for n in self.shape_parts for p in getattr(self.focusnet, n).parameters()]
+        # upstream: Adam (L2 weight decay) for both; ours (joint_trainable=all): AdamW for the segmenter
+        opt_g = torch.optim.Adam if self.joint_trainable == "sos" else torch.optim.AdamW
         return (
-            torch.optim.AdamW(seg, lr=hp.lr, weight_decay=hp.weight_decay),
+            opt_g(gen, lr=hp.lr, weight_decay=hp.weight_decay),
             torch.optim.Adam(shape, lr=hp.lr_disc, weight_decay=hp.weight_decay),
         )
+
+    def _step(self, opt, loss: torch.Tensor) -> None:
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
         opt_g, opt_d = self.optimizers()
         image = batch["image"]
-        if "heatmap" not in batch:
-            raise ConfigError("JointStage needs heatmap targets: use a data config with heatmap_sigma_mm")
-        logits, features, heatmaps = self.focusnet.snet_sol(image)
-        seg = self.loss_fn(logits, batch["label"])
-        loss_heat = self.heatmap_loss(heatmaps, batch["heatmap"])
-        f, h = (features.detach(), heatmaps.detach()) if hp.detach_sos_inputs else (features, heatmaps)
-        rois = self.sos_outputs(batch, f, h, self.jitter_voxels)
+        terms: dict[str, torch.Tensor] = {}
+        extra = image.new_zeros(())  # S-Net + SOL terms of the generator's loss (joint_trainable=all)
+        if self.joint_trainable == "all":
+            if "heatmap" not in batch:
+                raise ConfigError("JointStage needs heatmap targets: use a data config with heatmap_sigma_mm")
+            logits, features, heatmaps = self.focusnet.snet_sol(image)
+            seg = self.loss_fn(logits, batch["label"])
+            loss_heat = self.heatmap_loss(heatmaps, batch["heatmap"])
+            extra = hp.seg_weight * seg["loss"] + hp.heatmap_weight * loss_heat
+            terms.update(
+                loss_seg=seg["loss"],
+                loss_focal=seg["loss_focal"],
+                loss_dice=seg["loss_dice"],
+                loss_heatmap=loss_heat,
+            )
+            f, h = (features.detach(), heatmaps.detach()) if hp.detach_sos_inputs else (features, heatmaps)
+        else:
+            with torch.no_grad():  # frozen (eval mode): no graph through S-Net and SOL
+                _, f, h = self.focusnet.snet_sol(image)
+        rois = self.sos_outputs(batch, f, h)
+        if self.shape_loss_kind == "upstream":
+            loss_g = self._upstream_steps(rois, opt_g, opt_d, extra, terms)
+        else:
+            loss_g = self._code_l2_bce_steps(rois, opt_g, opt_d, extra, terms)
+        self._log_terms({k: v.detach() for k, v in terms.items()}, image.shape[0])
+        return loss_g.detach()
+
+    def _upstream_steps(self, rois, opt_g, opt_d, extra, terms) -> torch.Tensor:
+        """Upstream's order: D step (AE), then G step (generator parts)."""
+        ae = self.focusnet.shape_ae
+        logits, targets = [r["logits"] for r in rois], [r["target"] for r in rois]
+        if rois:
+            d = upstream_discriminator_loss(ae, logits, targets)
+        else:  # nothing to compare: a zero loss over the AE keeps both steps uniform
+            zero = sum(p.sum() for p in ae.parameters()) * 0.0
+            d = {"loss": zero, "loss_recon": zero, "loss_push": zero}
+        self._step(opt_d, d["loss"])
         sos = self.sos_loss(rois)
+        shape = upstream_generator_shape_loss(ae, logits, targets)["loss"] if rois else extra.new_zeros(())
+        loss_g = extra + sos["loss"] + shape
+        self._step(opt_g, loss_g)
+        terms.update(
+            loss=loss_g,
+            loss_sos=sos["loss"],
+            loss_shape=shape,
+            loss_disc=d["loss"],
+            loss_recon=d["loss_recon"],
+            loss_push=d["loss_push"],
+        )
+        return loss_g
+
+    def _code_l2_bce_steps(self, rois, opt_g, opt_d, extra, terms) -> torch.Tensor:
+        """Ours (before issue 13): G step (code distance + BCE real/fake), then D step (head + recon)."""
+        hp = self.hparams
         ae, disc = self.focusnet.shape_ae, self.focusnet.disc
-        zero = image.new_zeros(())
+        sos = self.sos_loss(rois)
+        zero = extra.new_zeros(())
         if rois:
             probs = [torch.sigmoid(r["logits"]) for r in rois]
             loss_shape = torch.stack(
@@ -746,18 +912,8 @@ class JointStage(SOSStage):
             ).mean()
         else:
             probs, loss_shape, loss_adv = [], zero, zero
-        loss_g = (
-            hp.seg_weight * seg["loss"]
-            + hp.heatmap_weight * loss_heat
-            + sos["loss"]
-            + hp.shape_weight * loss_shape
-            + hp.adv_weight * loss_adv
-        )
-        opt_g.zero_grad()
-        self.manual_backward(loss_g)
-        opt_g.step()
-
-        # discriminator step: AE + head on true masks vs detached SOS probabilities
+        loss_g = extra + sos["loss"] + hp.shape_weight * loss_shape + hp.adv_weight * loss_adv
+        self._step(opt_g, loss_g)
         if rois:
             loss_disc = torch.stack(
                 [
@@ -772,30 +928,24 @@ class JointStage(SOSStage):
         else:  # nothing to compare: a zero loss over the shape parameters keeps both steps uniform
             loss_disc = sum(p.sum() for p in [*ae.parameters(), *disc.parameters()]) * 0.0
             loss_recon = zero
-        loss_d = loss_disc + hp.recon_weight * loss_recon
-        opt_d.zero_grad()
-        self.manual_backward(loss_d)
-        opt_d.step()
-
-        self._log_terms(
-            {
-                "loss": loss_g.detach(),
-                "loss_seg": seg["loss"].detach(),
-                "loss_focal": seg["loss_focal"].detach(),
-                "loss_dice": seg["loss_dice"].detach(),
-                "loss_heatmap": loss_heat.detach(),
-                "loss_sos": sos["loss"].detach(),
-                "loss_shape": loss_shape.detach(),
-                "loss_adv": loss_adv.detach(),
-                "loss_disc": loss_disc.detach(),
-                "loss_recon": loss_recon.detach(),
-            },
-            image.shape[0],
+        self._step(opt_d, loss_disc + hp.recon_weight * loss_recon)
+        terms.update(
+            loss=loss_g,
+            loss_sos=sos["loss"],
+            loss_shape=loss_shape,
+            loss_adv=loss_adv,
+            loss_disc=loss_disc,
+            loss_recon=loss_recon,
         )
-        return loss_g.detach()
+        return loss_g
 
 
 # ==================================================================== helpers
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {list(choices)} (the first is upstream's), got {value!r}")
+
+
 def _flow(value) -> str:
     """``value`` on one line, in YAML flow style (as it would be written in architecture.yaml)."""
     if not isinstance(value, (dict, list)):

@@ -96,6 +96,10 @@ class FocusNetV2(nn.Module):
         return self.sos(rois, k), starts
 
 
+# upstream's SOS ROI, 8 x 64 x 64 voxels (D, H, W) at 2.5 x 1 x 1 mm, as [x, y, z] in mm
+UPSTREAM_ROI_MM = (64.0, 64.0, 20.0)
+
+
 @dataclass(frozen=True)
 class FocusNetArchitecture:
     """The FocusNetV2 architecture every training stage must share (the container's shapes depend on
@@ -110,7 +114,9 @@ class FocusNetArchitecture:
         ae_code_channels: shape autoencoder code channels (the discriminator's input).
         ae_base: shape autoencoder width.
         roi_mm: SOS ROI in mm, one [x, y, z] for all small organs or {organ: [x, y, z]}; converted to
-            voxels with the data's spacing (``roi_size_voxels``).
+            voxels with the data's spacing (``roi_size_voxels``). Default upstream's box: 64 x 64 x 8
+            voxels at its 1 x 1 x 2.5 mm = 64 x 64 x 20 mm ((64, 64, 8) voxels at 1 x 1 x 3 mm,
+            (32, 32, 8) at the demo's 2 x 2 x 3 mm).
         snet_full_res_kernels: S-Net's kernels at full resolution (``skip1``, ``dec2``): ``upstream``
             (3x3x3, the authors' code) or ``inplane`` (3, 3, 1), ours: nnU-Net's rule for z at 2-4x the
             in-plane spacing (upstream's 1 x 1 x 2.5 mm, the H&N cards' 1 x 1 x 3), a cheaper step
@@ -123,7 +129,7 @@ class FocusNetArchitecture:
     sos_base: int = 16
     ae_code_channels: int = 32
     ae_base: int = 16
-    roi_mm: tuple[float, float, float] | dict[str, tuple[float, float, float]] = (32.0, 32.0, 15.0)
+    roi_mm: tuple[float, float, float] | dict[str, tuple[float, float, float]] = UPSTREAM_ROI_MM
     snet_full_res_kernels: str = "upstream"
 
     def __post_init__(self) -> None:

@@ -127,13 +127,15 @@ def paste_roi(
     start: Sequence[int],
     class_index: int,
     inplace: bool = False,
+    clear: bool = True,
 ) -> torch.Tensor:
     """Write a small-organ ROI mask into a label map [..., X, Y, Z] (upstream's code writes SOS labels
-    into a separate map and never merges them; here the SOS result REPLACES S-Net's for that organ inside
-    the ROI):
+    into a separate map and never merges them):
 
-    - voxels of ``class_index`` inside the ROI that ``roi_mask`` does not contain become 0
-      (background), so S-Net's false positives near the organ disappear;
+    - with ``clear`` (default), voxels of ``class_index`` inside the ROI that ``roi_mask`` does not
+      contain become 0 (background), so the SOS result REPLACES S-Net's for that organ inside the ROI;
+      ``clear=False`` leaves them (only the mask's voxels are written: upstream's separate map laid
+      over S-Net's);
     - voxels in ``roi_mask`` become ``class_index`` (overwriting any other organ there);
     - voxels outside the ROI, and ROI parts outside the volume, are never touched.
 
@@ -146,7 +148,8 @@ def paste_roi(
     vol, roi, _ = _clip(start, roi_mask.shape[-3:], out.shape[-3:])
     region = out[(..., *vol)]  # a view: writes go into ``out``
     mask = roi_mask[(..., *roi)].expand_as(region)
-    region[(region == class_index) & ~mask] = 0
+    if clear:
+        region[(region == class_index) & ~mask] = 0
     region[mask] = class_index
     return out
 

@@ -1,0 +1,218 @@
+"""FocusNetV2 as published (issue 13): the joint stage trains only the SOS-Nets, upstream's shape-constraint
+and SOS losses equal a hand computation of adv_train.py / losses.py, SOS trains at SOL-predicted centres with
+negatives, upstream's ROI box in mm; and each project variant is still reachable by its named option."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from organseg.errors import ConfigError
+from organseg.losses.segmentation import binary_adaptive_tversky_loss, binary_focal_loss
+from organseg.losses.shape import upstream_discriminator_loss, upstream_generator_shape_loss
+from organseg.methods.focusnet_stages import JointStage, SOSStage
+from organseg.networks.focusnetv2 import FocusNetArchitecture
+from organseg.networks.shape_autoencoder import ShapeAutoencoder
+from test_focusnet_stages import TINY, Record, batch, loader, trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ 1. the joint stage trains SOS only
+def test_joint_stage_default_trains_only_sos_and_the_autoencoder():
+    torch.manual_seed(0)
+    module = JointStage(**TINY)
+    assert (module.hparams.joint_trainable, module.hparams.shape_loss) == ("sos", "upstream")
+    before = {p: digest(getattr(module.focusnet, p)) for p in ("snet", "sol", "sos", "shape_ae", "disc")}
+    rec = Record()
+    trainer(callbacks=[rec]).fit(module, train_dataloaders=loader())
+    after = {p: digest(getattr(module.focusnet, p)) for p in before}
+    # parameters AND buffers (BatchNorm statistics): frozen parts run in eval mode
+    assert after["snet"] == before["snet"] and after["sol"] == before["sol"]
+    assert after["disc"] == before["disc"]  # upstream has no real/fake head
+    assert after["sos"] != before["sos"] and after["shape_ae"] != before["shape_ae"]
+    opt_g, opt_d = (o.optimizer for o in module.optimizers())
+    assert type(opt_g) is torch.optim.Adam and type(opt_d) is torch.optim.Adam
+    for opt in (opt_g, opt_d):
+        assert opt.defaults["lr"] == 2e-4 and opt.defaults["weight_decay"] == 1e-4
+    g = {id(p) for grp in opt_g.param_groups for p in grp["params"]}
+    assert g == {id(p) for p in module.focusnet.sos.parameters()}
+    for key in ("loss", "loss_sos", "loss_shape", "loss_disc", "loss_recon", "loss_push"):
+        assert math.isfinite(rec.metrics[f"train/{key}"]), key
+    assert "train/loss_adv" not in rec.metrics and "train/loss_heatmap" not in rec.metrics
+
+
+def test_joint_trainable_all_is_the_option_that_fine_tunes_snet_and_sol():
+    module = JointStage(**TINY, joint_trainable="all", shape_loss="code_l2_bce")
+    assert set(module.trainable) == {"snet", "sol", "sos", "shape_ae", "disc"}
+    opt_g, _ = module.configure_optimizers()
+    assert type(opt_g) is torch.optim.AdamW
+    assert module.uses_heatmap_targets
+    with pytest.raises(ConfigError, match="joint_trainable must be one of"):
+        JointStage(**TINY, joint_trainable="snet")
+    with pytest.raises(ConfigError, match="shape_loss must be one of"):
+        JointStage(**TINY, shape_loss="bce")
+
+
+# ------------------------------------------------------------------ 2. upstream's losses by hand
+def test_binary_focal_and_tversky_equal_upstream_formulas_by_hand():
+    logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
+    target = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    p = [1 / (1 + math.exp(-v)) for v in logits.tolist()]
+    terms = [
+        -0.5 * (1 - pi) ** 2 * math.log(pi) if t else -0.5 * pi**2 * math.log(1 - pi)
+        for pi, t in zip(p, target.tolist())
+    ]
+    assert binary_focal_loss(logits, target).item() == pytest.approx(sum(terms) / 4, rel=1e-5)
+    tp = p[0] + p[3]
+    fp = p[1] + p[2]
+    fn = (1 - p[0]) + (1 - p[3])
+    a = min(max(fp / (fp + fn + 1e-5), 0.2), 0.8)
+    ti = tp / (tp + a * fp + (1 - a) * fn + 1e-5)
+    assert binary_adaptive_tversky_loss(logits, target).item() == pytest.approx(1 - ti, rel=1e-5)
+    # organs given as a list are pooled like upstream's batch of organs
+    parts = binary_focal_loss([logits[:2], logits[2:]], [target[:2], target[2:]])
+    assert parts.item() == pytest.approx(sum(terms) / 4, rel=1e-5)
+
+
+def test_upstream_shape_losses_equal_a_hand_computation():
+    torch.manual_seed(0)
+    ae = ShapeAutoencoder(1, code_channels=3, base=2)
+    g = torch.Generator().manual_seed(1)
+    # two organs (upstream stacks its three as one batch), 1 sample each, 8 x 8 x 8 ROIs
+    pred = [torch.randn(1, 1, 8, 8, 8, generator=g, requires_grad=True) for _ in range(2)]
+    true = [(torch.rand(1, 1, 8, 8, 8, generator=g) > 0.7).float() for _ in range(2)]
+
+    def outputs(x):  # upstream's ConvAE returns (sigmoid recon, code, _, [f1, f2])
+        code = ae.encode(x)
+        logits, feats = ae.decode(code, x.shape[-3:], return_features=True)
+        assert len(feats) == 3  # [from_code, f1, f2]
+        return torch.sigmoid(logits), code, feats[1], feats[2]
+
+    sp = torch.cat([torch.sigmoid(p.detach()) for p in pred])
+    gt = torch.cat(true)
+    rp, zp, f1p, f2p = outputs(sp)
+    rg, zg, f1g, f2g = outputs(gt)
+    with torch.no_grad():
+        want_d = 0.999 * (F.mse_loss(rp, sp) + F.mse_loss(rg, gt)) - 0.001 * (
+            F.mse_loss(zp, zg) + 0.2 * F.mse_loss(f1p, f1g) + 0.2 * F.mse_loss(f2p, f2g)
+        )
+    d = upstream_discriminator_loss(ae, pred, true)
+    assert d["loss"].item() == pytest.approx(want_d.item(), rel=1e-5)
+    # D step: gradients reach the AE only (predictions detached)
+    d["loss"].backward()
+    assert all(p.grad is None for p in pred) and all(q.grad is not None for q in ae.parameters())
+    ae.zero_grad(set_to_none=True)
+
+    sg = torch.cat([torch.sigmoid(p) for p in pred])
+    rp, zp, f1p, f2p = outputs(sg)
+    with torch.no_grad():
+        want_g = 5 * F.mse_loss(zp, zg) + F.mse_loss(f1p, f1g) + F.mse_loss(f2p, f2g) + F.mse_loss(sg, gt)
+    ae.zero_grad(set_to_none=True)
+    gl = upstream_generator_shape_loss(ae, pred, true)
+    assert gl["loss"].item() == pytest.approx(want_g.item(), rel=1e-5)
+    # G step: gradients reach the predictions only (the AE is frozen)
+    gl["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pred)
+    assert all(q.grad is None for q in ae.parameters())
+
+
+def test_sos_stage_upstream_loss_is_focal_plus_half_tversky_pooled_over_organs():
+    module = SOSStage(**TINY)
+    g = torch.Generator().manual_seed(2)
+    rois = [
+        {
+            "logits": torch.randn(2, 1, 8, 8, 2, generator=g),
+            "target": (torch.rand(2, 1, 8, 8, 2, generator=g) > 0.8),
+        }
+        for _ in range(2)
+    ]
+    for r in rois:
+        r["target"] = r["target"].float()
+    got = module.sos_loss(rois)["loss"]
+    x = torch.cat([r["logits"].flatten() for r in rois])
+    t = torch.cat([r["target"].flatten() for r in rois])
+    assert got.item() == pytest.approx(
+        (binary_focal_loss(x, t) + 0.5 * binary_adaptive_tversky_loss(x, t)).item(), rel=1e-6
+    )
+    ours = SOSStage(**TINY, sos_loss="focal_dice").sos_loss(rois)["loss"]
+    assert ours.item() != pytest.approx(got.item())
+
+
+# ------------------------------------------------------------------ 3. SOS at predicted centres, negatives
+def test_sos_trains_at_predicted_centres_of_every_sample_including_negatives():
+    module = SOSStage(**TINY)  # default sos_centres="predicted"
+    assert not module.uses_heatmap_targets  # SOL's own heatmaps, no target heatmaps needed
+    b = batch(3)
+    b["label"][1][b["label"][1] == 2] = 0  # sample 1: organ small_a absent
+    b["heatmap"][1, 0] = 0  # (and so its target heatmap)
+    heat = torch.zeros(3, 2, *b["label"].shape[1:])
+    peaks_a = [(9, 10, 3), (25, 25, 5), (0, 31, 7)]  # on the organ / elsewhere / in a corner
+    for i, (x, y, z) in enumerate(peaks_a):
+        heat[i, 0, x, y, z] = 1.0
+        heat[i, 1, 20, 19, 4] = 1.0
+    rois = module.training_rois(b, heat)
+    assert [r["k"] for r in rois] == [0, 1]
+    a = rois[0]
+    size = module.roi_sizes[0]
+    assert a["index"].tolist() == [0, 1, 2]  # every sample, organ present or not
+    assert a["target"].shape == (3, 1, *size)
+    # sample 0: centred on the SOL peak; sample 2: the box shifted inside the patch (upstream's clamp)
+    assert a["centres"][0].tolist() == [9.0, 10.0, 3.0]
+    dims = b["label"].shape[1:]
+    for c, s, d in zip(a["centres"][2].tolist(), size, dims):
+        assert 0 <= c - s // 2 and c - s // 2 + s <= d
+    # sample 2 holds the organ, but SOL's peak is far from it: also a negative ROI, as at test time
+    assert a["present"].tolist() == [True, False, False]
+    assert a["target"][0].sum() > 0 and a["target"][1].sum() == 0 and a["target"][2].sum() == 0  # negatives
+    # ours: true centres + jitter, only where the organ is present, so never a negative
+    ours = SOSStage(**TINY, sos_centres="true_jittered", jitter_voxels=[0, 0, 0])
+    assert ours.uses_heatmap_targets
+    gt = ours.training_rois(b, heat)
+    assert gt[0]["index"].tolist() == [0, 2] and all(t.sum() > 0 for t in gt[0]["target"])
+    # a training step at predicted centres runs and trains SOS on them
+    torch.manual_seed(0)
+    step = SOSStage(**TINY)
+    loss = step.training_step(batch(2), 0)
+    assert torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(ConfigError, match="sos_centres must be one of"):
+        SOSStage(**TINY, sos_centres="true")
+
+
+# ------------------------------------------------------------------ 4. upstream's ROI box in mm
+def test_default_roi_is_upstreams_64_64_8_voxels_at_its_spacing():
+    arch = FocusNetArchitecture()
+    assert arch.roi_mm == (64.0, 64.0, 20.0)
+    assert arch.roi_sizes(["chiasm"], [1.0, 1.0, 2.5]) == [(64, 64, 8)]  # upstream's 8 x 64 x 64 voxels
+    assert arch.roi_sizes(["chiasm"], [1.0, 1.0, 3.0]) == [(64, 64, 8)]
+    assert arch.roi_sizes(["chiasm"], [2.0, 2.0, 3.0]) == [(32, 32, 8)]
+
+
+# ------------------------------------------------------------------ 5. merge option and older checkpoints
+def test_merge_defaults_to_upstream_and_older_small_organs_from_maps_to_its_rule():
+    assert SOSStage(**TINY).merge == "upstream"
+    assert SOSStage(**TINY, merge="runner_up").merge == "runner_up"
+    # checkpoints written before issue 13 store small_organs_from; they keep the rule they had
+    assert SOSStage(**TINY, small_organs_from="sos").merge == "runner_up"
+    assert SOSStage(**TINY, small_organs_from="snet_and_sos").merge == "replace_in_roi"
+    assert SOSStage(**TINY, small_organs_from="sos").hparams["merge"] == "runner_up"
+    with pytest.raises(ConfigError, match="merge must be one of"):
+        SOSStage(**TINY, merge="sos")
