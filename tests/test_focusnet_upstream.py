@@ -12,9 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from organseg.errors import ConfigError
-from organseg.losses.segmentation import binary_adaptive_tversky_loss, binary_focal_loss
+from organseg.losses import FocalDiceLoss
+from organseg.losses.segmentation import (
+    UpstreamFocalTverskyLoss,
+    binary_adaptive_tversky_loss,
+    binary_focal_loss,
+)
 from organseg.losses.shape import upstream_discriminator_loss, upstream_generator_shape_loss
-from organseg.methods.focusnet_stages import JointStage, SOSStage
+from organseg.methods.focusnet_stages import JointStage, SNetStage, SOSStage
 from organseg.networks.focusnetv2 import FocusNetArchitecture
 from organseg.networks.shape_autoencoder import ShapeAutoencoder
 from test_focusnet_stages import TINY, Record, batch, loader, trainer
@@ -216,3 +221,41 @@ def test_merge_defaults_to_upstream_and_older_small_organs_from_maps_to_its_rule
     assert SOSStage(**TINY, small_organs_from="sos").hparams["merge"] == "runner_up"
     with pytest.raises(ConfigError, match="merge must be one of"):
         SOSStage(**TINY, merge="sos")
+
+
+# ------------------------------------------------------------------ 6. S-Net: fixed alphas + 0.2 Tversky
+def test_snet_upstream_loss_equals_focal_with_fixed_alphas_plus_point_two_tversky_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]]).T.reshape(1, 2, 3, 1, 1)  # 3 voxels, 2 classes
+    target = torch.tensor([0, 1, 1]).reshape(1, 3, 1, 1)
+    p = torch.softmax(logits[0, :, :, 0, 0], dim=0)  # [C, voxel]
+    alphas = [0.5, 8.0]
+    focal = (
+        sum(
+            -alphas[y] * (1 - p[y, v].item()) ** 2 * math.log(p[y, v].item()) for v, y in enumerate([0, 1, 1])
+        )
+        / 3
+    )
+    dl = []
+    for c in (0, 1):
+        t = [1.0 if y == c else 0.0 for y in [0, 1, 1]]
+        tp = sum(p[c, v].item() * t[v] for v in range(3))
+        fp = sum(p[c, v].item() * (1 - t[v]) for v in range(3))
+        fn = sum((1 - p[c, v].item()) * t[v] for v in range(3))
+        a = min(max(fp / (fp + fn + 1e-5), 0.2), 0.8)
+        dl.append(1 - tp / (tp + a * fp + (1 - a) * fn + 1e-5))
+    got = UpstreamFocalTverskyLoss(2, alphas)(logits, target)
+    assert got["loss_focal"].item() == pytest.approx(focal, rel=1e-5)
+    assert got["loss_dice"].item() == pytest.approx(sum(dl) / 2, rel=1e-5)
+    assert got["loss"].item() == pytest.approx(focal + 0.2 * sum(dl) / 2, rel=1e-5)
+
+
+def test_snet_stage_defaults_to_upstream_alphas_and_keeps_ours_as_options():
+    module = SNetStage(**TINY)
+    assert isinstance(module.loss_fn, UpstreamFocalTverskyLoss)
+    # classes: background, big, small_a, small_b
+    assert module.loss_fn.focal.class_weight.tolist() == [0.5, 1.0, 8.0, 8.0]
+    assert torch.isfinite(module.training_step(batch(2), 0))
+    ours = SNetStage(**TINY, snet_loss="focal_dice", class_weights="inverse_sqrt_frequency")
+    assert isinstance(ours.loss_fn, FocalDiceLoss)
+    with pytest.raises(ConfigError, match="snet_loss must be one of"):
+        SNetStage(**TINY, snet_loss="dice")

@@ -136,3 +136,64 @@ def binary_adaptive_tversky_loss(
     p, t = torch.sigmoid(_flat(logits)), _flat(target)
     tp, fp, fn = (p * t).sum(), (p * (1 - t)).sum(), ((1 - p) * t).sum()
     return 1 - adaptive_tversky(tp, fp, fn)
+
+
+def upstream_class_alphas(num_classes: int, small_classes: Sequence[int]) -> list[float]:
+    """FocusNetV2's fixed focal alphas (upstream ``train_backbone.py``): background 0.5, each small organ 8,
+    every other organ 1 (upstream also gives its submandibular glands 2, a PDDCA-specific choice)."""
+    alphas = [1.0] * num_classes
+    alphas[0] = 0.5
+    for c in small_classes:
+        alphas[int(c)] = 8.0
+    return alphas
+
+
+class UpstreamFocalLoss(nn.Module):
+    """Upstream's softmax focal loss (``losses.FocalLoss``): the mean over voxels of
+    ``-alpha_y (1 - p_y)^gamma log p_y`` (one term per voxel, its true class y). MONAI's weighted focal
+    loss averages over classes too (its value is this over C). ``class_weight`` is a buffer named as
+    MONAI's, so a frequency mode resolved at fit start (``resolve_class_weights``) can replace it."""
+
+    def __init__(self, class_weights: Sequence[float], gamma: float = 2.0):
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("class_weight", torch.as_tensor(list(class_weights), dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits [B,C,*S]; target [B,1,*S] or [B,*S] class indices."""
+        y = target.long().reshape(logits.shape[0], 1, *logits.shape[2:])
+        logp = torch.log_softmax(logits.float(), dim=1).gather(1, y)
+        alpha = self.class_weight.to(logits.device)[y]
+        return (-alpha * (1 - logp.exp()).pow(self.gamma) * logp).mean()
+
+
+class UpstreamFocalTverskyLoss(nn.Module):
+    """FocusNetV2's S-Net loss (upstream ``train_backbone.py``): ``FL + tversky_weight * DL`` with FL
+    upstream's focal loss (``UpstreamFocalLoss``, fixed alphas: ``upstream_class_alphas``) and DL its
+    adaptive Tversky loss over softmax, background included, TP/FP/FN of each class summed over the batch,
+    ``mean_c (1 - TI_c)`` (upstream weights classes by a per-scan presence vector; all present here).
+    ``forward`` returns ``loss``, ``loss_focal``, ``loss_dice`` (as ``FocalDiceLoss``)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_weights: Sequence[float],
+        gamma: float = 2.0,
+        tversky_weight: float = 0.2,
+    ):
+        super().__init__()
+        if len(class_weights) != num_classes:
+            raise ConfigError(f"class_weights has {len(class_weights)} entries, expected {num_classes}")
+        self.num_classes = num_classes
+        self.tversky_weight = tversky_weight
+        self.focal = UpstreamFocalLoss(class_weights, gamma)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        focal = self.focal(logits, target)
+        p = torch.softmax(logits.float(), dim=1)
+        onehot = F.one_hot(target.long().reshape(logits.shape[0], *logits.shape[2:]), self.num_classes)
+        onehot = onehot.movedim(-1, 1).to(p.dtype)
+        dims = [0, *range(2, p.dim())]
+        tp, fp, fn = (p * onehot).sum(dims), (p * (1 - onehot)).sum(dims), ((1 - p) * onehot).sum(dims)
+        dice = (1 - adaptive_tversky(tp, fp, fn)).mean()
+        return {"loss": focal + self.tversky_weight * dice, "loss_focal": focal, "loss_dice": dice}

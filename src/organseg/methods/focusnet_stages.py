@@ -3,7 +3,7 @@
 Every stage holds ``self.focusnet = FocusNetV2(...)`` (same parameter names in every checkpoint), so a
 stage loads the previous stage's container with ``init_from`` and trains its own part:
 
-1. ``SNetStage``      trains ``focusnet.snet`` (weighted focal + Dice, as UNetBaseline);
+1. ``SNetStage``      trains ``focusnet.snet`` (upstream: focal with fixed alphas + 0.2 x adaptive Tversky);
 2. ``SOLStage``       S-Net frozen; trains ``focusnet.sol`` (heatmap MSE against ``batch["heatmap"]``);
 3. ``SOSStage``       S-Net + SOL frozen; trains ``focusnet.sos`` on ROIs at the SOL-predicted centres
                       of every patch, negatives included (upstream), with binary focal + 0.5 x binary
@@ -78,7 +78,12 @@ from organseg.errors import CheckpointError, ConfigError
 from organseg.inference.locate_zoom_paste import check_merge, merge_from_small_organs_from, predict_focusnet
 from organseg.losses import FocalDiceLoss
 from organseg.losses.heatmap import HeatmapMSELoss
-from organseg.losses.segmentation import binary_adaptive_tversky_loss, binary_focal_loss
+from organseg.losses.segmentation import (
+    UpstreamFocalTverskyLoss,
+    binary_adaptive_tversky_loss,
+    binary_focal_loss,
+    upstream_class_alphas,
+)
 from organseg.losses.shape import (
     adversarial_losses,
     discriminator_logits,
@@ -102,6 +107,7 @@ SOS_CENTRES = ("predicted", "true_jittered")
 SOS_LOSSES = ("upstream", "focal_dice")
 JOINT_TRAINABLE = ("sos", "all")
 SHAPE_LOSSES = ("upstream", "code_l2_bce")
+SNET_LOSSES = ("upstream", "focal_dice")
 UPSTREAM_SOS_DICE_WEIGHT = 0.5  # upstream's SOS loss: binary focal + 0.5 x binary (adaptive Tversky) Dice
 DEFAULT_ARCHITECTURE = FocusNetArchitecture()  # = experiments/focusnetv2/architecture.yaml
 
@@ -395,11 +401,19 @@ class FocusNetStageBase(SegmentationModuleBase):
 
 # ==================================================================== stage 1
 class SNetStage(FocusNetStageBase):
-    """Stage 1: S-Net with weighted focal + Dice (UNetBaseline's loss and class-weight modes).
+    """Stage 1: S-Net on all organs.
 
-    Args (besides ``FocusNetStageBase``'s): class_weights, focal_gamma, focal_weight, dice_weight as
-    in ``UNetBaseline`` (upstream: FL + 0.2 DL). ``init_from`` is optional: an ``SNetStage``
-    checkpoint to continue from.
+    Args (besides ``FocusNetStageBase``'s; the first value of each choice is upstream's, the default):
+        snet_loss: ``"upstream"``: ``FL + tversky_weight x DL`` (upstream ``train_backbone.py``: softmax focal
+            loss with fixed alphas + 0.2 x adaptive Tversky, ``UpstreamFocalTverskyLoss``).
+            ``"focal_dice"`` (ours, before issue 13): ``focal_weight`` x MONAI focal + ``dice_weight`` x
+            MONAI Dice (``FocalDiceLoss``, as ``UNetBaseline``).
+        class_weights: the focal alphas. ``"upstream"``: background 0.5, each small organ 8, every other
+            organ 1 (``upstream_class_alphas``); a list (one per class); or ours, a mode computed from the
+            training cache's voxel counts at fit start (``inverse_sqrt_frequency`` -- the default before
+            issue 13 --, ``inverse_frequency``, ``uniform``), normalised to mean 1.
+        focal_gamma: the focal exponent (upstream 2).
+        init_from: optional, an ``SNetStage`` checkpoint to continue from.
     """
 
     trainable = ("snet",)
@@ -410,25 +424,38 @@ class SNetStage(FocusNetStageBase):
     def __init__(
         self,
         *,
-        class_weights: str | list[float] = "inverse_sqrt_frequency",
+        snet_loss: str = "upstream",
+        class_weights: str | list[float] = "upstream",
         focal_gamma: float = 2.0,
+        tversky_weight: float = 0.2,
         focal_weight: float = 1.0,
         dice_weight: float = 1.0,
         lr: float = 2e-3,
         **kwargs,
     ):
+        _check_choice("snet_loss", snet_loss, SNET_LOSSES)
         super().__init__(lr=lr, **kwargs)
-        self.loss_fn = FocalDiceLoss(
-            self.num_classes,
-            initial_class_weights(class_weights, self.num_classes),
-            gamma=focal_gamma,
-            focal_weight=focal_weight,
-            dice_weight=dice_weight,
-        )
+        if class_weights == "upstream":
+            weights = upstream_class_alphas(self.num_classes, self.small_classes)
+        else:
+            weights = initial_class_weights(class_weights, self.num_classes)
+        if snet_loss == "upstream":
+            self.loss_fn = UpstreamFocalTverskyLoss(
+                self.num_classes, weights, gamma=focal_gamma, tversky_weight=tversky_weight
+            )
+        else:
+            self.loss_fn = FocalDiceLoss(
+                self.num_classes,
+                weights,
+                gamma=focal_gamma,
+                focal_weight=focal_weight,
+                dice_weight=dice_weight,
+            )
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
+        if self.hparams.class_weights != "upstream":
+            resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
 
     def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
         return SegmentationModuleBase.predict_case(self, image, progress)  # S-Net only
