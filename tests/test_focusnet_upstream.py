@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from organseg.losses.segmentation import (
     binary_focal_loss,
 )
 from organseg.losses.shape import upstream_discriminator_loss, upstream_generator_shape_loss
-from organseg.methods.focusnet_stages import JointStage, SNetStage, SOSStage
+from organseg.methods.focusnet_stages import JointStage, SNetStage, SOLStage, SOSStage
 from organseg.networks.focusnetv2 import FocusNetArchitecture
 from organseg.networks.shape_autoencoder import ShapeAutoencoder
 from test_focusnet_stages import TINY, Record, batch, loader, trainer
@@ -259,3 +260,42 @@ def test_snet_stage_defaults_to_upstream_alphas_and_keeps_ours_as_options():
     assert isinstance(ours.loss_fn, FocalDiceLoss)
     with pytest.raises(ConfigError, match="snet_loss must be one of"):
         SNetStage(**TINY, snet_loss="dice")
+
+
+# ------------------------------------------------------------------ 8. schedules over a step budget
+def test_step_budget_schedule_warms_up_and_decays_over_max_steps():
+    module = SNetStage(**TINY)  # upstream shape: warm-up 5/600, x0.1 at 1/3 and 2/3 of the steps
+    module._trainer = SimpleNamespace(estimated_stepping_batches=600)  # e.g. --trainer.max_steps=600
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert cfg["lr_scheduler"]["interval"] == "step"
+    lrs = []
+    for _ in range(600):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lr = 2e-3
+    assert lrs[0] == pytest.approx(lr * math.exp(-10))  # upstream's lr * e^(10 (s/5 - 1)) at s = 0
+    assert lrs[3] == pytest.approx(lr * math.exp(10 * (3 / 5 - 1)))
+    assert lrs[5] == pytest.approx(lr) and lrs[199] == pytest.approx(lr)
+    assert lrs[200] == pytest.approx(lr * 0.1) and lrs[399] == pytest.approx(lr * 0.1)
+    assert lrs[400] == pytest.approx(lr * 0.01) and lrs[599] == pytest.approx(lr * 0.01)
+    # the same shape over another budget: the milestones follow max_steps
+    module._trainer = SimpleNamespace(estimated_stepping_batches=60)
+    factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert factor(19) == 1.0 and factor(20) == pytest.approx(0.1) and factor(40) == pytest.approx(0.01)
+    # SOL: x0.25 at 1/3 and 2/3, no warm-up
+    sol = SOLStage(**TINY)
+    sol._trainer = SimpleNamespace(estimated_stepping_batches=90)
+    f = sol.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert (f(0), f(30), f(60)) == (1.0, 0.25, 0.0625)
+    # ours: poly per epoch; SOS: constant (upstream); unbounded runs: constant
+    ours = SNetStage(**TINY, lr_schedule="poly_epochs")
+    ours._trainer = SimpleNamespace(max_epochs=10, estimated_stepping_batches=600)
+    assert ours.configure_optimizers()["lr_scheduler"]["interval"] == "epoch"
+    assert isinstance(SOSStage(**TINY).configure_optimizers(), torch.optim.AdamW)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
+    with pytest.warns(UserWarning, match="constant lr"):
+        assert isinstance(module.configure_optimizers(), torch.optim.AdamW)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        JointStage(**TINY, lr_schedule="step_budget")

@@ -94,7 +94,12 @@ from organseg.losses.shape import (
 )
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
 from organseg.methods.checkpoints import CHECKPOINT_KEY, read_checkpoint
-from organseg.methods.unet_baseline import adamw_poly, initial_class_weights, resolve_class_weights
+from organseg.methods.unet_baseline import (
+    adamw_poly,
+    initial_class_weights,
+    resolve_class_weights,
+    warmup_step_decay,
+)
 from organseg.networks.focusnetv2 import FocusNetArchitecture
 from organseg.spatial.heatmaps import decode_centres
 from organseg.spatial.roi import crop_rois, roi_box
@@ -108,6 +113,7 @@ SOS_LOSSES = ("upstream", "focal_dice")
 JOINT_TRAINABLE = ("sos", "all")
 SHAPE_LOSSES = ("upstream", "code_l2_bce")
 SNET_LOSSES = ("upstream", "focal_dice")
+LR_SCHEDULES = ("step_budget", "constant", "poly_epochs")
 UPSTREAM_SOS_DICE_WEIGHT = 0.5  # upstream's SOS loss: binary focal + 0.5 x binary (adaptive Tversky) Dice
 DEFAULT_ARCHITECTURE = FocusNetArchitecture()  # = experiments/focusnetv2/architecture.yaml
 
@@ -125,8 +131,15 @@ class FocusNetStageBase(SegmentationModuleBase):
             ``roi_mm`` -> voxels.
         init_from: checkpoint of the previous stage, or of this stage (see each stage).
         loc_threshold: heatmap peak needed to accept a located centre (``decode_centres``; stages that
-            locate: SOL, SOS, joint).
-        lr / weight_decay / max_epochs_for_schedule: AdamW + poly decay of the trained part.
+            locate: SOL, SOS, joint); upstream's 0.6 (experiments/focusnetv2/sol.yaml says why its 0.3).
+        lr / weight_decay: AdamW of the trained part.
+        lr_schedule: ``"step_budget"``: upstream's shape over the run's optimiser steps (the trainer's
+            ``max_steps``, or its epochs x batches): exponential warm-up over ``warmup_fraction`` of them,
+            then x ``lr_decay_gamma`` at each fraction in ``lr_decay_at`` (``warmup_step_decay``; S-Net:
+            warm-up 5/600, x0.1 at 1/3 and 2/3; SOL: x0.25 at 1/3 and 2/3); ``"constant"`` (upstream's
+            SOS and autoencoder); ``"poly_epochs"`` (ours before issue 13: nnU-Net's poly decay per epoch
+            over ``max_epochs_for_schedule`` or the trainer's ``max_epochs``, nearly constant under a step
+            budget with a large ``max_epochs``).
         **kwargs: ``SegmentationModuleBase``'s (``num_classes``, ``classes``, ``patch_size``,
             ``sw_overlap``, ``sw_batch_size``, ``hd95_every_n_epochs``).
     """
@@ -143,12 +156,17 @@ class FocusNetStageBase(SegmentationModuleBase):
         small_organs: list[str] | None = None,
         spacing: list[float] = (1.0, 1.0, 3.0),
         init_from: str | None = None,
-        loc_threshold: float = 0.3,
+        loc_threshold: float = 0.6,
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
         max_epochs_for_schedule: int | None = None,
+        lr_schedule: str = "constant",
+        warmup_fraction: float = 0.0,
+        lr_decay_at: list[float] = (),
+        lr_decay_gamma: float = 1.0,
         **kwargs,
     ):
+        _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES, upstream_first=False)
         super().__init__(**kwargs)
         # one call for the whole stage: Lightning collects the arguments of every __init__ up the chain
         self.save_hyperparameters()
@@ -308,13 +326,35 @@ class FocusNetStageBase(SegmentationModuleBase):
         log_loss_terms(self, terms, bs)
 
     def configure_optimizers(self):
-        return adamw_poly(
-            self,
-            self.trainable_parameters(),
-            self.hparams.lr,
-            self.hparams.weight_decay,
-            self.hparams.max_epochs_for_schedule,
+        hp = self.hparams
+        if hp.lr_schedule == "poly_epochs":
+            return adamw_poly(
+                self, self.trainable_parameters(), hp.lr, hp.weight_decay, hp.max_epochs_for_schedule
+            )
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.total_steps() if hp.lr_schedule == "step_budget" else None
+        if not total:
+            if hp.lr_schedule == "step_budget" and getattr(self, "_trainer", None) is not None:
+                warnings.warn(
+                    "lr_schedule step_budget: the run has no step or epoch limit; constant lr", stacklevel=2
+                )
+            return opt
+        factor = warmup_step_decay(
+            total,
+            round(hp.warmup_fraction * total),
+            [round(f * total) for f in hp.lr_decay_at],
+            hp.lr_decay_gamma,
         )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def total_steps(self) -> int | None:
+        """The run's optimiser steps (``max_steps``, or epochs x batches), None when unbounded or unknown."""
+        trainer = getattr(self, "_trainer", None)
+        total = getattr(trainer, "estimated_stepping_batches", None) if trainer is not None else None
+        if total is None or not math.isfinite(float(total)) or total <= 0:
+            return None
+        return int(total)
 
     # ---------------------------------------------------------------- whole-case inference
     @torch.no_grad()
@@ -431,10 +471,21 @@ class SNetStage(FocusNetStageBase):
         focal_weight: float = 1.0,
         dice_weight: float = 1.0,
         lr: float = 2e-3,
+        lr_schedule: str = "step_budget",
+        warmup_fraction: float = 5 / 600,
+        lr_decay_at: list[float] = (1 / 3, 2 / 3),
+        lr_decay_gamma: float = 0.1,
         **kwargs,
     ):
         _check_choice("snet_loss", snet_loss, SNET_LOSSES)
-        super().__init__(lr=lr, **kwargs)
+        super().__init__(
+            lr=lr,
+            lr_schedule=lr_schedule,
+            warmup_fraction=warmup_fraction,
+            lr_decay_at=lr_decay_at,
+            lr_decay_gamma=lr_decay_gamma,
+            **kwargs,
+        )
         if class_weights == "upstream":
             weights = upstream_class_alphas(self.num_classes, self.small_classes)
         else:
@@ -481,9 +532,24 @@ class SOLStage(FocusNetStageBase):
     init_kinds = ("SNetStage", "SOLStage")
 
     def __init__(
-        self, *, heatmap_alpha: float = 0.0, lr: float = 4e-4, hd95_every_n_epochs: int = 0, **kwargs
+        self,
+        *,
+        heatmap_alpha: float = 0.0,
+        lr: float = 4e-4,
+        lr_schedule: str = "step_budget",
+        lr_decay_at: list[float] = (1 / 3, 2 / 3),
+        lr_decay_gamma: float = 0.25,
+        hd95_every_n_epochs: int = 0,
+        **kwargs,
     ):
-        super().__init__(lr=lr, hd95_every_n_epochs=hd95_every_n_epochs, **kwargs)
+        super().__init__(
+            lr=lr,
+            lr_schedule=lr_schedule,
+            lr_decay_at=lr_decay_at,
+            lr_decay_gamma=lr_decay_gamma,
+            hd95_every_n_epochs=hd95_every_n_epochs,
+            **kwargs,
+        )
         self.heatmap_loss = HeatmapMSELoss(heatmap_alpha)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -806,9 +872,13 @@ class JointStage(SOSStage):
         lr_disc: float = 2e-4,
         **kwargs,
     ):
-        if kwargs.get("max_epochs_for_schedule") is not None:
+        if (
+            kwargs.get("max_epochs_for_schedule") is not None
+            or kwargs.get("lr_schedule", "constant") != "constant"
+        ):
             raise ConfigError(
-                "JointStage has no learning-rate schedule (upstream): leave max_epochs_for_schedule unset"
+                "JointStage has no learning-rate schedule (upstream): leave max_epochs_for_schedule and "
+                "lr_schedule unset"
             )
         _check_choice("joint_trainable", joint_trainable, JOINT_TRAINABLE)
         _check_choice("shape_loss", shape_loss, SHAPE_LOSSES)
@@ -968,9 +1038,10 @@ class JointStage(SOSStage):
 
 
 # ==================================================================== helpers
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+def _check_choice(name: str, value: str, choices: Sequence[str], upstream_first: bool = True) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {list(choices)} (the first is upstream's), got {value!r}")
+        note = " (the first is upstream's)" if upstream_first else ""
+        raise ConfigError(f"{name} must be one of {list(choices)}{note}, got {value!r}")
 
 
 def _flow(value) -> str:

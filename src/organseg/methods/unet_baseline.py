@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,6 +44,23 @@ def adamw_poly(module, params, lr: float, weight_decay: float, max_epochs_for_sc
         return opt
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs, power=0.9)  # nnU-Net's poly decay
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def warmup_step_decay(
+    total_steps: int, warmup_steps: int, milestones: Sequence[int], gamma: float
+) -> Callable[[int], float]:
+    """The learning-rate factor per optimiser step for a step budget (``LambdaLR``): upstream FocusNetV2's
+    exponential warm-up ``exp(10 (s / warmup - 1))`` over ``warmup_steps`` (``train_backbone.py``: over its
+    first 5 epochs), then ``gamma`` per milestone passed (its x0.1 at epochs 200 and 400 of 600). A step
+    budget (``--trainer.max_steps``) sets ``total_steps``, so the schedule runs its whole course whatever the
+    budget; ``total_steps`` only bounds the milestones."""
+    marks = sorted(min(int(m), int(total_steps)) for m in milestones)
+
+    def factor(step: int) -> float:
+        warm = math.exp(10.0 * (step / warmup_steps - 1.0)) if warmup_steps and step < warmup_steps else 1.0
+        return warm * gamma ** sum(step >= m for m in marks)
+
+    return factor
 
 
 class UNetBaseline(SegmentationModuleBase):
