@@ -47,6 +47,7 @@ def test_joint_stage_default_trains_only_sos_and_the_autoencoder():
     torch.manual_seed(0)
     module = JointStage(**TINY)
     assert (module.hparams.joint_trainable, module.hparams.shape_loss) == ("sos", "upstream")
+    assert not module.uses_heatmap_targets  # frozen SOL's own centres: no target heatmaps needed
     before = {p: digest(getattr(module.focusnet, p)) for p in ("snet", "sol", "sos", "shape_ae", "disc")}
     rec = Record()
     trainer(callbacks=[rec]).fit(module, train_dataloaders=loader())
