@@ -38,7 +38,15 @@ def one_thread():
 def tiny_model(seed: int = 0) -> FocusNetV2:
     torch.manual_seed(seed)
     return FocusNetV2(
-        C, SMALL, ROIS, base_channels=4, sol_hidden=8, sos_base=4, ae_code_channels=4, ae_base=4
+        C,
+        SMALL,
+        ROIS,
+        base_channels=4,
+        sol_hidden=8,
+        sos_base=4,
+        ae_code_channels=4,
+        ae_base=4,
+        sos_branch="unet",  # a 12-voxel ROI: the upstream branch needs multiples of 4
     ).eval()
 
 

@@ -4,6 +4,7 @@ negatives, upstream's ROI box in mm; and each project variant is still reachable
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from organseg.errors import ConfigError
+from organseg.errors import CheckpointError, ConfigError
 from organseg.losses import FocalDiceLoss
 from organseg.losses.segmentation import (
     UpstreamFocalTverskyLoss,
@@ -23,6 +24,7 @@ from organseg.losses.shape import upstream_discriminator_loss, upstream_generato
 from organseg.methods.focusnet_stages import JointStage, SNetStage, SOLStage, SOSStage
 from organseg.networks.focusnetv2 import FocusNetArchitecture
 from organseg.networks.shape_autoencoder import ShapeAutoencoder
+from organseg.networks.sos import UpstreamSOSBranch
 from test_focusnet_stages import TINY, Record, batch, loader, trainer
 
 
@@ -300,3 +302,47 @@ def test_step_budget_schedule_warms_up_and_decays_over_max_steps():
         assert isinstance(module.configure_optimizers(), torch.optim.AdamW)
     with pytest.raises(ConfigError, match="lr_schedule"):
         JointStage(**TINY, lr_schedule="step_budget")
+
+
+# ------------------------------------------------------------------ 9. upstream's SOS branch (CT only)
+def test_sos_branch_defaults_to_upstreams_ct_only_network_and_unet_stays_an_option():
+    assert FocusNetArchitecture().sos_branch == "upstream"
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, *TINY["patch_size"])
+    centres = torch.tensor([[10.0, 10.0, 4.0]])
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(1, 4, *TINY["patch_size"], generator=g) for _ in range(2)]
+    heat = torch.rand(1, 2, *TINY["patch_size"], generator=g)
+    for branch, reads_features in (("upstream", False), ("unet", True)):
+        net = dataclasses.replace(TINY["architecture"], sos_branch=branch).build(
+            TINY["classes"], TINY["small_organs"], TINY["spacing"]
+        )
+        net.eval()
+        with torch.no_grad():
+            a, _ = net.sos_logits(feats[0], heat, image, centres, 0)
+            b, _ = net.sos_logits(feats[1], heat, image, centres, 0)
+        assert a.shape == (1, 1, *net.roi_sizes[0])
+        assert (not torch.equal(a, b)) == reads_features, branch  # upstream: the CT crop alone
+    assert isinstance(SOSStage(**TINY).focusnet.sos[0], UpstreamSOSBranch)
+    # an architecture record written before issue 13 has no sos_branch: its SOS-Nets are the U-Net
+    old = {k: v for k, v in TINY["architecture"].as_dict().items() if k != "sos_branch"}
+    assert FocusNetArchitecture.of(old).sos_branch == "unet"
+    # two poolings: the ROI must be divisible by (4, 4, 2)
+    with pytest.raises(ConfigError, match="divisible by"):
+        dataclasses.replace(TINY["architecture"], roi_mm=(6.0, 8.0, 6.0)).build(
+            TINY["classes"], TINY["small_organs"], TINY["spacing"]
+        )
+
+
+def test_a_chain_begun_before_issue_13_continues_with_its_architecture(tmp_path):
+    """An S-Net checkpoint whose record predates sos_branch loads into a later stage given ``unet``."""
+    old_arch = dataclasses.replace(TINY["architecture"], sos_branch="unet")
+    snet = SNetStage(**dict(TINY, architecture=old_arch))
+    record = {k: v for k, v in snet.architecture_record.items() if k != "sos_branch"}
+    path = tmp_path / "old_snet.ckpt"
+    torch.save(
+        {"state_dict": snet.state_dict(), "organseg": {"module": "x.SNetStage", "architecture": record}}, path
+    )
+    SOLStage(**dict(TINY, architecture=old_arch), init_from=str(path)).load_init()
+    with pytest.raises(CheckpointError, match=r"\(sos_branch unet vs upstream\)$"):
+        SOLStage(**TINY, init_from=str(path)).load_init()

@@ -100,7 +100,7 @@ from organseg.methods.unet_baseline import (
     resolve_class_weights,
     warmup_step_decay,
 )
-from organseg.networks.focusnetv2 import FocusNetArchitecture
+from organseg.networks.focusnetv2 import FocusNetArchitecture, with_legacy_defaults
 from organseg.spatial.heatmaps import decode_centres
 from organseg.spatial.roi import crop_rois, roi_box
 
@@ -254,7 +254,10 @@ class FocusNetStageBase(SegmentationModuleBase):
         another architecture (checkpoints without a record are left to the shape check)."""
         theirs = (ckpt.get(CHECKPOINT_KEY) or {}).get("architecture")
         mine = self.architecture_record
-        if theirs is None or theirs == mine:
+        if theirs is None:
+            return
+        theirs = with_legacy_defaults(theirs)
+        if theirs == mine:
             return
         keys = [*mine, *(k for k in theirs if k not in mine)]
         diff = "; ".join(
@@ -594,8 +597,8 @@ class _ROIMixin:
 
 
 class SOSStage(_ROIMixin, FocusNetStageBase):
-    """Stage 3: one binary SOS-Net per small organ on ROIs of concat(S-Net features, SOL heatmap, CT),
-    S-Net and SOL frozen.
+    """Stage 3: one binary SOS-Net per small organ on ROIs of the CT (the architecture's ``sos_branch:
+    upstream``) or of concat(S-Net features, SOL heatmap, CT) (``unet``, ours), S-Net and SOL frozen.
 
     Args (each default is upstream's; the other value is ours, kept as an option):
         init_from: a ``SOLStage`` checkpoint (required).

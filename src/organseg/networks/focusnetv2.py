@@ -23,7 +23,7 @@ from organseg.errors import ConfigError
 from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
 from organseg.networks.snet import FULL_RES_KERNELS, SNet
 from organseg.networks.sol import SOLNet
-from organseg.networks.sos import SOSNetBank, sos_inputs
+from organseg.networks.sos import SOS_BRANCHES, SOSNetBank, UpstreamSOSBranch, sos_inputs
 from organseg.spatial.roi import crop_rois, roi_size_voxels
 
 
@@ -48,6 +48,7 @@ class FocusNetV2(nn.Module):
         ae_code_channels: int = 32,
         ae_base: int = 16,
         snet_full_res_kernels: str = "upstream",
+        sos_branch: str = "upstream",
     ):
         super().__init__()
         if len(small_classes) != len(roi_sizes):
@@ -64,7 +65,17 @@ class FocusNetV2(nn.Module):
         )
         k = len(self.small_classes)
         self.sol = SOLNet(self.snet.feature_channels, k, hidden=sol_hidden)
-        self.sos = SOSNetBank(k, in_channels=self.snet.feature_channels + 2, base_channels=sos_base)
+        self.sos = SOSNetBank(
+            k, in_channels=self.snet.feature_channels + 2, base_channels=sos_base, branch=sos_branch
+        )
+        self.sos_branch = sos_branch
+        if sos_branch == "upstream":
+            div = UpstreamSOSBranch.divisor
+            bad = [r for r in self.roi_sizes if any(n % d for n, d in zip(r, div))]
+            if bad:
+                raise ConfigError(
+                    f"ROI sizes {bad} (voxels) must be divisible by {div} for sos_branch upstream"
+                )
         self.shape_ae = ShapeAutoencoder(1, ae_code_channels, ae_base)
         self.disc = ShapeDiscriminator(ae_code_channels)
 
@@ -85,9 +96,10 @@ class FocusNetV2(nn.Module):
         centres: torch.Tensor,
         k: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Organ k's SOS-Net on ROIs around ``centres`` [B,3] (voxels, finite) cropped from
-        concat(features, heatmap k, CT) -> (logits [B,1,*roi_k], ROI starts [B,3])."""
-        x = sos_inputs(features, heatmaps[:, k : k + 1], image)
+        """Organ k's SOS-Net on ROIs around ``centres`` [B,3] (voxels, finite) cropped from the CT
+        (``sos_branch="upstream"``) or concat(features, heatmap k, CT) -> (logits [B,1,*roi_k], ROI starts
+        [B,3])."""
+        x = image if self.sos_branch == "upstream" else sos_inputs(features, heatmaps[:, k : k + 1], image)
         rois, starts = crop_rois(x, centres, self.roi_sizes[k], return_starts=True)
         # CT pads with its air value, not 0 (0 is soft tissue after normalisation)
         if image.numel():
@@ -121,6 +133,10 @@ class FocusNetArchitecture:
             (3x3x3, the authors' code) or ``inplane`` (3, 3, 1), ours: nnU-Net's rule for z at 2-4x the
             in-plane spacing (upstream's 1 x 1 x 2.5 mm, the H&N cards' 1 x 1 x 3), a cheaper step
             (``networks.snet``; ``benchmarks/step_speed.py``). Part of the stored architecture.
+        sos_branch: ``upstream`` (upstream's S-Net-like branch with DenseASPP on the CT crop,
+            ``networks.sos.UpstreamSOSBranch``; upstream's width is ``sos_base: 32``) or ``unet`` (ours before
+            issue 13: a small U-Net on [S-Net features, heatmap, CT]). A stored record without it predates
+            issue 13 and means ``unet``, so older checkpoints still load.
     """
 
     base_channels: int = 16
@@ -131,8 +147,13 @@ class FocusNetArchitecture:
     ae_base: int = 16
     roi_mm: tuple[float, float, float] | dict[str, tuple[float, float, float]] = UPSTREAM_ROI_MM
     snet_full_res_kernels: str = "upstream"
+    sos_branch: str = "upstream"
 
     def __post_init__(self) -> None:
+        if self.sos_branch not in SOS_BRANCHES:
+            raise ConfigError(
+                f"architecture sos_branch must be one of {list(SOS_BRANCHES)}, got {self.sos_branch!r}"
+            )
         if self.snet_full_res_kernels not in FULL_RES_KERNELS:
             raise ConfigError(
                 f"architecture snet_full_res_kernels must be one of {list(FULL_RES_KERNELS)}, "
@@ -158,7 +179,7 @@ class FocusNetArchitecture:
         unknown = sorted(set(value) - set(names))
         if unknown:
             raise ConfigError(f"architecture: unknown field(s) {unknown} (fields: {names})")
-        return cls(**value)
+        return cls(**with_legacy_defaults(value))
 
     def as_dict(self) -> dict:
         """The fields as plain YAML/JSON values (lists, not tuples)."""
@@ -209,7 +230,18 @@ class FocusNetArchitecture:
             ae_code_channels=self.ae_code_channels,
             ae_base=self.ae_base,
             snet_full_res_kernels=self.snet_full_res_kernels,
+            sos_branch=self.sos_branch,
         )
+
+
+# fields added after checkpoints were written, with the value those checkpoints were built with
+LEGACY_DEFAULTS = {"sos_branch": "unet"}  # issue 13: before it, the SOS-Nets were the U-Net
+
+
+def with_legacy_defaults(record: Mapping) -> dict:
+    """An architecture record (a checkpoint's, or its hyperparameters) with every field added since it was
+    written set to what it was built with (``LEGACY_DEFAULTS``), so older checkpoints build and compare."""
+    return {**record, **{k: v for k, v in LEGACY_DEFAULTS.items() if k not in record}}
 
 
 def _floats(values) -> tuple[float, ...]:
