@@ -1,6 +1,9 @@
-"""Adversarial shape constraint losses (FocusNetV2, Gao et al. 2021): shape-code distance and GAN losses.
+"""Adversarial shape constraint losses (FocusNetV2, Gao et al. 2021).
 
-Training loop this is written for (two optimisers, manual optimisation):
+Two constraints (``JointStage.shape_loss``): upstream's (the default; ``upstream_discriminator_loss`` and
+``upstream_generator_shape_loss`` at the end of this module, ``adv_train.py``'s formulas: the autoencoder is
+the discriminator, no real/fake classifier), and ours (``code_l2_bce``: shape-code distance plus a BCE
+real/fake head), whose training loop (two optimisers, manual optimisation) is:
 
 - discriminator step (AE + ``ShapeDiscriminator`` parameters; predictions detached):
   ``adversarial_losses(disc(ae.encode(true)), disc(ae.encode(pred.detach())))["loss_disc"]
