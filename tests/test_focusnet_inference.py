@@ -47,6 +47,7 @@ def tiny_model(seed: int = 0) -> FocusNetV2:
         ae_code_channels=4,
         ae_base=4,
         sos_branch="unet",  # a 12-voxel ROI: the upstream branch needs multiples of 4
+        shape_ae="spatial",  # ROIs of two sizes: upstream's AE takes one
     ).eval()
 
 

@@ -23,7 +23,7 @@ from organseg.losses.segmentation import (
 from organseg.losses.shape import upstream_discriminator_loss, upstream_generator_shape_loss
 from organseg.methods.focusnet_stages import JointStage, SNetStage, SOLStage, SOSStage
 from organseg.networks.focusnetv2 import FocusNetArchitecture
-from organseg.networks.shape_autoencoder import ShapeAutoencoder
+from organseg.networks.shape_autoencoder import ShapeAutoencoder, UpstreamShapeAutoencoder
 from organseg.networks.sos import UpstreamSOSBranch
 from test_focusnet_stages import TINY, Record, batch, loader, trainer
 
@@ -336,13 +336,41 @@ def test_sos_branch_defaults_to_upstreams_ct_only_network_and_unet_stays_an_opti
 
 def test_a_chain_begun_before_issue_13_continues_with_its_architecture(tmp_path):
     """An S-Net checkpoint whose record predates sos_branch loads into a later stage given ``unet``."""
-    old_arch = dataclasses.replace(TINY["architecture"], sos_branch="unet")
+    old_arch = dataclasses.replace(TINY["architecture"], sos_branch="unet", shape_ae="spatial")
     snet = SNetStage(**dict(TINY, architecture=old_arch))
-    record = {k: v for k, v in snet.architecture_record.items() if k != "sos_branch"}
+    added = ("sos_branch", "shape_ae", "ae_latent")  # the fields issue 13 added
+    record = {k: v for k, v in snet.architecture_record.items() if k not in added}
     path = tmp_path / "old_snet.ckpt"
     torch.save(
         {"state_dict": snet.state_dict(), "organseg": {"module": "x.SNetStage", "architecture": record}}, path
     )
     SOLStage(**dict(TINY, architecture=old_arch), init_from=str(path)).load_init()
-    with pytest.raises(CheckpointError, match=r"\(sos_branch unet vs upstream\)$"):
+    with pytest.raises(
+        CheckpointError, match=r"\(sos_branch unet vs upstream; shape_ae spatial vs upstream\)$"
+    ):
         SOLStage(**TINY, init_from=str(path)).load_init()
+
+
+def test_shape_ae_defaults_to_upstreams_conv_ae_with_a_fully_connected_code():
+    arch = FocusNetArchitecture()
+    assert (arch.shape_ae, arch.ae_latent) == ("upstream", 512)
+    # upstream's widths at its ROI: ConvAE(1, 1, 512) has 31,148,801 parameters
+    full = UpstreamShapeAutoencoder((64, 64, 8), base=64, latent=512)
+    assert sum(p.numel() for p in full.parameters()) == 31_148_801
+    ae = UpstreamShapeAutoencoder((16, 16, 8), base=2, latent=6)
+    masks = (torch.rand(3, 1, 16, 16, 8) > 0.5).float()
+    code, h0, f1, f2 = ae.embed(masks)
+    # upstream (D, H, W) 8 x 64 x 64: z 512, f1 128 x 2 x 16², f2 64 x 4 x 32²; here x, y, z and b = 2
+    assert code.shape == (3, 6) and f1.shape == (3, 4, 4, 4, 2) and f2.shape == (3, 2, 8, 8, 4)
+    recon, _ = ae(masks)
+    assert recon.shape == masks.shape
+    net = dataclasses.replace(
+        TINY["architecture"], roi_mm={"small_a": (8.0, 8.0, 6.0), "small_b": (16.0, 16.0, 6.0)}
+    )
+    with pytest.raises(ConfigError, match="one ROI size"):
+        net.build(TINY["classes"], TINY["small_organs"], TINY["spacing"])
+    spatial = dataclasses.replace(net, shape_ae="spatial", sos_branch="unet")  # ours: any ROI sizes
+    assert not isinstance(
+        spatial.build(TINY["classes"], TINY["small_organs"], TINY["spacing"]).shape_ae,
+        UpstreamShapeAutoencoder,
+    )

@@ -53,8 +53,9 @@ Conventions and choices:
   ``val/loc_error_mm/<organ>``, ``val/loc_found/<organ>`` and ``val/loc_error_mm_mean``. Stage 3+
   ``predict_case`` is locate-zoom-paste through the memory-bounded pipeline
   ``organseg.inference.predict_focusnet`` (one implementation for validation, evaluate and benchmarks).
-- **Shape AE**: one AE shared by all small organs (upstream), each organ at its own ROI size (the AE
-  is fully convolutional), the same sizes the joint stage feeds it.
+- **Shape AE**: one AE shared by all small organs (upstream); upstream's (``shape_ae: upstream``) takes
+  one ROI size for all, ours (``spatial``) each organ at its own ROI size (fully convolutional); the
+  same sizes the joint stage feeds it.
 - **Joint stage under DDP**: the segmenter step calls the AE/discriminator through
   ``losses.shape.call_frozen`` (no AE parameter in that graph) and the discriminator step sees only
   detached predictions, so each backward touches a disjoint parameter set: use

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from organseg.errors import ConfigError
-from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator
+from organseg.networks.shape_autoencoder import ShapeAutoencoder, ShapeDiscriminator, UpstreamShapeAutoencoder
 from organseg.networks.snet import FULL_RES_KERNELS, SNet
 from organseg.networks.sol import SOLNet
 from organseg.networks.sos import SOS_BRANCHES, SOSNetBank, UpstreamSOSBranch, sos_inputs
@@ -49,6 +49,8 @@ class FocusNetV2(nn.Module):
         ae_base: int = 16,
         snet_full_res_kernels: str = "upstream",
         sos_branch: str = "upstream",
+        shape_ae: str = "upstream",
+        ae_latent: int = 512,
     ):
         super().__init__()
         if len(small_classes) != len(roi_sizes):
@@ -76,8 +78,16 @@ class FocusNetV2(nn.Module):
                 raise ConfigError(
                     f"ROI sizes {bad} (voxels) must be divisible by {div} for sos_branch upstream"
                 )
-        self.shape_ae = ShapeAutoencoder(1, ae_code_channels, ae_base)
-        self.disc = ShapeDiscriminator(ae_code_channels)
+        if shape_ae == "upstream":  # one AE for all organs, tied to their (common) ROI size
+            if len(set(self.roi_sizes)) != 1:
+                raise ConfigError(
+                    f"shape_ae upstream needs one ROI size for all small organs, got {self.roi_sizes}"
+                )
+            self.shape_ae = UpstreamShapeAutoencoder(self.roi_sizes[0], 1, ae_base, ae_latent)
+            self.disc = ShapeDiscriminator(ae_latent)
+        else:
+            self.shape_ae = ShapeAutoencoder(1, ae_code_channels, ae_base)
+            self.disc = ShapeDiscriminator(ae_code_channels)
 
     @property
     def num_small(self) -> int:
@@ -108,6 +118,7 @@ class FocusNetV2(nn.Module):
         return self.sos(rois, k), starts
 
 
+SHAPE_AES = ("upstream", "spatial")
 # upstream's SOS ROI, 8 x 64 x 64 voxels (D, H, W) at 2.5 x 1 x 1 mm, as [x, y, z] in mm
 UPSTREAM_ROI_MM = (64.0, 64.0, 20.0)
 
@@ -137,6 +148,11 @@ class FocusNetArchitecture:
             ``networks.sos.UpstreamSOSBranch``; upstream's width is ``sos_base: 32``) or ``unet`` (ours before
             issue 13: a small U-Net on [S-Net features, heatmap, CT]). A stored record without it predates
             issue 13 and means ``unet``, so older checkpoints still load.
+        shape_ae: ``upstream`` (upstream's ``ConvAE``: k5 convs + BatchNorm, a fully connected ``ae_latent``-d
+            code, one ROI size for all small organs; ``networks.shape_autoencoder.UpstreamShapeAutoencoder``,
+            upstream's width is ``ae_base: 64``) or ``spatial`` (ours before issue 13: a spatial code of
+            ``ae_code_channels``, no normalisation, any ROI size). A record without it means ``spatial``.
+        ae_latent: the upstream AE's code size (upstream 512).
     """
 
     base_channels: int = 16
@@ -148,8 +164,14 @@ class FocusNetArchitecture:
     roi_mm: tuple[float, float, float] | dict[str, tuple[float, float, float]] = UPSTREAM_ROI_MM
     snet_full_res_kernels: str = "upstream"
     sos_branch: str = "upstream"
+    shape_ae: str = "upstream"
+    ae_latent: int = 512
 
     def __post_init__(self) -> None:
+        if self.shape_ae not in SHAPE_AES:
+            raise ConfigError(
+                f"architecture shape_ae must be one of {list(SHAPE_AES)}, got {self.shape_ae!r}"
+            )
         if self.sos_branch not in SOS_BRANCHES:
             raise ConfigError(
                 f"architecture sos_branch must be one of {list(SOS_BRANCHES)}, got {self.sos_branch!r}"
@@ -160,7 +182,7 @@ class FocusNetArchitecture:
                 f"got {self.snet_full_res_kernels!r}"
             )
         # the same plain values however it was given (YAML lists, a checkpoint's dict, Python tuples)
-        for f in ("base_channels", "sol_hidden", "sos_base", "ae_code_channels", "ae_base"):
+        for f in ("base_channels", "sol_hidden", "sos_base", "ae_code_channels", "ae_base", "ae_latent"):
             object.__setattr__(self, f, int(getattr(self, f)))
         object.__setattr__(self, "aspp_rates", tuple(int(r) for r in self.aspp_rates))
         roi = self.roi_mm
@@ -231,11 +253,14 @@ class FocusNetArchitecture:
             ae_base=self.ae_base,
             snet_full_res_kernels=self.snet_full_res_kernels,
             sos_branch=self.sos_branch,
+            shape_ae=self.shape_ae,
+            ae_latent=self.ae_latent,
         )
 
 
 # fields added after checkpoints were written, with the value those checkpoints were built with
-LEGACY_DEFAULTS = {"sos_branch": "unet"}  # issue 13: before it, the SOS-Nets were the U-Net
+# issue 13: before it, the SOS-Nets were the U-Net and the shape AE the spatial one
+LEGACY_DEFAULTS = {"sos_branch": "unet", "shape_ae": "spatial", "ae_latent": 512}
 
 
 def with_legacy_defaults(record: Mapping) -> dict:

@@ -1,5 +1,9 @@
-"""Shape prior for FocusNetV2's adversarial shape constraint: a convolutional mask autoencoder and
-a real/fake head on its code.
+"""Shape prior for FocusNetV2's adversarial shape constraint: a mask autoencoder and a real/fake head on
+its code.
+
+Two autoencoders (``FocusNetArchitecture.shape_ae``): ``UpstreamShapeAutoencoder`` (the default), upstream's
+``ConvAE`` (k5 convs with BatchNorm, a fully connected 512-d code, for one ROI size), and
+``ShapeAutoencoder`` (``spatial``, ours before issue 13), whose choices follow.
 
 Choices where upstream (``yhygao/focusnet-v2``) leaves the design open (it releases no AE pretraining)
 or where we depart from it:
@@ -133,6 +137,84 @@ class ShapeAutoencoder(nn.Module):
         return self.decode(code, masks.shape[-3:]), code
 
 
+class UpstreamShapeAutoencoder(nn.Module):
+    """Upstream's shape autoencoder (``model/AE3D.py`` ``ConvAE``) with this module's interface
+    (``encode``, ``decode(..., return_features=True)``, ``embed``, ``forward`` -> ``(recon_logits, code)``).
+
+    Encoder: Conv k5 (padding 2) + BatchNorm + ReLU, strides 2, 2, 1, 2, widths b, 2b, 2b, 4b (upstream
+    b = 64: 64, 128, 128, 256), flattened and a Linear to a ``latent``-d code (upstream 512). Decoder: Linear
+    back, ReLU, then upsample + Conv k5 (4b -> 2b) + BN + ReLU, Conv k5 (2b -> 2b) + BN + ReLU = **f1**,
+    upsample + Conv k5 (2b -> b) + BN + ReLU = **f2**, upsample + Conv k5 (b -> in_channels) = the logits
+    (upstream applies the sigmoid inside). ``decode(..., return_features=True)`` returns
+    ``[after the Linear, f1, f2]``, the maps upstream's shape constraint compares (``losses.shape``).
+
+    The Linear layers tie it to one ROI size (``roi_size``, x y z voxels; upstream 64 x 64 x 8): the three
+    organs share it only when their ROIs are equal (upstream's case). Upsampling goes to the encoder's
+    sizes (upstream: trilinear x2 with align_corners=True, the same for its 8 x 64 x 64; here
+    align_corners=False to any size).
+    """
+
+    def __init__(self, roi_size, in_channels: int = 1, base: int = 64, latent: int = 512):
+        super().__init__()
+        self.in_channels = in_channels
+        self.roi_size = tuple(int(v) for v in roi_size)
+        self.strides = [2, 2, 1, 2]
+        b = base
+        chans = [b, 2 * b, 2 * b, 4 * b]
+        self.encoder = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(cin, cout, 5, stride=s, padding=2), nn.BatchNorm3d(cout), nn.ReLU())
+            for cin, cout, s in zip([in_channels, *chans[:-1]], chans, self.strides)
+        )
+        self.sizes = [self.roi_size]
+        for s in self.strides:
+            self.sizes.append(tuple(-(-n // s) for n in self.sizes[-1]))
+        self.code_shape = (chans[-1], *self.sizes[-1])
+        flat = chans[-1] * self.sizes[-1][0] * self.sizes[-1][1] * self.sizes[-1][2]
+        self.fc1 = nn.Linear(flat, latent)
+        self.fc2 = nn.Linear(latent, flat)
+
+        def conv_bn(cin: int, cout: int) -> nn.Module:
+            return nn.Sequential(nn.Conv3d(cin, cout, 5, padding=2), nn.BatchNorm3d(cout), nn.ReLU())
+
+        self.dec1 = nn.Sequential(conv_bn(4 * b, 2 * b), conv_bn(2 * b, 2 * b))  # -> f1
+        self.dec2 = conv_bn(2 * b, b)  # -> f2
+        self.to_mask = nn.Conv3d(b, in_channels, 5, padding=2)
+
+    def encode(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks [B, in_channels, *roi_size] in [0, 1] -> code [B, latent]."""
+        if masks.shape[1] != self.in_channels or tuple(masks.shape[2:]) != self.roi_size:
+            raise ValueError(
+                f"upstream shape AE takes [B, {self.in_channels}, {self.roi_size}], got {tuple(masks.shape)}"
+            )
+        x = masks.float()
+        for stage in self.encoder:
+            x = stage(x)
+        return self.fc1(x.flatten(1))
+
+    def decode(
+        self, code: torch.Tensor, out_shape: Sequence[int] | None = None, return_features: bool = False
+    ):
+        """code [B, latent] -> reconstruction logits [B, in_channels, *roi_size] (``out_shape`` must be the
+        ROI size); with ``return_features`` also ``[after the Linear, f1, f2]``."""
+        if out_shape is not None and tuple(int(s) for s in out_shape) != self.roi_size:
+            raise ValueError(f"upstream shape AE decodes {self.roi_size} only, asked for {tuple(out_shape)}")
+        h0 = F.relu(self.fc2(code).reshape(code.shape[0], *self.code_shape))
+        # the sizes after encoder stages 2 (= 3, stride 1) and 1, then the input size
+        f1 = self.dec1(F.interpolate(h0, size=self.sizes[2], mode="trilinear", align_corners=False))
+        f2 = self.dec2(F.interpolate(f1, size=self.sizes[1], mode="trilinear", align_corners=False))
+        logits = self.to_mask(F.interpolate(f2, size=self.sizes[0], mode="trilinear", align_corners=False))
+        return (logits, [h0, f1, f2]) if return_features else logits
+
+    def embed(self, masks: torch.Tensor) -> list[torch.Tensor]:
+        code = self.encode(masks)
+        _, features = self.decode(code, return_features=True)
+        return [code, *features]
+
+    def forward(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        code = self.encode(masks)
+        return self.decode(code), code
+
+
 class ShapeDiscriminator(nn.Module):
     """Real/fake head on a ``ShapeAutoencoder`` code: conv -> LeakyReLU -> [global mean, global max]
     -> linear -> one logit per sample ``[B]`` (positive = "looks like a true mask").
@@ -148,5 +230,7 @@ class ShapeDiscriminator(nn.Module):
         self.fc = nn.Linear(2 * hidden, 1)
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
+        if code.dim() == 2:  # a vector code (``UpstreamShapeAutoencoder``): one voxel of ``code_channels``
+            code = code[:, :, None, None, None]
         h = self.conv(code).flatten(2)
         return self.fc(torch.cat([h.mean(-1), h.amax(-1)], dim=1)).squeeze(1)
