@@ -3,6 +3,7 @@ ensemble, and real MSD-layout single-organ datasets served in one label space by
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -448,3 +449,23 @@ def test_self_training_module_needs_pseudo_labels_and_uses_them():
     batch["pseudo"] = torch.full((1, 8, 8, 4), 2, dtype=torch.long)
     assert torch.isfinite(m.training_step(batch, 0))
     assert targets[0].eq(2).all()  # class b is unannotated here: the pseudo-label fills the GT background
+
+
+def test_evaluate_with_several_checkpoints_scores_them_as_one_multimodel(fewlabel, tmp_path):
+    """`organseg evaluate --ckpt A B`: the experts together (each its own organs), as the co-training
+    benchmark's multi-model arm; the summary names every checkpoint."""
+    root, cards = fewlabel["root"], fewlabel["cards"]
+    a = _save_expert(root / "eval_a.ckpt", cards["ls"], "liver")
+    b = _save_expert(root / "eval_b.ckpt", cards["kid"], "kidney_l")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--ckpt", str(a), str(b), "--split", "all", "--overlays", "0", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint"] == [str(a.resolve()), str(b.resolve())]
+    with open(out / "per_case.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # the liver expert's bias paints every voxel liver, the kidney expert's kidney_l: both organs predicted,
+    # each everywhere its expert is more confident; other organs never (no expert claims them)
+    predicted = {r["organ"] for r in rows if r["dice"] not in ("", "nan") and float(r["dice"]) > 0}
+    assert predicted and predicted <= {"liver", "kidney_l"}
+    assert len({r["case_id"] for r in rows}) == 3
