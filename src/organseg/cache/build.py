@@ -47,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scipy import ndimage
 
 from organseg.cache.reader import FORMAT_VERSION
+from organseg.child_processes import exit_with_parent
 from organseg.errors import ConfigError, OutputError
 from organseg.io.atomic import make_dirs
 from organseg.io.card import CardError, DatasetCard
@@ -246,7 +247,8 @@ def _run_case(card: DatasetCard, case: CaseFiles, fg_samples: int, interpolation
     return result
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    exit_with_parent(parent_pid)  # a killed `organseg preprocess` must not leave its workers running
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
 
 
@@ -279,7 +281,7 @@ def _iter_results(
         max_workers=workers,
         mp_context=mp.get_context(_start_method()),
         initializer=_init_worker,
-        initargs=(threads,),
+        initargs=(threads, os.getpid()),
     )
     try:
         todo = iter(cases)
