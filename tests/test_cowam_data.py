@@ -448,3 +448,76 @@ def test_self_training_module_needs_pseudo_labels_and_uses_them():
     batch["pseudo"] = torch.full((1, 8, 8, 4), 2, dtype=torch.long)
     assert torch.isfinite(m.training_step(batch, 0))
     assert targets[0].eq(2).all()  # class b is unannotated here: the pseudo-label fills the GT background
+
+
+# ---------------------------------------------------------------- patch centres over GT + pseudo-labels
+class _Volume:
+    """Duck-typed cache / pseudo-label reader of one case: counts and organ coordinates per class."""
+
+    def __init__(self, blocks: dict[int, tuple[slice, slice, slice]], shape=(40, 40, 12)):
+        lab = np.zeros(shape, dtype=np.uint8)
+        for c, box in blocks.items():
+            lab[box] = c
+        self.map = lab
+        self._shape = shape
+
+    def shape(self, case_id):
+        return self._shape
+
+    def class_counts(self, case_id):
+        return np.bincount(self.map.ravel(), minlength=len(CLASSES))
+
+    def fg_coords(self, case_id, c):
+        return np.argwhere(self.map == c).astype(np.int32)
+
+
+def test_patch_centres_come_from_ground_truth_and_pseudo_labels_at_the_configured_rate(tmp_path):
+    """A liver+spleen dataset whose pseudo-labels add the pancreas: organ centres are shared equally by
+    the union's organs (liver, spleen from ground truth, pancreas from pseudo-labels), counted over 10k
+    draws; ``gt`` (ours) never centres on the pseudo-labelled pancreas."""
+    from organseg.data.datasets import CacheSource, PatchStream
+
+    liver, spleen, pancreas = (CLASSES.index(o) for o in ("liver", "spleen", "pancreas"))
+    gt = _Volume({liver: np.s_[2:12, 2:12, 2:8], spleen: np.s_[20:24, 20:24, 2:5]})
+    # the pseudo-labels also claim a liver block (annotated here, so the ground truth decides: ignored)
+    pseudo = _Volume({pancreas: np.s_[30:33, 5:8, 4:6], liver: np.s_[30:35, 30:35, 1:3]})
+    labeled = np.array([c in (0, liver, spleen) for c in range(len(CLASSES))])
+    src = CacheSource("ls", gt, ["case"], labeled, pseudo)
+
+    def rates(**kw):
+        stream = PatchStream([src], (8, 8, 4), 1, 1, foreground_probability=0.6, **kw)
+        rng = np.random.default_rng(0)
+        draws = [stream.draw_patch_centre(rng, src, "case") for _ in range(10_000)]
+        for centre, c in draws:
+            if c == pancreas:
+                assert pseudo.map[tuple(centre)] == pancreas
+            elif c > 0:
+                assert gt.map[tuple(centre)] == c
+        return np.bincount([c for _, c in draws], minlength=len(CLASSES)) / len(draws)
+
+    p = rates()  # default gt_and_pseudo: 0.6 / 3 organs each
+    for organ in (liver, spleen, pancreas):
+        assert abs(p[organ] - 0.2) < 0.015, (organ, p)
+    assert abs(p[0] - 0.4) < 0.015
+    weighted = rates(organ_weights=[1, 1, 1, 1, 1, 2, 1])  # pancreas twice: 0.6 * 2/4
+    assert abs(weighted[pancreas] - 0.3) < 0.015 and abs(weighted[liver] - 0.15) < 0.015
+    ours = rates(patch_centres="gt")
+    assert ours[pancreas] == 0 and abs(ours[liver] - 0.3) < 0.015
+    with pytest.raises(ValueError, match="patch_centres"):
+        PatchStream([src], (8, 8, 4), 1, 1, patch_centres="both")
+    # the reader of a real pseudo-label file serves the same counts and coordinates
+    write_pseudo_file(
+        tmp_path / "p.h5",
+        [("case", pseudo.map)],
+        fingerprint="t",
+        cache=tmp_path,
+        cache_fingerprint="c",
+        classes=CLASSES,
+        checkpoints=[],
+        card_name="ls",
+    )
+    reader = PseudoLabelReader(tmp_path / "p.h5")
+    assert np.array_equal(reader.class_counts("case"), pseudo.class_counts("case"))
+    got = {tuple(v) for v in reader.fg_coords("case", pancreas)}
+    assert got == {tuple(v) for v in pseudo.fg_coords("case", pancreas)} and len(got) == 18
+    assert len(reader.fg_coords("case", spleen)) == 0

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
 from organseg.data.augmentation import SPATIAL_MODES, AugmentationConfig
-from organseg.data.datasets import CacheSource, CaseStream, PatchStream
+from organseg.data.datasets import PATCH_CENTRES, CacheSource, CaseStream, PatchStream
 from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader
 from organseg.data.workers import init_worker, worker_context
 from organseg.errors import ConfigError
@@ -49,6 +49,10 @@ class CTDataModule(pl.LightningDataModule):
         pseudo_labels: optional hard pseudo-label files (``organseg pseudolabel``), one per card in order
             (null for a card without); training batches then carry ``pseudo`` int64 [B,X,Y,Z] (0 where
             none), augmented with the label. A file stale for its card's cache is an error.
+        patch_centres: ``gt_and_pseudo`` (default): with pseudo-labels, organ-centred patches are drawn per
+            organ, equally, over the ground-truth organs and the pseudo-labelled organs a dataset does not
+            annotate (the union label map the network learns); ``gt`` (ours, the earlier rule): ground-truth
+            organs only. Without pseudo-labels the two are the same.
         seed: base seed of the patch streams; null (default) follows the run's seed (``seed_everything``,
             which Lightning exports as ``PL_GLOBAL_SEED``; 0 without one), so one seed sets model init, data
             order and patches alike.
@@ -79,6 +83,7 @@ class CTDataModule(pl.LightningDataModule):
         val_max_cases: int | None = None,
         heatmap_sigma_mm: float | None = None,
         pseudo_labels: Sequence[str | None] | None = None,
+        patch_centres: str = "gt_and_pseudo",
         seed: int | None = None,
     ):
         super().__init__()
@@ -221,6 +226,7 @@ class CTDataModule(pl.LightningDataModule):
             world_size=world,
             heatmap_classes=self._heatmap_classes(),
             heatmap_sigma_mm=hp.heatmap_sigma_mm or 5.0,
+            patch_centres=hp.patch_centres,
         )
         trainer = getattr(self, "trainer", None)
         self.train_stream.epoch_offset = trainer.current_epoch if trainer is not None else 0
@@ -321,6 +327,9 @@ def check_arguments(args: Mapping[str, Any], where: str = "CTDataModule.", train
     value = args.get("foreground_probability")
     if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
         raise bad("foreground_probability", f"must be a probability in [0, 1], got {value!r}")
+    value = args.get("patch_centres")
+    if value is not None and value not in PATCH_CENTRES:
+        raise bad("patch_centres", f"must be one of {list(PATCH_CENTRES)}, got {value!r}")
     value = args.get("heatmap_sigma_mm")
     if value is not None and not (_is_number(value) and value > 0):
         raise bad("heatmap_sigma_mm", f"must be > 0 (mm) or null (no heatmap targets), got {value!r}")
