@@ -521,3 +521,48 @@ def test_patch_centres_come_from_ground_truth_and_pseudo_labels_at_the_configure
     got = {tuple(v) for v in reader.fg_coords("case", pancreas)}
     assert got == {tuple(v) for v in pseudo.fg_coords("case", pancreas)} and len(got) == 18
     assert len(reader.fg_coords("case", spleen)) == 0
+
+
+# ---------------------------------------------------------------- class weights: one count for every method
+class _Counts:
+    def __init__(self, counts, shape=(10, 10, 10)):
+        self.counts, self._shape = np.asarray(counts), shape
+
+    def class_counts(self, case_id):
+        return self.counts
+
+    def shape(self, case_id):
+        return self._shape
+
+
+def test_class_counts_are_per_annotating_dataset_or_gt_plus_pseudo_and_absent_classes_weigh_nothing():
+    """Hand case, classes (bg, liver, pancreas, spleen): dataset A annotates the liver (2 cases of 1000
+    voxels, 100 liver each; its pseudo-labels add 20 pancreas voxels per case), dataset B the pancreas
+    (1 case, 10 pancreas voxels; pseudo-labels: 120 liver voxels); no dataset annotates the spleen."""
+    from organseg.data.datamodule import count_class_voxels
+    from organseg.data.datasets import CacheSource
+    from organseg.losses import class_weights_from_counts
+
+    a_lab, b_lab = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)
+    a = CacheSource("A", _Counts([900, 100, 0, 0]), ["a1", "a2"], a_lab, _Counts([980, 0, 20, 0]))
+    b = CacheSource("B", _Counts([990, 0, 10, 0]), ["b1"], b_lab, _Counts([880, 120, 0, 0]))
+    # annotated (default): liver 200/2000 of A's voxels, pancreas 10/1000 of B's, scaled to V = 3000
+    np.testing.assert_allclose(count_class_voxels([a, b], 4), [3000 - 330, 300, 30, 0])
+    # the same without pseudo-labels: naive union / marginal count exactly as self-/co-training do
+    bare = [CacheSource(s.name, s.reader, s.case_ids, s.labeled) for s in (a, b)]
+    np.testing.assert_allclose(count_class_voxels(bare, 4), count_class_voxels([a, b], 4))
+    # ground truth + pseudo-labels: liver 200 + 120, pancreas 10 + 40
+    np.testing.assert_allclose(count_class_voxels([a, b], 4, "gt_and_pseudo"), [3000 - 370, 320, 50, 0])
+    with pytest.raises(ValueError, match="gt_and_pseudo: card A"):
+        count_class_voxels(bare, 4, "gt_and_pseudo")
+    # ours, the earlier rule: ground truth only (the unannotated liver of B is background)
+    np.testing.assert_allclose(count_class_voxels([a, b], 4, "gt"), [2790, 200, 10, 0])
+    # the spleen (no voxels anywhere) gets weight 0 and does not lower the others' (mean 1 over present)
+    w = class_weights_from_counts([2670, 300, 30, 0], "inverse_frequency")
+    f = np.array([2670, 300, 30]) / 3000
+    expect = (1 / f) / (1 / f).mean()
+    np.testing.assert_allclose(w, [*expect, 0.0])
+    old = class_weights_from_counts([2670, 300, 30, 0], "inverse_frequency", absent="max")
+    assert old[3] == max(old) and old[2] == old[3]  # the earlier rule: the largest weight
+    with pytest.raises(ValueError, match="class_counts"):
+        count_class_voxels([a, b], 4, "pseudo")
