@@ -147,7 +147,7 @@ def write_benchmark_report(
             "",
         ]
     if meta.get("arms"):
-        head += [budget_table(meta["arms"]), ""]
+        head += [budget_table(meta["arms"]), "", ""]
     body = markdown_table(rows, arms, organs, groups, differences)
     figures = "\n".join(f"![{p.stem}]({p.name})" for k, p in paths.items() if p.suffix == ".png")
     paths["table"] = atomic_write_text(out_dir / "table.md", "\n".join(head) + body + "\n\n" + figures + "\n")
