@@ -113,6 +113,8 @@ def _table() -> dict[str, tuple[str, bool]]:
         spec = spec or {}
         sided = bool(spec.get("sided", False))
         for variant in [base, *(spec.get("synonyms") or [])]:
+            if not isinstance(variant, str):  # YAML 1.1 reads an unquoted on/off/yes/no as a bool
+                raise RuntimeError(f"{TABLE}: variant {variant!r} of {base} is not a string (quote it)")
             ws = words(variant)
             if set(ws) & set(SIDES):
                 raise RuntimeError(f"{TABLE}: variant {variant!r} of {base} holds a side marker")
