@@ -323,6 +323,7 @@ def test_messy_export_trains_through_organseg_fit(export, tmp_path, monkeypatch)
 
     card_path = make_card(export, tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert main(tiny_fit_args(card_path, tmp_path, trainer={"max_steps": 2})) == 0
+    stack = ("experiments/baseline/unet.yaml", "data_modules/hn_phantom_dicom_rt.yaml")
+    assert main(tiny_fit_args(card_path, tmp_path, stack, trainer={"max_steps": 2})) == 0
     assert Path(load(card_path).cache).is_file()
     assert list(tmp_path.rglob("*.ckpt"))
