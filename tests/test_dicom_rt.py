@@ -135,8 +135,10 @@ def test_dry_run_prints_the_names_table_and_writes_nothing(export, tmp_path, cap
     assert not Path(load(card_path).cache).exists()
 
 
-def test_holes_and_islands_in_holes_are_rasterised(tmp_path):
-    """An organ with a hole (an inner contour) and an island inside the hole reads back voxel for voxel."""
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1)])
+def test_holes_and_islands_in_holes_are_rasterised(tmp_path, direction):
+    """An organ with a hole (an inner contour) and an island inside the hole reads back voxel for voxel,
+    on an LPS grid and on a flipped (-1, -1, 1) one (common for head-and-neck CT)."""
     import SimpleITK as sitk
 
     from organseg.io.dicom import read_headers, write_dicom_series
@@ -147,6 +149,8 @@ def test_holes_and_islands_in_holes_are_rasterised(tmp_path):
 
     ct = sitk.Image([40, 40, 4], sitk.sitkFloat32)
     ct.SetSpacing((1.0, 1.2, 3.0))
+    ct.SetDirection(direction)
+    ct.SetOrigin((20.0, -7.0, 30.0))
     files = write_dicom_series(ct, tmp_path / "p" / "ct")
     lab = np.zeros((40, 40, 4), np.uint8)
     lab[5:35, 5:35, 1:3] = 1
@@ -233,6 +237,29 @@ def test_rtstruct_whose_referenced_series_is_missing(export, tmp_path):
     assert_one_line_fault(
         card_path, "references CT series 1.2.3.4.5, which is not in the patient folder", "RS_hn_000"
     )
+
+
+def test_rtstruct_naming_no_series_is_matched_by_frame_of_reference(export, tmp_path):
+    from organseg.io.layouts import list_cases, read_case_sitk
+
+    card_path = make_card(export, tmp_path)
+    edit_rs(
+        rs_file(tmp_path),
+        lambda ds: delattr(ds.ReferencedFrameOfReferenceSequence[0], "RTReferencedStudySequence"),
+    )
+    card = load(card_path)
+    report: dict = {}
+    _, label, _ = read_case_sitk(card, list_cases(card)[0], report)
+    assert (
+        report["ct_slices"] == SHAPE[2]
+        and len(np.unique(__import__("SimpleITK").GetArrayViewFromImage(label))) == 18
+    )
+
+    def other_frame(ds):  # (the series reference is gone already)
+        ds.FrameOfReferenceUID = ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = "1.2.3.9"
+
+    edit_rs(rs_file(tmp_path), other_frame)
+    assert_one_line_fault(card_path, "no CT series has its frame of reference 1.2.3.9", "RS_hn_000.dcm")
 
 
 def test_missing_slice_stops_and_is_never_interpolated(export, tmp_path):
@@ -327,3 +354,23 @@ def test_messy_export_trains_through_organseg_fit(export, tmp_path, monkeypatch)
     assert main(tiny_fit_args(card_path, tmp_path, stack, trainer={"max_steps": 2})) == 0
     assert Path(load(card_path).cache).is_file()
     assert list(tmp_path.rglob("*.ckpt"))
+
+
+def test_pddca_phantom_export_carries_its_nine_organs(tmp_path):
+    """`phantom hn --layout pddca --dicom`: the RTSTRUCT holds the PDDCA structures, read back exactly."""
+    import SimpleITK as sitk
+
+    from organseg.io.geometry import image_to_xyz
+    from organseg.io.layouts import list_cases, read_case_sitk
+    from organseg.phantom.hn import PDDCA_NAMES
+
+    args = ["phantom", "hn", "--out", str(tmp_path / "raw"), "--cases", "1", "--quiet", "--layout", "pddca"]
+    args += ["--shape", *map(str, SHAPE), "--spacing", *map(str, SPACING), "--dicom", str(tmp_path / "src")]
+    assert main(args) == 0
+    card = load(make_card({"dicom": tmp_path / "src"}, tmp_path))
+    _, label, _ = read_case_sitk(card, list_cases(card)[0])
+    got = image_to_xyz(label)
+    for stem, organ in PDDCA_NAMES.items():
+        truth = image_to_xyz(sitk.ReadImage(str(tmp_path / "raw" / "hn_000" / "structures" / f"{stem}.nrrd")))
+        np.testing.assert_array_equal(got == card.index(organ), truth > 0, err_msg=organ)
+    assert set(np.unique(got)) == {0, *(card.index(o) for o in PDDCA_NAMES.values())}
