@@ -177,13 +177,20 @@ def _rt_utils_view(headers: list) -> list:
 
 
 def build_rtstruct(
-    label: sitk.Image, classes: Sequence[str], headers: Sequence, *, description: str = "organseg prediction"
+    label: sitk.Image,
+    classes: Sequence[str],
+    headers: Sequence,
+    *,
+    description: str = "organseg prediction",
+    extra: Sequence[tuple[str, np.ndarray | None]] = (),
 ):
     """An rt-utils ``RTStruct`` with one ROI (contours) per class present in ``label``.
 
     ``label`` is a class-index map on exactly the series' grid (as read by
     :func:`organseg.io.dicom.read_dicom_series`), ``headers`` the series' pydicom datasets in any order,
-    ``classes`` the class names (index 0, background, gets no ROI)."""
+    ``classes`` the class names (index 0, background, gets no ROI). ``extra`` adds ROIs after those:
+    ``(name, boolean (x, y, z) mask on the label's grid)``, which may overlap the classes (a PRV, a PTV);
+    an empty mask (or None) gives an ROI without contour data, as planning systems export one."""
     # lazy: rt-utils imports OpenCV, which needs libGL; only RTSTRUCT output should need it
     from rt_utils import RTStruct, ds_helper  # noqa: PLC0415
 
@@ -203,21 +210,26 @@ def build_rtstruct(
     ds.SeriesDescription = description
     rt = RTStruct(series, ds)
     present = np.flatnonzero(np.bincount(labels_yxz.ravel(), minlength=len(classes)))
+    rois = []
     for c in present:
         if c == 0:
             continue
         if c >= len(classes):
             raise ValueError(f"label value {c} has no class name ({len(classes)} classes)")
-        mask = labels_yxz == c
+        rois.append((str(classes[c]), labels_yxz == c, f"organseg class {c}"))
+    for name, mask_xyz in extra:
+        mask = np.zeros(labels_yxz.shape, bool) if mask_xyz is None else np.asarray(mask_xyz, bool)
+        if mask_xyz is not None:
+            mask = mask.transpose(1, 0, 2)[:, :, z]
+        rois.append((str(name), mask, ""))
+    for name, mask, roi_description in rois:
         seed = np.zeros_like(mask)  # rt-utils builds the ROI's entries; its contours are replaced below
-        seed[tuple(np.argwhere(mask)[0])] = True
-        rt.add_roi(
-            mask=seed,
-            name=str(classes[c]),
-            description=f"organseg class {c}",
-            roi_generation_algorithm="AUTOMATIC",
-        )
-        rt.ds.ROIContourSequence[-1].ContourSequence = _edge_contour_sequence(mask, series, z, label)
+        seed[tuple(np.argwhere(mask)[0]) if mask.any() else (0, 0, 0)] = True
+        rt.add_roi(mask=seed, name=name, description=roi_description, roi_generation_algorithm="AUTOMATIC")
+        if mask.any():
+            rt.ds.ROIContourSequence[-1].ContourSequence = _edge_contour_sequence(mask, series, z, label)
+        else:  # ContourSequence is Type 3: an ROI without contours simply has none
+            del rt.ds.ROIContourSequence[-1].ContourSequence
     return rt
 
 
@@ -316,10 +328,12 @@ def write_rtstruct(
     path: str | os.PathLike,
     *,
     description: str = "organseg prediction",
+    extra: Sequence[tuple[str, np.ndarray | None]] = (),
 ) -> list[str]:
-    """Write the RTSTRUCT of ``label`` to ``path`` atomically; returns the ROI names written."""
+    """Write the RTSTRUCT of ``label`` (and ``extra`` ROIs, see :func:`build_rtstruct`) to ``path``
+    atomically; returns the ROI names written."""
 
-    rt = build_rtstruct(label, classes, headers, description=description)
+    rt = build_rtstruct(label, classes, headers, description=description, extra=extra)
     with _quiet_pydicom(), atomic_open(Path(path), "wb") as f:
         rt.ds.save_as(f, implicit_vr=True, little_endian=True, enforce_file_format=True)
     return rt.get_roi_names()
