@@ -49,10 +49,11 @@ bench-loading: $(STAMP)
 bench-focusnet: $(STAMP)
 	$(BIN)/organseg bench benchmarks/focusnet_phantom.yaml $(if $(FULL),,--quick) $(BENCH_ARGS)
 
-# co-training WAM vs its 4 baselines at one fixed budget of optimiser steps per network (about 10 min on 2
-# quiet CPU cores at STEPS=150, 25 min at STEPS=500; STEPS=10 for a quick look)
+# co-training WAM vs its baselines (multi-model, compute-matched multi-model, naive union, marginal, self-training)
+# at fixed optimiser steps per network, 3 seeds, paired intervals (organseg bench; quick size by default, FULL=1 for
+# the full size on a GPU); resumable: run it again after an interruption
 bench-cowam: $(STAMP)
-	$(BIN)/python benchmarks/cowam_phantom.py --steps $(or $(STEPS),150) $(BENCH_ARGS)
+	$(BIN)/organseg bench benchmarks/cowam_phantom.yaml $(if $(FULL),,--quick) $(BENCH_ARGS)
 
 # training steps/s idle and beside 2 busy-loop processes, old vs new thread settings, fixed optimiser steps per
 # fit (issue 11: falls by no more than the CPU share lost; ~4 min on 2 quiet CPU cores, ~11 on busy ones; WINDOW=2 quick)

@@ -90,11 +90,9 @@ def test_a_toy_benchmark_runs_resumes_and_its_table_follows_from_the_csv(hn_smal
     assert got["mean"] == pytest.approx(by_hand) and got["low"] <= got["mean"] <= got["high"]
     table = paths["table"].read_text()
     assert "long - short" in table and "eyes (group)" in table and "bootstrap" in table
-    assert (out / ".gitignore").read_text().split() == [
-        "state/",
-        "logs/",
-        "eval/",
-    ]  # only results get committed
+    assert "2 seed(s) only" in table  # the toy's 2 seeds: too few to claim anything, and it says so
+    assert re.search(r"^\| short \| unet 1 \| 1 \| [0-9.]+ \| [0-9.]+-[0-9.]+ \|$", table, re.M)  # budgets
+    assert (out / ".gitignore").read_text().split() == ["state/", "logs/", "eval/", "work/"]  # results only
     for png in ("dice_boxplot.png", "forest_long_vs_short.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -235,3 +233,117 @@ def test_a_runs_checkpoint_best_newest_else_last(tmp_path):
         os.utime(folder / name, (1000 + i, 1000 + i))
     assert run_checkpoint(tmp_path) == folder / "epoch003-dice0.400.ckpt"  # newest, as ModelCheckpoint keeps
     assert run_checkpoint(tmp_path, "last") == folder / "last.ckpt"
+
+
+def fake_organseg(calls: list):
+    """Records each command and leaves what the real one would: a fit its checkpoint (with its step
+    count), a pseudolabel its file, an evaluation its per_case.csv (Dice 0.5 for every organ)."""
+    import torch
+
+    def execute(args, log_stem):
+        calls.append(list(args))
+        if args[0] == "fit":
+            run_id = next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.logger.init_args.id="))
+            steps = int(next(a.split("=", 1)[1] for a in args if a.startswith("--trainer.max_steps=")))
+            ckpt = Path("lightning_logs/organseg") / run_id / "checkpoints" / "last.ckpt"
+            ckpt.parent.mkdir(parents=True)
+            torch.save({"global_step": steps, "state_dict": {}, "organseg": {}}, ckpt)
+        elif args[0] == "pseudolabel":
+            Path(args[args.index("--out") + 1]).parent.mkdir(parents=True, exist_ok=True)
+            Path(args[args.index("--out") + 1]).write_text("labels")
+        elif args[0] == "evaluate":
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True)
+            lines = ["case_id,organ,dice,hd95,assd"] + [f"c{i},liver,0.5,1.0,0.5" for i in range(8)]
+            (out / "per_case.csv").write_text("\n".join(lines) + "\n")
+        return 0
+
+    return execute
+
+
+def test_pseudolabel_runs_feed_later_fits_and_several_checkpoints_are_evaluated_together(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    cards = []
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.yaml").write_text("name: x\n")
+        cards.append(str(tmp_path / f"{name}.yaml"))
+    expert = {"configs": [UNET], "max_steps": 30}
+    spec = {
+        "name": "pl",
+        "seeds": [0],
+        "test_data": cards[0],
+        "split": "all",
+        "arms": {
+            "experts": {
+                "runs": [{"name": "ea", **expert}, {"name": "eb", **expert}],
+                "evaluate": ["ea", "eb"],
+            },
+            "selftrain": [
+                {"name": "ea", **expert},
+                {"name": "eb", **expert},
+                {"name": "pseudo", "pseudolabel": {"ckpts": ["ea", "eb"], "cards": cards}},
+                {
+                    "name": "union",
+                    "configs": [UNET],
+                    "max_steps": 30,
+                    "pseudo_from": "pseudo",
+                    "args": ["--model.init_args.ramp={max_steps*0.5}"],
+                },
+            ],
+        },
+    }
+    path = tmp_path / "pl.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    bench = load_benchmark(path)
+    calls: list = []
+    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
+    kinds = [c[0] for c in calls]
+    # the experts are trained once per seed and shared; one pseudolabel call per card
+    assert kinds == ["fit", "fit", "evaluate", "pseudolabel", "pseudolabel", "fit", "evaluate"]
+    ea = "lightning_logs/organseg/pl-experts-s0-ea/checkpoints/last.ckpt"
+    eb = "lightning_logs/organseg/pl-experts-s0-eb/checkpoints/last.ckpt"
+    assert calls[2][:4] == ["evaluate", "--ckpt", ea, eb] and calls[2][4:6] == ["--data", cards[0]]
+    files = [str(tmp_path / "out" / "work" / "pl-selftrain-s0-pseudo" / f"{c}.h5") for c in ("a", "b")]
+    assert calls[3][:4] == ["pseudolabel", "--ckpt", ea, eb] and calls[3][5:8] == [
+        cards[0],
+        "--out",
+        files[0],
+    ]
+    union = calls[5]
+    assert f"--data.init_args.pseudo_labels=[{files[0]},{files[1]}]" in union
+    assert "--model.init_args.ramp=15" in union  # {max_steps*0.5}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["steps"] for r in summary["arms"]["experts"]] == [60]
+    assert [r["steps"] for r in summary["arms"]["selftrain"]] == [90]  # pseudo-labelling: no steps
+    assert "work/" in (tmp_path / "out" / ".gitignore").read_text().split()
+    # resumed: nothing again; a lost pseudo-label file: made again, and the fit on it is kept (same command)
+    calls.clear()
+    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
+    assert calls == []
+    Path(files[1]).unlink()
+    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
+    assert [c[0] for c in calls] == ["pseudolabel", "pseudolabel"]
+
+
+@pytest.mark.parametrize(
+    "arm, key",
+    [
+        ({"runs": [{"name": "x", "configs": [UNET], "max_steps": 2}], "evaluate": ["y"]}, "arms.a.evaluate"),
+        ({"runs": [], "other": 1}, "arms.a"),
+        ([{"name": "p", "pseudolabel": {"ckpts": ["x"], "cards": [UNET]}}], "arms.a[0].pseudolabel.ckpts"),
+        (
+            [
+                {"name": "x", "configs": [UNET], "max_steps": 2},
+                {"name": "y", "configs": [UNET], "max_steps": 2, "pseudo_from": "x"},
+            ],
+            "arms.a[1].pseudo_from",
+        ),
+    ],
+)
+def test_a_bad_arm_mapping_or_pseudolabel_run_is_one_error(tmp_path, arm, key):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "arms": {"a": arm}}))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {key}:")):
+        load_benchmark(path)

@@ -25,7 +25,12 @@ from organseg.networks.weight_averaging import warmup_decay
 REPO = Path(__file__).resolve().parents[1]
 ORGANSEG = str(Path(sys.executable).with_name("organseg"))
 CLASSES = ["background", "liver", "spleen", "kidney_l", "kidney_r", "pancreas", "stomach"]
-TINY = {"filters": [4, 8, 8], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}
+TINY = {
+    "filters": [4, 8, 8],
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+    "max_steps_for_schedule": 100,  # the run length the schedules scale with (a fit takes the trainer's)
+    "spacing": [1.0, 1.0, 2.0],
+}
 FEW = {"liv": ["liver", "spleen", "stomach"], "kid": ["kidney_l", "kidney_r", "pancreas"]}
 SHAPE, SPACING = (64, 48, 20), (3.75, 4.0, 7.2)
 
@@ -57,7 +62,7 @@ def batch_of(b: int = 2, shape=(16, 16, 8), seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- weight averaging
 def test_ema_update_is_exact_with_warmup():
-    m = tiny_module(ema_decay=0.6)
+    m = tiny_module(ema_decay=0.6, ema_warmup_eta=0)  # MMT's warm-up (ours)
     p_net = next(m.net_a.parameters())
     p_avg = next(m.wam_a.parameters())
     assert torch.equal(p_avg, p_net) and not p_avg.requires_grad
@@ -79,6 +84,65 @@ def test_ema_update_is_exact_with_warmup():
     torch.testing.assert_close(p_avg, hand, rtol=1e-6, atol=1e-6)
     # the other average follows its own net only
     assert torch.equal(next(m.wam_b.parameters()), next(m.net_b.parameters()))
+
+
+def test_default_warmup_forgets_the_start_polynomially():
+    """eta = 3 (default): d_t = min(1 - 4/(t+4), decay); the first iterate's weight after t updates is
+    prod_{u=1..t} u/(u+4) (= 4! t!/(t+4)!), far below MMT's uniform 1/(t+1)."""
+    m = tiny_module(ema_decay=0.999)
+    assert m.wam_a.ema.eta == 3.0
+    p_avg = next(m.wam_a.parameters())
+    values = []
+    for t in range(6):
+        with torch.no_grad():
+            for p in m.net_a.parameters():
+                p.copy_(torch.full_like(p, float(t == 0)))  # iterate 0 is 1, the rest 0
+        values.append(t)
+        assert warmup_decay(t, 0.999, 3) == pytest.approx(min(1 - 4 / (t + 4), 0.999))
+        m.update_averages()
+    first_weight = math.prod(u / (u + 4) for u in range(1, 6))
+    assert float(p_avg.flatten()[0]) == pytest.approx(first_weight, rel=1e-5)
+    assert first_weight < 0.01 < 1 / 6  # MMT's warm-up would keep 1/6 of the random start
+
+
+def test_schedules_are_fractions_of_max_steps():
+    """At 10 %, 50 % and 100 % of T = max_steps: w = soft_weight exp(-5 (1 - min(t/(f T), 1))^2) and the
+    averages' decay min(1 - (eta+1)/(n+eta+1), 1 - 1/(h T)); explicit step counts (ours) override."""
+    from organseg.networks.weight_averaging import set_schedule
+
+    T, f, h, eta = 1000, 0.5, 0.0625, 3.0
+    m = tiny_module(max_steps_for_schedule=None)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=T, global_step=0)
+    m.on_fit_start()
+    assert m.schedule_steps == T and m.rampup_length == f * T
+    alpha = 1 - 1 / (h * T)
+    assert m.wam_a.ema.decay == m.wam_b.ema.decay == pytest.approx(alpha)
+    for frac in (0.1, 0.5, 1.0):
+        t = int(frac * T)
+        m._trainer.global_step = t
+        expect = 0.5 * math.exp(-5 * (1 - min(t / (f * T), 1)) ** 2)
+        assert m.soft_weight_now() == pytest.approx(expect)
+        m.wam_a.n_averaged.fill_(t)
+        assert m.ema_decay_now == pytest.approx(min(1 - (eta + 1) / (t + eta + 1), alpha))
+    assert m.soft_weight_at(int(0.1 * T)) == pytest.approx(0.5 * math.exp(-5 * 0.8**2))
+    assert m.soft_weight_at(T) == 0.5
+    # a run ten times longer stretches both schedules alike
+    m._trainer.estimated_stepping_batches = 10 * T
+    m.on_fit_start()
+    assert m.soft_weight_at(5 * T) == 0.5 and m.wam_a.ema.decay == pytest.approx(1 - 1 / (h * 10 * T))
+    # ours: explicit step counts (benchmark args soft_rampup_steps={max_steps*0.5}, ema_decay=0.99)
+    fixed = tiny_module(soft_rampup_steps=300, ema_decay=0.99, max_steps_for_schedule=None)
+    fixed._trainer = SimpleNamespace(estimated_stepping_batches=T, global_step=0)
+    fixed.on_fit_start()
+    assert fixed.rampup_length == 300 and fixed.wam_a.ema.decay == 0.99
+    assert fixed.soft_weight_at(150) == pytest.approx(0.5 * math.exp(-1.25))
+    # an unknown run length is a one-line error, not a silent schedule
+    lost = tiny_module(max_steps_for_schedule=None)
+    lost._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"), global_step=0)
+    with pytest.raises(ValueError, match="fractions of the run's length"):
+        lost.on_fit_start()
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        set_schedule(m.wam_a, 1.0)
 
 
 def test_optimizer_step_hook_updates_the_averages_after_the_step():
@@ -184,6 +248,44 @@ def test_dilated_region_mask_covers_only_pseudo_labelled_unannotated_organs():
         region_mask(b["label"], dilation=1)
 
 
+def test_mm_region_is_the_dilated_unannotated_organs_inside_ground_truth_background():
+    """Hand case on a 1 x 1 x 2 mm grid with a 2 mm ball: offsets with dx^2 + dy^2 + (2 dz)^2 <= 4, i.e.
+    the 13-voxel disc of radius 2 in-plane plus one voxel above and below (15 voxels)."""
+    from organseg.losses.cotraining import ball_kernel
+
+    k = ball_kernel(2.0, (1.0, 1.0, 2.0))
+    assert k.shape == (5, 5, 3) and int(k.sum()) == 15
+    label = torch.zeros(1, 9, 9, 5, dtype=torch.long)
+    label[0, 5, 4, 2] = 1  # annotated liver, inside the ball: never in the region
+    label[0, 0, 0, 0] = 1
+    pseudo = torch.zeros_like(label)
+    pseudo[0, 4, 4, 2] = 5  # pancreas: NOT annotated by this dataset -> its ball is the region
+    pseudo[0, 0, 0, 4] = 1  # liver: annotated here (GT says where it is) -> ignored
+    labeled = torch.tensor([[True, True, True, False, False, False, True]])
+    m = region_mask(label, labeled, pseudo, radius_mm=2.0, spacing=(1.0, 1.0, 2.0))
+    expect = torch.zeros(9, 9, 5, dtype=torch.bool)
+    for dx in range(-2, 3):
+        for dy in range(-2, 3):
+            for dz in (-1, 0, 1):
+                if dx * dx + dy * dy + 4 * dz * dz <= 4:
+                    expect[4 + dx, 4 + dy, 2 + dz] = True
+    expect[5, 4, 2] = False  # ground-truth liver
+    assert int(expect.sum()) == 14 and torch.equal(m[0], expect)
+    # a dataset annotating every organ has no unannotated organ: empty region
+    assert not region_mask(
+        label, torch.ones(1, 7, dtype=torch.bool), pseudo, radius_mm=2.0, spacing=(1, 1, 2)
+    ).any()
+    # the module: dilated_pseudo (default) with the card's spacing vs unannotated (ours, every GT-background
+    # voxel of a partially annotated sample)
+    batch = {"label": label, "labeled": labeled, "pseudo": pseudo}
+    assert torch.equal(tiny_module(mask_dilation_mm=2.0).soft_region_mask(batch)[0], expect)
+    assert torch.equal(tiny_module(soft_region="unannotated").soft_region_mask(batch), label == 0)
+    with pytest.raises(ValueError, match="soft_region=unannotated"):
+        tiny_module().soft_region_mask({"label": label, "labeled": labeled})
+    with pytest.raises(ValueError, match="mask_dilation needs soft_region=dilated_pseudo"):
+        tiny_module(soft_region="unannotated", mask_dilation=1)
+
+
 def test_sigmoid_rampup():
     assert sigmoid_rampup(0, 0) == 1.0 and sigmoid_rampup(5, -1) == 1.0
     assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
@@ -194,7 +296,7 @@ def test_sigmoid_rampup():
 def test_training_terms_per_supervision_mode():
     b = batch_of()
     for mode in ("pseudo", "marginal", "naive"):
-        m = tiny_module(supervision=mode, soft_rampup_steps=0)
+        m = tiny_module(supervision=mode, soft_rampup_steps=0, soft_region="unannotated")
         terms = {k: v.detach() for k, v in m.compute_losses(dict(b)).items()}
         for k in (
             "loss",
@@ -224,8 +326,14 @@ def test_training_terms_per_supervision_mode():
         m.setup("fit")
     m._trainer.datamodule.pseudo_labels = ["a.h5", None]
     m.setup("fit")
+    marginal = tiny_module(supervision="marginal")  # the default dilated region needs pseudo-labels too
+    marginal._trainer = SimpleNamespace(datamodule=SimpleNamespace(pseudo_labels=[None, None]))
+    with pytest.raises(ConfigError, match="soft_region=dilated_pseudo but the data config has no pseudo"):
+        marginal.setup("fit")
     dilated = tiny_module(supervision="pseudo", mask_dilation=1).compute_losses(dict(b))
     assert float(dilated["mask_fraction"]) < float(terms["mask_fraction"])
+    ball = tiny_module(supervision="pseudo").compute_losses(dict(b))
+    assert 0 < float(ball["mask_fraction"]) < float(terms["mask_fraction"])
 
 
 # ---------------------------------------------------------------- checkpoint + selected-model inference
@@ -445,7 +553,8 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
     dice = {k: metrics[f"val/{k}/dice_mean"] for k in ("wam_a", "wam_b")}
     assert dice[sel] == max(dice.values()) and metrics["val/dice_mean"] == pytest.approx(dice[sel])
     hp = ckpt["hyper_parameters"]
-    assert hp["num_classes"] == 7 and hp["supervision"] == "pseudo" and hp["ema_decay"] == 0.999
+    assert hp["num_classes"] == 7 and hp["supervision"] == "pseudo" and hp["ema_decay"] is None
+    assert hp["soft_region"] == "dilated_pseudo" and hp["ema_horizon"] == 0.0625
     # `organseg evaluate --ckpt` loads this way: its predictions are the selected average's, one forward
     model, _ = load_module(ckpt_path)
     net = build_unet(1, 7, [8, 16, 32], [[1, 1, 1], [2, 2, 1], [2, 2, 2]])
@@ -487,7 +596,12 @@ def test_fit_on_few_organ_datasets_keeps_both_averages_and_evaluates_the_selecte
 def test_ddp_two_processes_keep_the_averaged_models_identical(fewlabel, tmp_path):
     record = tmp_path / "record"
     cfg = tiny_fit_config(
-        tmp_path, record, model={"supervision": "marginal"}, strategy="ddp", devices=2, max_epochs=1
+        tmp_path,
+        record,
+        model={"supervision": "marginal", "soft_region": "unannotated"},
+        strategy="ddp",
+        devices=2,
+        max_epochs=1,
     )
     run(
         [

@@ -3,6 +3,7 @@ ensemble, and real MSD-layout single-organ datasets served in one label space by
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -448,3 +449,141 @@ def test_self_training_module_needs_pseudo_labels_and_uses_them():
     batch["pseudo"] = torch.full((1, 8, 8, 4), 2, dtype=torch.long)
     assert torch.isfinite(m.training_step(batch, 0))
     assert targets[0].eq(2).all()  # class b is unannotated here: the pseudo-label fills the GT background
+
+
+def test_evaluate_with_several_checkpoints_scores_them_as_one_multimodel(fewlabel, tmp_path):
+    """`organseg evaluate --ckpt A B`: the experts together (each its own organs), as the co-training
+    benchmark's multi-model arm; the summary names every checkpoint."""
+    root, cards = fewlabel["root"], fewlabel["cards"]
+    a = _save_expert(root / "eval_a.ckpt", cards["ls"], "liver")
+    b = _save_expert(root / "eval_b.ckpt", cards["kid"], "kidney_l")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--ckpt", str(a), str(b), "--split", "all", "--overlays", "0", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoint"] == [str(a.resolve()), str(b.resolve())]
+    with open(out / "per_case.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # the liver expert's bias paints every voxel liver, the kidney expert's kidney_l: both organs predicted,
+    # each everywhere its expert is more confident; other organs never (no expert claims them)
+    predicted = {r["organ"] for r in rows if r["dice"] not in ("", "nan") and float(r["dice"]) > 0}
+    assert predicted and predicted <= {"liver", "kidney_l"}
+    assert len({r["case_id"] for r in rows}) == 3
+
+
+# ---------------------------------------------------------------- patch centres over GT + pseudo-labels
+class _Volume:
+    """Duck-typed cache / pseudo-label reader of one case: counts and organ coordinates per class."""
+
+    def __init__(self, blocks: dict[int, tuple[slice, slice, slice]], shape=(40, 40, 12)):
+        lab = np.zeros(shape, dtype=np.uint8)
+        for c, box in blocks.items():
+            lab[box] = c
+        self.map = lab
+        self._shape = shape
+
+    def shape(self, case_id):
+        return self._shape
+
+    def class_counts(self, case_id):
+        return np.bincount(self.map.ravel(), minlength=len(CLASSES))
+
+    def fg_coords(self, case_id, c):
+        return np.argwhere(self.map == c).astype(np.int32)
+
+
+def test_patch_centres_come_from_ground_truth_and_pseudo_labels_at_the_configured_rate(tmp_path):
+    """A liver+spleen dataset whose pseudo-labels add the pancreas: organ centres are shared equally by
+    the union's organs (liver, spleen from ground truth, pancreas from pseudo-labels), counted over 10k
+    draws; ``gt`` (ours) never centres on the pseudo-labelled pancreas."""
+    from organseg.data.datasets import CacheSource, PatchStream
+
+    liver, spleen, pancreas = (CLASSES.index(o) for o in ("liver", "spleen", "pancreas"))
+    gt = _Volume({liver: np.s_[2:12, 2:12, 2:8], spleen: np.s_[20:24, 20:24, 2:5]})
+    # the pseudo-labels also claim a liver block (annotated here, so the ground truth decides: ignored)
+    pseudo = _Volume({pancreas: np.s_[30:33, 5:8, 4:6], liver: np.s_[30:35, 30:35, 1:3]})
+    labeled = np.array([c in (0, liver, spleen) for c in range(len(CLASSES))])
+    src = CacheSource("ls", gt, ["case"], labeled, pseudo)
+
+    def rates(**kw):
+        stream = PatchStream([src], (8, 8, 4), 1, 1, foreground_probability=0.6, **kw)
+        rng = np.random.default_rng(0)
+        draws = [stream.draw_patch_centre(rng, src, "case") for _ in range(10_000)]
+        for centre, c in draws:
+            if c == pancreas:
+                assert pseudo.map[tuple(centre)] == pancreas
+            elif c > 0:
+                assert gt.map[tuple(centre)] == c
+        return np.bincount([c for _, c in draws], minlength=len(CLASSES)) / len(draws)
+
+    p = rates()  # default gt_and_pseudo: 0.6 / 3 organs each
+    for organ in (liver, spleen, pancreas):
+        assert abs(p[organ] - 0.2) < 0.015, (organ, p)
+    assert abs(p[0] - 0.4) < 0.015
+    weighted = rates(organ_weights=[1, 1, 1, 1, 1, 2, 1])  # pancreas twice: 0.6 * 2/4
+    assert abs(weighted[pancreas] - 0.3) < 0.015 and abs(weighted[liver] - 0.15) < 0.015
+    ours = rates(patch_centres="gt")
+    assert ours[pancreas] == 0 and abs(ours[liver] - 0.3) < 0.015
+    with pytest.raises(ValueError, match="patch_centres"):
+        PatchStream([src], (8, 8, 4), 1, 1, patch_centres="both")
+    # the reader of a real pseudo-label file serves the same counts and coordinates
+    write_pseudo_file(
+        tmp_path / "p.h5",
+        [("case", pseudo.map)],
+        fingerprint="t",
+        cache=tmp_path,
+        cache_fingerprint="c",
+        classes=CLASSES,
+        checkpoints=[],
+        card_name="ls",
+    )
+    reader = PseudoLabelReader(tmp_path / "p.h5")
+    assert np.array_equal(reader.class_counts("case"), pseudo.class_counts("case"))
+    got = {tuple(v) for v in reader.fg_coords("case", pancreas)}
+    assert got == {tuple(v) for v in pseudo.fg_coords("case", pancreas)} and len(got) == 18
+    assert len(reader.fg_coords("case", spleen)) == 0
+
+
+# ---------------------------------------------------------------- class weights: one count for every method
+class _Counts:
+    def __init__(self, counts, shape=(10, 10, 10)):
+        self.counts, self._shape = np.asarray(counts), shape
+
+    def class_counts(self, case_id):
+        return self.counts
+
+    def shape(self, case_id):
+        return self._shape
+
+
+def test_class_counts_are_per_annotating_dataset_or_gt_plus_pseudo_and_absent_classes_weigh_nothing():
+    """Hand case, classes (bg, liver, pancreas, spleen): dataset A annotates the liver (2 cases of 1000
+    voxels, 100 liver each; its pseudo-labels add 20 pancreas voxels per case), dataset B the pancreas
+    (1 case, 10 pancreas voxels; pseudo-labels: 120 liver voxels); no dataset annotates the spleen."""
+    from organseg.data.datamodule import count_class_voxels
+    from organseg.data.datasets import CacheSource
+    from organseg.losses import class_weights_from_counts
+
+    a_lab, b_lab = np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)
+    a = CacheSource("A", _Counts([900, 100, 0, 0]), ["a1", "a2"], a_lab, _Counts([980, 0, 20, 0]))
+    b = CacheSource("B", _Counts([990, 0, 10, 0]), ["b1"], b_lab, _Counts([880, 120, 0, 0]))
+    # annotated (default): liver 200/2000 of A's voxels, pancreas 10/1000 of B's, scaled to V = 3000
+    np.testing.assert_allclose(count_class_voxels([a, b], 4), [3000 - 330, 300, 30, 0])
+    # the same without pseudo-labels: naive union / marginal count exactly as self-/co-training do
+    bare = [CacheSource(s.name, s.reader, s.case_ids, s.labeled) for s in (a, b)]
+    np.testing.assert_allclose(count_class_voxels(bare, 4), count_class_voxels([a, b], 4))
+    # ground truth + pseudo-labels: liver 200 + 120, pancreas 10 + 40
+    np.testing.assert_allclose(count_class_voxels([a, b], 4, "gt_and_pseudo"), [3000 - 370, 320, 50, 0])
+    with pytest.raises(ValueError, match="gt_and_pseudo: card A"):
+        count_class_voxels(bare, 4, "gt_and_pseudo")
+    # ours, the earlier rule: ground truth only (the unannotated liver of B is background)
+    np.testing.assert_allclose(count_class_voxels([a, b], 4, "gt"), [2790, 200, 10, 0])
+    # the spleen (no voxels anywhere) gets weight 0 and does not lower the others' (mean 1 over present)
+    w = class_weights_from_counts([2670, 300, 30, 0], "inverse_frequency")
+    f = np.array([2670, 300, 30]) / 3000
+    expect = (1 / f) / (1 / f).mean()
+    np.testing.assert_allclose(w, [*expect, 0.0])
+    old = class_weights_from_counts([2670, 300, 30, 0], "inverse_frequency", absent="max")
+    assert old[3] == max(old) and old[2] == old[3]  # the earlier rule: the largest weight
+    with pytest.raises(ValueError, match="class_counts"):
+        count_class_voxels([a, b], 4, "pseudo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,23 @@ def test_dice_table_lists_every_organ_and_the_mean_per_run():
     assert lines[2] == "| eye_l | 0.800 | 0.700 |"
     assert lines[3] == "| lens_l | - | 0.250 |"
     assert lines[4] == "| **mean** | 0.800 | 0.475 |"
+
+
+def test_each_step_reports_wall_and_cpu_time(capsys):
+    """The demo prints each command's CPU seconds beside its wall time: the CPU time hardly depends on
+    how busy the machine is, so it gives the idle estimate on a loaded machine too."""
+    import sys
+
+    from organseg.cli.demo import children_cpu_seconds, sh
+
+    before = children_cpu_seconds()
+    sh(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass",
+        ]
+    )
+    assert children_cpu_seconds() - before >= 0.3
+    out = capsys.readouterr().out
+    assert re.search(r"\(\d+ s wall, \d+ CPU-s, 1-min load \d+\.\d\)", out)

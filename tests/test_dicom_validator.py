@@ -58,7 +58,7 @@ def _label_on_series(phantom) -> tuple[sitk.Image, list[Path]]:
 
 
 def test_phantom_ct_series_passes_dciodvfy(phantom):
-    files = sorted(phantom["series"].glob("*.dcm"))
+    files = sorted(phantom["series"].glob("CT_*.dcm"))  # RS_<case>.dcm beside them: its own test
     assert len(files) == SHAPE[2]
     for f in files:
         report = dicom3tools.dciodvfy(f)
@@ -70,6 +70,17 @@ def test_phantom_ct_series_passes_dciodvfy(phantom):
         ds.PatientPosition == "HFS" and ds["KVP"].is_empty and ds.BodyPartExamined == "HEADNECK"
     )  # Type 2/2C
     assert "Laterality" not in ds  # an unpaired body part: absent, not empty
+
+
+def test_phantom_planning_export_rtstruct_passes_dciodvfy(phantom):
+    """The RTSTRUCT `phantom hn --dicom` writes beside the CT (clinical names, PRV, PTV, an ROI without
+    contours) is a valid RT Structure Set for dicom3tools, as a planning system's export would be."""
+    rs = phantom["series"] / f"RS_{CASE}.dcm"
+    report = dicom3tools.dciodvfy(rs)
+    assert report.info == ["RTStructureSet"], report.text
+    assert report.errors == [], report.text
+    names = [str(r.ROIName) for r in pydicom.dcmread(str(rs)).StructureSetROISequence]
+    assert {"Brainstem_PRV03", "PTV_7000", "z_opt_parotid", "Cochlea_L", "Parotids"} <= set(names)
 
 
 def test_predicted_rtstruct_passes_dciodvfy_and_agrees_with_its_ct(phantom, tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import organseg
 from helpers.checkpoints import tiny_unet_checkpoint
-from helpers.tiny_fit import SNET, TINY_FOCUSNET, TINY_UNET, tiny_fit_args
+from helpers.tiny_fit import KEEP, SNET, TINY_FOCUSNET, TINY_UNET, tiny_fit_args
 from organseg.cli.main import main
 from organseg.errors import (
     CheckpointError,
@@ -492,6 +492,65 @@ def test_the_class_check_compares_classes_not_spellings(tiny_ckpt):
     assert check_model_class({"model": None}, ckpt, tiny_ckpt) == full  # no model in the config
     with pytest.raises(CheckpointError, match=r"holds a UNetBaseline .* model.class_path is .*SNetStage;"):
         check_model_class({"model": {"class_path": "organseg.methods.SNetStage"}}, ckpt, tiny_ckpt)
+
+
+# ------------------------------------------- a run that fails before its first step leaves nothing (issue 15)
+@pytest.fixture
+def offline_wandb(monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield
+    wandb.finish()
+    wandb.teardown()  # this process's wandb service must not outlive the test
+
+
+def wandb_runs(root: Path) -> list[str]:
+    folder = root / "lightning_logs/wandb"
+    return sorted(p.name for p in folder.glob("offline-run-*")) if folder.is_dir() else []
+
+
+def test_a_fit_failing_before_its_first_step_removes_its_run(
+    hn_small, tiny_ckpt, tmp_path, monkeypatch, capsys, offline_wandb
+):
+    """An S-Net stage told to start from a U-Net checkpoint (``init_from`` of the wrong kind, found when the
+    stage loads it at setup, after the run folder and the W&B run exist): one line, exit 2, and neither the
+    run folder nor the offline W&B run is left; a run folder that existed before the run is kept."""
+    monkeypatch.chdir(tmp_path)
+    args = [*snet_args(hn_small, tmp_path, logger=KEEP), f"--model.init_args.init_from={tiny_ckpt}"]
+    assert main([*args, "--trainer.logger.init_args.id=failed"]) == 2
+    out, err = capsys.readouterr()
+    (line,) = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("wandb:")]
+    assert line.startswith("organseg fit: error: ") and "UNetBaseline" in line, line
+    folder = tmp_path / "lightning_logs/organseg/failed"
+    assert "the run failed before its first training step; removed lightning_logs/organseg/failed" in out
+    assert not folder.exists() and wandb_runs(tmp_path) == []
+
+    kept = tmp_path / "lightning_logs/organseg/resumed"
+    (kept / "checkpoints").mkdir(parents=True)
+    (kept / "notes.txt").write_text("an earlier segment of this run")
+    assert main([*args, "--trainer.logger.init_args.id=resumed"]) == 2
+    assert (kept / "notes.txt").read_text() == "an earlier segment of this run"
+
+
+def test_a_failed_test_removes_its_run_and_a_finished_one_keeps_it(
+    hn_small, snet_ckpt, tmp_path, monkeypatch, capsys, offline_wandb
+):
+    from organseg.methods import SNetStage
+
+    monkeypatch.chdir(tmp_path)
+    base = ["test", *snet_args(hn_small, tmp_path, logger=KEEP)[1:], f"--ckpt_path={snet_ckpt}"]
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("a bug in the test loop")
+
+    monkeypatch.setattr(SNetStage, "test_step", broken)
+    with pytest.raises(RuntimeError, match="a bug in the test loop"):  # a bug keeps its traceback
+        main([*base, "--trainer.logger.init_args.id=failedtest"])
+    assert not (tmp_path / "lightning_logs/organseg/failedtest").exists() and wandb_runs(tmp_path) == []
+    monkeypatch.setattr(SNetStage, "test_step", lambda self, batch, batch_idx: None)
+    assert main([*base, "--trainer.logger.init_args.id=goodtest"]) == 0
+    assert (tmp_path / "lightning_logs/organseg/goodtest/config_test.yaml").is_file()
 
 
 # ------------------------------------------------------- noise a newcomer reads as errors (issue 11)

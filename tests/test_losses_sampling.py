@@ -43,8 +43,10 @@ def test_perfect_prediction_has_near_zero_loss():
 
 def test_class_weights_inverse_frequency_ordering_and_mean_one():
     w = class_weights_from_counts([1_000_000, 10_000, 100, 0], "inverse_sqrt_frequency")
-    assert np.isclose(np.mean(w), 1.0)
-    assert w[0] < w[1] < w[2] and w[3] == max(w)
+    assert np.isclose(np.mean(w[:3]), 1.0)
+    assert w[0] < w[1] < w[2] and w[3] == 0.0  # absent: never a target, weight 0
+    w_max = class_weights_from_counts([1_000_000, 10_000, 100, 0], "inverse_sqrt_frequency", absent="max")
+    assert np.isclose(np.mean(w_max), 1.0) and w_max[3] == max(w_max)
     w_full = class_weights_from_counts([1000, 10], "inverse_frequency")
     assert np.isclose(w_full[1] / w_full[0], 100.0)
     assert class_weights_from_counts([5, 7], "uniform") == [1.0, 1.0]

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from organseg.losses.partial_labels import MarginalFocalDiceLoss, marginal_log_probs, merge_pseudo_labels
+from organseg.losses.partial_labels import (
+    MarginalFocalDiceLoss,
+    exclusion_dice,
+    marginal_log_probs,
+    merge_pseudo_labels,
+)
 from organseg.losses.segmentation import FocalDiceLoss
 
 # classes: 0 background, 1 liver, 2 kidney, 3 pancreas
@@ -159,3 +164,44 @@ def test_marginal_is_finite_under_half_precision_and_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * first
+
+
+def test_exclusion_loss_equals_a_hand_computation():
+    """Shi et al.'s exclusion loss on 4 voxels: liver annotated (label [1, 1, 0, 0]), kidney and pancreas
+    not. Exclusion sets: liver 1 - g_liver = [0, 0, 1, 1]; kidney, pancreas 1 - g_bg = [1, 1, 0, 0].
+    L = mean_c (2 sum p_c E_c) / (sum p_c + sum E_c) over c = liver, kidney, pancreas."""
+    p = torch.tensor(  # per voxel (rows): background, liver, kidney, pancreas
+        [[0.1, 0.6, 0.2, 0.1], [0.1, 0.5, 0.1, 0.3], [0.7, 0.1, 0.1, 0.1], [0.4, 0.2, 0.3, 0.1]]
+    )
+    logits = torch.log(p).T[None]  # [1, C, 4]
+    label = torch.tensor([[1, 1, 0, 0]])
+    labeled = _labeled([True, True, False, False])
+    # (overlap with E, sum p, |E|): liver (0.1 + 0.2, 1.4, 2); kidney (0.2 + 0.1, 0.7, 2);
+    # pancreas (0.1 + 0.3, 0.6, 2)
+    hand = (2 * 0.3 / (1.4 + 2) + 2 * 0.3 / (0.7 + 2) + 2 * 0.4 / (0.6 + 2)) / 3
+    assert float(exclusion_dice(logits, label, labeled)) == pytest.approx(hand, rel=1e-4)
+    # a fully annotated sample in the same batch is left out (it has no unannotated organ)
+    full_logits = torch.cat([logits, torch.randn(1, C, 4)])
+    full_label = torch.cat([label, torch.tensor([[2, 3, 0, 1]])])
+    both = torch.cat([labeled, torch.ones(1, C, dtype=torch.bool)])
+    assert float(exclusion_dice(full_logits, full_label, both)) == pytest.approx(hand, rel=1e-4)
+    assert float(exclusion_dice(logits, label, torch.ones(1, C, dtype=torch.bool))) == 0.0
+    # in the marginal loss: loss = marginal focal + Dice + exclusion_weight x L, logged as loss_exclusion
+    marg = MarginalFocalDiceLoss(C)(logits[..., None], label[..., None], labeled)
+    with_ex = MarginalFocalDiceLoss(C, exclusion_weight=2.0)(logits[..., None], label[..., None], labeled)
+    assert "loss_exclusion" not in marg
+    assert float(with_ex["loss_exclusion"]) == pytest.approx(hand, rel=1e-4)
+    assert float(with_ex["loss"]) == pytest.approx(float(marg["loss"]) + 2 * hand, rel=1e-4)
+
+
+def test_marginal_baseline_pairs_the_exclusion_loss_by_default():
+    from organseg.methods.cowam_baselines import MarginalUNet
+
+    tiny = {"filters": [4, 4, 4], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "patch_size": [8, 8, 4]}
+    published = MarginalUNet(C, **tiny)
+    assert published.loss_fn.exclusion_weight == 2.0 and published.hparams.exclusion_weight == 2.0
+    assert (
+        MarginalUNet(C, exclusion_weight=0.0, **tiny).loss_fn.exclusion_weight == 0.0
+    )  # ours: marginal only
+    with pytest.raises(ValueError, match="exclusion_weight"):
+        MarginalUNet(C, exclusion_weight=-1.0, **tiny)

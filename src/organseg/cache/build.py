@@ -11,7 +11,9 @@ One file per dataset at ``card.cache``::
     /cases/<case>          attrs: spacing, shape, origin, direction (of the cached grid), orig_spacing,
                            orig_origin, orig_direction, orig_shape, resampled_origin, resampled_shape,
                            crop_start, crop_stop, class_counts (C,), bboxes (C,2,3), centres (C,3),
-                           source_image, source_label, source_structures (JSON)
+                           source_image, source_label, source_structures (JSON),
+                           structure_report (JSON, dicom_rt: each RTSTRUCT structure's name -> class /
+                           ignored / unmatched, RTSTRUCT conflicts settled, organ overlaps counted)
 
 Per case: read + validate (``organseg.io``), resample image (linear or B-spline) and label (nearest) to
 ``card.target_spacing`` keeping origin/direction, crop to the body (largest connected component of
@@ -47,9 +49,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scipy import ndimage
 
 from organseg.cache.reader import FORMAT_VERSION
+from organseg.child_processes import exit_with_parent
 from organseg.errors import ConfigError, OutputError
 from organseg.io.atomic import make_dirs
 from organseg.io.card import CardError, DatasetCard
+from organseg.io.dicom_rt import report_notes
 from organseg.io.geometry import Geometry, cropped_origin, image_to_xyz, resample_image, resample_label
 from organseg.io.layouts import CaseError, CaseFiles, OverlapWarning, list_cases, read_case_sitk
 
@@ -85,6 +89,7 @@ class CaseResult:
     attrs: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (category name, message)
+    notes: list[str] = field(default_factory=list)  # what reading decided, printed by the writer
 
 
 def body_bbox(
@@ -207,7 +212,8 @@ def preprocess_case(
 ) -> CaseResult:
     """Read, validate, resample, crop and clip one case (raises CaseError for a bad case)."""
 
-    image, label, _ = read_case_sitk(card, case)
+    report: dict = {}
+    image, label, _ = read_case_sitk(card, case, report)
     img, lab, attrs = preprocess_volume(card, image, label, interpolation)
     del image, label
     stats = label_stats(lab, card.num_classes, fg_samples, case.case_id)
@@ -221,7 +227,11 @@ def preprocess_case(
             "source_structures": json.dumps({k: str(v) for k, v in sorted(case.structures.items())}),
         }
     )
-    return CaseResult(case.case_id, img, lab, stats["fg"], attrs)
+    notes = []
+    if report:
+        attrs["structure_report"] = json.dumps(report)
+        notes = report_notes(case.case_id, report)
+    return CaseResult(case.case_id, img, lab, stats["fg"], attrs, notes=notes)
 
 
 def _run_case(card: DatasetCard, case: CaseFiles, fg_samples: int, interpolation: str) -> CaseResult:
@@ -246,7 +256,8 @@ def _run_case(card: DatasetCard, case: CaseFiles, fg_samples: int, interpolation
     return result
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    exit_with_parent(parent_pid)  # a killed `organseg preprocess` must not leave its workers running
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
 
 
@@ -279,7 +290,7 @@ def _iter_results(
         max_workers=workers,
         mp_context=mp.get_context(_start_method()),
         initializer=_init_worker,
-        initargs=(threads,),
+        initargs=(threads, os.getpid()),
     )
     try:
         todo = iter(cases)
@@ -645,6 +656,8 @@ def _write_cases(
     shown_once: set[str] = set()
     for result in _iter_results(card, cases, workers, inputs["fg_samples"], inputs["interpolation"]):
         _relay_warnings(result, shown_once)
+        for note in result.notes:
+            _info(note)
         if result.error is not None:
             _skip_bad_case(result, skip_bad, tally)
         else:

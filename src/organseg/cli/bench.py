@@ -17,14 +17,28 @@ A benchmark YAML (``benchmarks/*.yaml``)::
       focusnetv2:                       # a chain: each run may load an earlier run of its arm
         - {name: snet, configs: [...], max_steps: 128}
         - {name: sol, configs: [...], max_steps: 128, init_from: snet}
+      multi_model:                      # an arm may be a mapping: its runs and what is evaluated
+        runs:
+          - {name: kidneys, configs: [...], max_steps: 300}
+          - {name: pancreas, configs: [...], max_steps: 300}
+          - {name: pseudo, pseudolabel: {ckpts: [kidneys, pancreas], cards: [a.yaml, b.yaml]}}
+          - {name: union, configs: [...], max_steps: 300, pseudo_from: pseudo}
+        evaluate: [kidneys, pancreas]   # several checkpoints: evaluated together (MultiModel)
     compare: [[focusnetv2, unet]]       # paired differences A - B, with bootstrap intervals
-    args: [--trainer.limit_val_batches=0]   # appended to every fit
+    args: [--trainer.limit_val_batches=0]   # appended to every fit; {max_steps} / {max_steps*0.5}: the run's
+                                        # budget / a fraction of it (so schedules follow --quick's scaling)
+    test_data: cards/test.yaml          # optional: evaluate on this card (default: the checkpoint's first)
     quick:                              # --quick: what changes for the small CPU size
       seeds: [0, 1, 2]
       steps_scale: 0.25                 # every max_steps x this (at least 1)
       args: [--data.init_args.patch_size=[48,48,16]]   # appended to every fit after the args above
       replace_configs: {data_modules/hn_phantom_focusnet.yaml: data_modules/hn_phantom_focusnet_demo.yaml}
       prepare: [...]                    # instead of the prepare above
+
+A ``pseudolabel`` run writes ``organseg pseudolabel`` files of the named runs' checkpoints, one per card,
+under ``<out>/work/``; a later fit with ``pseudo_from`` trains on them (``--data.init_args.pseudo_labels``,
+in the cards' order). ``quick.replace_configs`` replaces a path wherever it appears: configs, args, cards,
+``test_data``.
 
 Budgets are optimiser steps (``max_steps`` per run; an arm's budget is the sum over its runs), never
 wall time; each run's steps, wall time and machine load are recorded. Resumable: a run is skipped when
@@ -41,6 +55,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -56,9 +71,23 @@ from organseg.errors import ConfigError, OrgansegError
 from organseg.runs import run_checkpoint
 
 LOGS = Path("lightning_logs/organseg")
-KNOWN_KEYS = {"name", "prepare", "seeds", "split", "checkpoint", "groups", "arms", "compare", "args", "quick"}
+KNOWN_KEYS = {
+    "name",
+    "prepare",
+    "seeds",
+    "split",
+    "checkpoint",
+    "groups",
+    "arms",
+    "compare",
+    "args",
+    "quick",
+    "test_data",
+}
 QUICK_KEYS = {"seeds", "steps_scale", "args", "replace_configs", "prepare"}
-RUN_KEYS = {"name", "configs", "max_steps", "init_from", "shape_from", "args"}
+RUN_KEYS = {"name", "configs", "max_steps", "init_from", "shape_from", "pseudo_from", "args"}
+PSEUDO_RUN_KEYS = {"name", "pseudolabel"}
+ARM_KEYS = {"runs", "evaluate"}
 
 
 class BenchError(OrgansegError):
@@ -67,11 +96,15 @@ class BenchError(OrgansegError):
 
 @dataclass
 class Run:
+    """One ``organseg fit`` of ``max_steps`` optimiser steps, or (``pseudo`` set, no steps) one
+    ``organseg pseudolabel`` per card from earlier runs' checkpoints."""
+
     name: str
     configs: list[str]
     max_steps: int
-    loads: dict[str, str] = field(default_factory=dict)  # init_from / shape_from -> earlier run name
+    loads: dict[str, str] = field(default_factory=dict)  # init_from / shape_from / pseudo_from -> earlier run
     args: list[str] = field(default_factory=list)
+    pseudo: dict[str, list[str]] | None = None  # {"ckpts": [earlier run names], "cards": [card paths]}
     # the first arm (YAML order) whose chain up to and including this run is identical: that arm's run is
     # trained once per seed and shared (same seed, same configs and steps = the same run)
     owner: str = ""
@@ -89,6 +122,23 @@ class Benchmark:
     groups: dict[str, list[str]] = field(default_factory=dict)
     compare: list[tuple[str, str]] = field(default_factory=list)
     fit_args: list[str] = field(default_factory=list)
+    evaluate: dict[str, list[str]] = field(default_factory=dict)  # arm -> runs evaluated together
+    test_data: str | None = None
+
+
+BUDGET = re.compile(r"\{max_steps(?:\*([0-9]*\.?[0-9]+))?\}")
+
+
+def _with_budget(arg: str, max_steps: int) -> str:
+    """``{max_steps}`` -> the run's budget, ``{max_steps*0.5}`` -> that fraction of it (rounded, >= 1), so a
+    schedule follows the budget at every size (``--quick`` scales the steps)."""
+    return BUDGET.sub(lambda m: str(max(1, round(max_steps * float(m.group(1) or 1)))), arg)
+
+
+def _replaced(text: str, replace: dict[str, str]) -> str:
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    return text
 
 
 def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
@@ -121,10 +171,30 @@ def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
     if scale <= 0:
         raise bad("quick.steps_scale", f"must be > 0, got {scale}")
     arms: dict[str, list[Run]] = {}
+    evaluate: dict[str, list[str]] = {}
     if not isinstance(spec["arms"], dict) or not spec["arms"]:
         raise bad("arms", "must map arm names to lists of runs")
     for arm, runs in spec["arms"].items():
-        arms[str(arm)] = _runs(runs, scale, replace, lambda k, p, a=arm: bad(f"arms.{a}{k}", p))
+        arm = str(arm)
+        chosen = None
+        if isinstance(runs, dict):
+            unknown = set(runs) - ARM_KEYS
+            if unknown or "runs" not in runs:
+                raise bad(
+                    f"arms.{arm}", f"a mapping needs runs (and optionally evaluate), got {sorted(runs)}"
+                )
+            runs, chosen = runs["runs"], runs.get("evaluate")
+        arms[arm] = _runs(runs, scale, replace, lambda k, p, a=arm: bad(f"arms.{a}{k}", p))
+        fits = [r.name for r in arms[arm] if r.pseudo is None]
+        chosen = [str(c) for c in (chosen if chosen is not None else fits[-1:])]
+        if not chosen or any(c not in fits for c in chosen):
+            raise bad(f"arms.{arm}.evaluate", f"must name trained runs of the arm ({fits}), got {chosen}")
+        evaluate[arm] = chosen
+    test_data = spec.get("test_data")
+    if test_data is not None:
+        test_data = _replaced(str(test_data), replace)
+        if not Path(test_data).is_file():
+            raise bad("test_data", f"no such card {test_data}")
     compare = []
     for pair in spec.get("compare") or []:
         if not (isinstance(pair, list) and len(pair) == 2 and all(p in arms for p in pair)):
@@ -148,8 +218,12 @@ def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
         checkpoint=checkpoint,
         groups={str(k): list(v) for k, v in (spec.get("groups") or {}).items()},
         compare=compare,
-        fit_args=[str(a) for a in spec.get("args") or []]
-        + ([str(a) for a in quick_spec.get("args") or []] if quick else []),
+        fit_args=[
+            _replaced(str(a), replace)
+            for a in [*(spec.get("args") or []), *((quick_spec.get("args") or []) if quick else [])]
+        ],
+        evaluate=evaluate,
+        test_data=test_data,
     )
 
 
@@ -165,6 +239,7 @@ def _assign_owners(arms: dict[str, list[Run]]) -> None:
                     run.max_steps,
                     tuple(sorted(run.loads.items())),
                     tuple(run.args),
+                    repr(run.pseudo),
                 ),
             )
             run.owner = first.setdefault(prefix, arm)
@@ -176,8 +251,11 @@ def _runs(runs, scale: float, replace: dict[str, str], bad: Callable[[str, str],
     out: list[Run] = []
     for i, run in enumerate(runs):
         where = f"[{i}]"
+        if isinstance(run, dict) and "pseudolabel" in run:
+            out.append(_pseudo_run(run, out, replace, lambda k, p, w=where: bad(f"{w}{k}", p)))
+            continue
         if not isinstance(run, dict) or "name" not in run or "configs" not in run:
-            raise bad(where, "each run needs name and configs")
+            raise bad(where, "each run needs name and configs (or name and pseudolabel)")
         unknown = set(run) - RUN_KEYS
         if unknown:
             raise bad(where, f"unknown key(s) {sorted(unknown)}; known: {sorted(RUN_KEYS)}")
@@ -188,21 +266,44 @@ def _runs(runs, scale: float, replace: dict[str, str], bad: Callable[[str, str],
         for cfg in configs:
             if not Path(cfg).is_file():
                 raise bad(f"{where}.configs", f"no such config file {cfg}")
-        loads = {k: run[k] for k in ("init_from", "shape_from") if run.get(k)}
-        earlier = [r.name for r in out]
+        loads = {k: run[k] for k in ("init_from", "shape_from", "pseudo_from") if run.get(k)}
         for key, dep in loads.items():
-            if dep not in earlier:
-                raise bad(f"{where}.{key}", f"must name an earlier run of the arm ({earlier}), got {dep!r}")
+            kinds = [r.name for r in out if (r.pseudo is not None) == (key == "pseudo_from")]
+            if dep not in kinds:
+                what = "pseudolabel" if key == "pseudo_from" else "trained"
+                raise bad(
+                    f"{where}.{key}", f"must name an earlier {what} run of the arm ({kinds}), got {dep!r}"
+                )
         out.append(
             Run(
                 str(run["name"]),
                 configs,
                 max(1, round(steps * scale)),
                 loads,
-                [str(a) for a in run.get("args", [])],
+                [_replaced(str(a), replace) for a in run.get("args", [])],
             )
         )
     return out
+
+
+def _pseudo_run(run: dict, earlier: list[Run], replace: dict[str, str], bad) -> Run:
+    unknown = set(run) - PSEUDO_RUN_KEYS
+    if unknown or "name" not in run:
+        raise bad("", f"a pseudolabel run has name and pseudolabel only, got {sorted(run)}")
+    spec = run["pseudolabel"]
+    if not isinstance(spec, dict) or set(spec) != {"ckpts", "cards"}:
+        raise bad(".pseudolabel", "must be {ckpts: [earlier runs], cards: [dataset cards]}")
+    fits = [r.name for r in earlier if r.pseudo is None]
+    ckpts = [str(c) for c in spec["ckpts"] or []]
+    if not ckpts or any(c not in fits for c in ckpts):
+        raise bad(".pseudolabel.ckpts", f"must name earlier trained runs of the arm ({fits}), got {ckpts}")
+    cards = [_replaced(str(c), replace) for c in spec["cards"] or []]
+    for card in cards:
+        if not Path(card).is_file():
+            raise bad(".pseudolabel.cards", f"no such card {card}")
+    if not cards:
+        raise bad(".pseudolabel.cards", "must list at least one dataset card")
+    return Run(str(run["name"]), [], 0, pseudo={"ckpts": ckpts, "cards": cards})
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -247,9 +348,13 @@ class BenchRunner:
     ``execute(args, log_stem) -> exit status`` runs one ``organseg`` command (a subprocess by default)."""
 
     def __init__(
-        self, bench: Benchmark, out: Path, execute: Callable[[Sequence[str], Path], int] | None = None
+        self,
+        bench: Benchmark,
+        out: Path,
+        execute: Callable[[Sequence[str], Path], int] | None = None,
+        command: str | None = None,
     ):
-        self.bench, self.out = bench, out
+        self.bench, self.out, self.command = bench, out, command
         self.execute = execute or organseg_subprocess
 
     def run_id(self, arm: str, seed: int, run: Run) -> str:
@@ -276,20 +381,18 @@ class BenchRunner:
             f"--seed_everything={seed}",
             f"--data.init_args.seed={seed}",
             f"--trainer.logger.init_args.id={run_id}",
-            *self.bench.fit_args,
-            *run.args,
+            *(_with_budget(a, run.max_steps) for a in [*self.bench.fit_args, *run.args]),
         ]
         for key, dep in run.loads.items():
-            args.append(f"--model.init_args.{key}={done[dep]['checkpoint']}")
+            if key == "pseudo_from":
+                args.append(f"--data.init_args.pseudo_labels=[{','.join(done[dep]['files'])}]")
+            else:
+                args.append(f"--model.init_args.{key}={done[dep]['checkpoint']}")
         inputs = _inputs_digest(run.configs)
-        state = self._state(run_id)
-        if state.is_file():
-            record = json.loads(state.read_text())
-            same = record["command"] == _quote(args) and record.get("inputs", inputs) == inputs
-            if same and Path(record["checkpoint"]).is_file():
-                print(f"= {run_id}: finished before ({record['steps']} steps), skipped", flush=True)
-                return record
-            print(f"~ {run_id}: its command or configs changed since it ran: trained again", flush=True)
+        record = self._finished(run_id, args, inputs, "checkpoint")
+        if record:
+            print(f"= {run_id}: finished before ({record['steps']} steps), skipped", flush=True)
+            return record
         shutil.rmtree(LOGS / run_id, ignore_errors=True)  # an unfinished or outdated attempt: ours to remove
         load_before, t0 = os.getloadavg()[0], time.perf_counter()
         self._call(args, run_id)
@@ -308,14 +411,60 @@ class BenchRunner:
             "load_before": load_before,
             "load_after": os.getloadavg()[0],
         }
-        _write_json(state, record)
+        _write_json(self._state(run_id), record)
+        return record
+
+    def _finished(self, run_id: str, args: list[str], inputs: str, output: str) -> dict | None:
+        """The run's record when it finished with the same command and config files and its ``output``
+        (a checkpoint, or pseudo-label ``files``) is still there; else None (it runs, again)."""
+        state = self._state(run_id)
+        if not state.is_file():
+            return None
+        record = json.loads(state.read_text())
+        same = record["command"] == _quote(args) and record.get("inputs", inputs) == inputs
+        outputs = record[output] if isinstance(record.get(output), list) else [record.get(output, "")]
+        if same and all(Path(o).is_file() for o in outputs):
+            return record
+        print(f"~ {run_id}: its command or configs changed since it ran: run again", flush=True)
+        return None
+
+    def pseudolabel(self, arm: str, seed: int, run: Run, done: dict[str, dict]) -> dict:
+        """``organseg pseudolabel`` of each card from the named runs' checkpoints, into ``out/work``."""
+        run_id = self.run_id(arm, seed, run)
+        ckpts = [done[name]["checkpoint"] for name in run.pseudo["ckpts"]]
+        files = [str(self.out / "work" / run_id / f"{Path(card).stem}.h5") for card in run.pseudo["cards"]]
+        commands = [
+            ["pseudolabel", "--ckpt", *ckpts, "--card", card, "--out", dst, "--force", "--no-progress"]
+            for card, dst in zip(run.pseudo["cards"], files)
+        ]
+        flat = [a for cmd in commands for a in cmd]
+        inputs = _inputs_digest(run.pseudo["cards"])
+        record = self._finished(run_id, flat, inputs, "files")
+        if record:
+            print(f"= {run_id}: pseudo-labels made before, skipped", flush=True)
+            return record
+        load_before, t0 = os.getloadavg()[0], time.perf_counter()
+        for i, cmd in enumerate(commands):
+            self._call(cmd, f"{run_id}-{i}")
+        record = {
+            "run_id": run_id,
+            "command": _quote(flat),
+            "inputs": inputs,
+            "files": files,
+            "steps": 0,  # inference only: no optimiser steps
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        }
+        _write_json(self._state(run_id), record)
         return record
 
     def arm_seed(self, arm: str, seed: int) -> dict:
         key = f"{arm}-s{seed}"
         done: dict[str, dict] = {}
         for run in self.bench.arms[arm]:
-            done[run.name] = self.fit(arm, seed, run, done)
+            step = self.fit if run.pseudo is None else self.pseudolabel
+            done[run.name] = step(arm, seed, run, done)
         state = self._state(key)
         if state.is_file():
             record = json.loads(state.read_text())
@@ -323,17 +472,11 @@ class BenchRunner:
             if evaluated == {name: r["command"] for name, r in done.items()}:
                 print(f"= {key}: evaluated before, skipped", flush=True)
                 return record
-        final = done[self.bench.arms[arm][-1].name]
+        chosen = self.bench.evaluate.get(arm) or [self.bench.arms[arm][-1].name]
         eval_dir = self.out / "eval" / key
-        args = [
-            "evaluate",
-            "--ckpt",
-            final["checkpoint"],
-            "--split",
-            self.bench.split,
-            "--out",
-            str(eval_dir),
-        ]
+        args = ["evaluate", "--ckpt", *(done[name]["checkpoint"] for name in chosen)]
+        args += ["--data", self.bench.test_data] if self.bench.test_data else []
+        args += ["--split", self.bench.split, "--out", str(eval_dir)]
         args += ["--overlays", "1" if seed == self.bench.seeds[0] else "0"]
         t0 = time.perf_counter()
         self._call(args, f"evaluate-{key}")
@@ -341,6 +484,7 @@ class BenchRunner:
             "arm": arm,
             "seed": seed,
             "runs": done,
+            "evaluated": chosen,
             "steps": sum(r["steps"] or 0 for r in done.values()),
             "train_wall_s": round(sum(r["wall_s"] for r in done.values()), 1),
             "eval_wall_s": round(time.perf_counter() - t0, 1),
@@ -355,7 +499,7 @@ class BenchRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         # the result folder is committed as it is: its working files (resume state, command logs, each
         # (arm, seed)'s evaluation folder with overlays) stay out of git
-        (self.out / ".gitignore").write_text("state/\nlogs/\neval/\n")
+        (self.out / ".gitignore").write_text("state/\nlogs/\neval/\nwork/\n")
         for cmd in self.bench.prepare:
             self._call(cmd, "prepare-" + "-".join(cmd[:1]))
         records = [self.arm_seed(arm, seed) for arm in self.bench.arms for seed in self.bench.seeds]
@@ -377,18 +521,20 @@ class BenchRunner:
                 )
         meta = {
             "name": self.bench.name,
+            "command": self.command or f"organseg bench {self.bench.path}",
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
             "benchmark": str(self.bench.path),
             "seeds": self.bench.seeds,
             "test_cases": len({r["case_id"] for r in rows}),
             "git_commit": _git_commit(),
             "versions": _versions(),
-            "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+            "machine": f"{os.cpu_count()} CPU cores ({sys.platform})",
             "arms": {
                 arm: [
                     {k: r[k] for k in ("seed", "steps", "train_wall_s", "eval_wall_s")}
                     | {
                         "runs": {
-                            n: {k: v for k, v in run.items() if k != "checkpoint"}
+                            n: {k: v for k, v in run.items() if k not in ("checkpoint", "files")}
                             for n, run in r["runs"].items()
                         }
                     }
@@ -466,6 +612,7 @@ def run(args) -> int:
     print(
         f"bench {bench.name}: {len(bench.arms)} arm(s) x {len(bench.seeds)} seed(s), {runs} fit(s) -> {out}"
     )
-    paths = BenchRunner(bench, out).run()
+    command = f"organseg bench {args.benchmark}" + (" --quick" if args.quick else "")
+    paths = BenchRunner(bench, out, command=command).run()
     print(f"\nwrote {paths['table']}, {paths['per_case']}, {paths['summary']} and the plots beside them")
     return 0

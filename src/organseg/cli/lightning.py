@@ -34,7 +34,7 @@ from organseg.methods.base import SegmentationModuleBase
 from organseg.methods.checkpoints import CHECKPOINT_KEY, read_checkpoint
 from organseg.runs import configure_wandb_mode, run_dir
 from organseg.runtime import slurm
-from organseg.runtime.callbacks import ValidationImages
+from organseg.runtime.callbacks import RemoveFailedRun, ValidationImages
 from organseg.runtime.threads import Threads
 
 
@@ -255,7 +255,19 @@ class OrgansegCLI(LightningCLI):
         config, callbacks = slurm.trainer_setup(
             config, callbacks
         )  # SLURM: checkpoint + requeue on pre-emption
-        return super()._instantiate_trainer(config, callbacks)
+        # a run that fails before its first step removes its run folder (and offline W&B run)
+        return super()._instantiate_trainer(config, [*callbacks, RemoveFailedRun()])
+
+    def _arm_failed_run_cleanup(self, fitting: bool) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RemoveFailedRun):
+                callback.arm(self.trainer, fitting)
+
+    def before_validate(self) -> None:
+        self._arm_failed_run_cleanup(fitting=False)
+
+    def before_test(self) -> None:
+        self._arm_failed_run_cleanup(fitting=False)
 
     def before_instantiate_classes(self) -> None:
         if self.subcommand is None:
@@ -285,6 +297,7 @@ class OrgansegCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
+        self._arm_failed_run_cleanup(fitting=True)
         # a requeued SLURM job continues from its HPC checkpoint or last.ckpt
         cfg = self.config_init["fit"]
         cfg["ckpt_path"] = slurm.fit_ckpt_path(self.trainer, cfg.get("ckpt_path"), run_dir(self.trainer))

@@ -18,7 +18,14 @@ from organseg.phantom.abdomen import (
     ABDOMEN_DEFAULT_SPACING,
     write_abdomen_dataset,
 )
-from organseg.phantom.hn import HN_DEFAULT_SHAPE, HN_DEFAULT_SPACING, write_hn_dataset
+from organseg.phantom.hn import (
+    HN_CLASSES,
+    HN_DEFAULT_SHAPE,
+    HN_DEFAULT_SPACING,
+    PDDCA_NAMES,
+    write_hn_dataset,
+    write_hn_rtstruct,
+)
 
 
 def _common(p: argparse.ArgumentParser, shape, spacing) -> None:
@@ -52,7 +59,9 @@ def _common(p: argparse.ArgumentParser, shape, spacing) -> None:
         "--dicom",
         metavar="DIR",
         default=None,
-        help="also write each case's CT as a DICOM CT series in DIR/<case>/ (input for `organseg predict`)",
+        help="also write each case's CT as a DICOM CT series in DIR/<case>/ (input for `organseg predict`); "
+        "hn adds DIR/<case>/RS_<case>.dcm, an RTSTRUCT with clinical structure names (a planning-system "
+        "export, read by a `layout: dicom_rt` card)",
     )
 
 
@@ -155,10 +164,27 @@ def _write_dicom(out: Path, case_ids: list[str], dicom_root: Path, layout: str, 
     (DICOM's defined terms HEADNECK / ABDOMEN) instead of an empty Laterality, which validators flag."""
     for cid in case_ids:
         src = out / cid / "img.nrrd" if layout == "pddca" else out / "imagesTr" / f"{cid}_0000.nii.gz"
-        write_dicom_series(
-            sitk.ReadImage(str(src)),
+        image = sitk.ReadImage(str(src))
+        files = write_dicom_series(
+            image,
             dicom_root / cid,
             patient_id=cid,
             series_description=f"organseg phantom {cid}",
             body_part=body_part,
         )
+        if body_part == "HEADNECK":
+            label = _hn_label(out, cid, layout)
+            label.CopyInformation(image)
+            write_hn_rtstruct(label, files, dicom_root / cid / f"RS_{cid}.dcm", int(cid.rsplit("_", 1)[-1]))
+
+
+def _hn_label(out: Path, cid: str, layout: str) -> sitk.Image:
+    """The case's HN_CLASSES label map (PDDCA: its nine structure masks merged)."""
+    if layout != "pddca":
+        return sitk.ReadImage(str(out / "labelsTr" / f"{cid}.nii.gz"))
+    label = None
+    for stem, cls in PDDCA_NAMES.items():
+        mask = sitk.ReadImage(str(out / cid / "structures" / f"{stem}.nrrd")) > 0
+        value = sitk.Cast(mask, sitk.sitkUInt8) * HN_CLASSES.index(cls)
+        label = value if label is None else sitk.Maximum(label, value)
+    return label

@@ -7,6 +7,8 @@ import argparse
 from organseg.cache.build import build_cache
 from organseg.errors import ConfigError
 from organseg.io.card import DatasetCard
+from organseg.io.dicom_rt import names_table
+from organseg.io.layouts import list_cases
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -46,6 +48,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="voxel coordinates stored per organ for class-balanced patch sampling",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write nothing: list the cases, and for a dicom_rt card print every structure name in the "
+        "RTSTRUCTs -> class / ignored (why) / unmatched, with counts, to fix the card before a long run",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -54,6 +62,14 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     cards = [DatasetCard.load(path) for path in args.cards]  # all cards validated before any work
+    if args.dry_run:
+        for card in cards:
+            cases = list_cases(card)
+            if card.layout == "dicom_rt":
+                print(names_table(card, cases), flush=True)
+            else:
+                print(f"{card.name}: {len(cases)} case(s) in {card.path} (layout {card.layout})", flush=True)
+        return 0
     for card in cards:
         build_cache(
             card,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
 from organseg.data.augmentation import SPATIAL_MODES, AugmentationConfig
-from organseg.data.datasets import CacheSource, CaseStream, PatchStream
+from organseg.data.datasets import PATCH_CENTRES, CacheSource, CaseStream, PatchStream
 from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader
 from organseg.data.workers import init_worker, worker_context
 from organseg.errors import ConfigError
@@ -49,6 +49,17 @@ class CTDataModule(pl.LightningDataModule):
         pseudo_labels: optional hard pseudo-label files (``organseg pseudolabel``), one per card in order
             (null for a card without); training batches then carry ``pseudo`` int64 [B,X,Y,Z] (0 where
             none), augmented with the label. A file stale for its card's cache is an error.
+        class_counts: how ``class_voxel_counts`` (the focal loss's inverse-frequency class weights) counts,
+            the same way for every method on these cards (:func:`count_class_voxels`): ``annotated``
+            (default) = each organ's frequency over the datasets that annotate it; ``gt_and_pseudo`` =
+            ground truth plus the pseudo-labels of the organs a dataset does not annotate (needs
+            ``pseudo_labels`` for every card with such organs); ``gt`` (ours, the earlier rule) = ground
+            truth only, unannotated organs counted as background, and a class with no voxels gets the
+            largest weight (the other two give it weight 0: it is never a target).
+        patch_centres: ``gt_and_pseudo`` (default): with pseudo-labels, organ-centred patches are drawn per
+            organ, equally, over the ground-truth organs and the pseudo-labelled organs a dataset does not
+            annotate (the union label map the network learns); ``gt`` (ours, the earlier rule): ground-truth
+            organs only. Without pseudo-labels the two are the same.
         seed: base seed of the patch streams; null (default) follows the run's seed (``seed_everything``,
             which Lightning exports as ``PL_GLOBAL_SEED``; 0 without one), so one seed sets model init, data
             order and patches alike.
@@ -79,6 +90,8 @@ class CTDataModule(pl.LightningDataModule):
         val_max_cases: int | None = None,
         heatmap_sigma_mm: float | None = None,
         pseudo_labels: Sequence[str | None] | None = None,
+        patch_centres: str = "gt_and_pseudo",
+        class_counts: str = "annotated",
         seed: int | None = None,
     ):
         super().__init__()
@@ -170,12 +183,19 @@ class CTDataModule(pl.LightningDataModule):
         ]
 
     def class_voxel_counts(self, split: str = "train") -> np.ndarray:
-        """Voxels per class summed over a split's cases (for inverse-frequency loss weights)."""
-        total = np.zeros(self.num_classes, dtype=np.float64)
-        for src in self.sources(split):
-            for cid in src.case_ids:
-                total += src.reader.class_counts(cid)
-        return total
+        """Voxels per class over a split's cases, counted as ``class_counts`` says (for inverse-frequency
+        loss weights); pseudo-labels exist for the training split only."""
+        mode = self.hparams.class_counts
+        sources = self.sources(split)
+        if mode == "gt_and_pseudo" and split != self.hparams.train_split:
+            mode = "annotated"
+        return count_class_voxels(sources, self.num_classes, mode)
+
+    @property
+    def absent_class_weight(self) -> str:
+        """What a class with no counted voxels weighs (``class_weights_from_counts``'s ``absent``):
+        ``max`` under ``class_counts: gt`` (the earlier rule), else ``zero``."""
+        return "max" if self.hparams.class_counts == "gt" else "zero"
 
     # ---------------------------------------------------------------- loaders
     def _rank_world(self) -> tuple[int | None, int | None]:
@@ -221,6 +241,7 @@ class CTDataModule(pl.LightningDataModule):
             world_size=world,
             heatmap_classes=self._heatmap_classes(),
             heatmap_sigma_mm=hp.heatmap_sigma_mm or 5.0,
+            patch_centres=hp.patch_centres,
         )
         trainer = getattr(self, "trainer", None)
         self.train_stream.epoch_offset = trainer.current_epoch if trainer is not None else 0
@@ -280,6 +301,62 @@ class CTDataModule(pl.LightningDataModule):
         return self._case_loader(self.hparams.test_split)
 
 
+# ------------------------------------------------------------------------------- class counts
+CLASS_COUNTS = ("annotated", "gt_and_pseudo", "gt")
+
+
+def count_class_voxels(
+    sources: Sequence[CacheSource], num_classes: int, mode: str = "annotated"
+) -> np.ndarray:
+    """float64 [C]: voxels per class over the sources' cases (V = all their voxels), for class weights.
+
+    - ``annotated``: organ c's frequency f_c = n_c / V_c over the cases of the datasets that annotate c
+      (V_c their voxels), returned as f_c V; background = V - sum_c f_c V. It needs no pseudo-labels, so
+      every method on the same cards (naive union, marginal, self-training, co-training, an expert on
+      one card) counts alike; on fully labelled data it is the ground-truth count. An organ no dataset
+      annotates counts 0.
+    - ``gt_and_pseudo``: the union label map the pseudo-label methods learn: ground truth for the organs
+      a dataset annotates, its pseudo-labels for the others; background = V - organs (a pseudo voxel on a
+      ground-truth organ, rare, is counted for both). A source with unannotated organs and no
+      pseudo-labels is an error.
+    - ``gt`` (ours, the earlier rule): ground truth only; unannotated organs count as background.
+    """
+    if mode not in CLASS_COUNTS:
+        raise ConfigError(f"class_counts must be one of {list(CLASS_COUNTS)}, got {mode!r}")
+    organs = np.zeros(num_classes, dtype=np.float64)
+    gt = np.zeros(num_classes, dtype=np.float64)
+    annotated_voxels = np.zeros(num_classes, dtype=np.float64)
+    total = 0.0
+    for src in sources:
+        labeled = np.asarray(src.labeled, dtype=bool)
+        unannotated = ~labeled
+        unannotated[0] = False
+        if mode == "gt_and_pseudo" and unannotated.any() and src.case_ids and src.pseudo is None:
+            raise ConfigError(
+                f"class_counts=gt_and_pseudo: card {src.name} does not annotate every organ and has no "
+                f"pseudo_labels; use class_counts=annotated"
+            )
+        for cid in src.case_ids:
+            counts = np.asarray(src.reader.class_counts(cid), dtype=np.float64)
+            voxels = float(np.prod(src.reader.shape(cid)))
+            total += voxels
+            gt += counts
+            annotated_voxels += labeled * voxels
+            if mode == "gt_and_pseudo":
+                pseudo = (
+                    np.asarray(src.pseudo.class_counts(cid), dtype=np.float64) if unannotated.any() else 0.0
+                )
+                organs += np.where(labeled, counts, 0.0) + np.where(unannotated, pseudo, 0.0)
+    if mode == "gt":
+        return gt
+    if mode == "annotated":
+        freq = np.divide(gt, annotated_voxels, out=np.zeros_like(gt), where=annotated_voxels > 0)
+        organs = freq * total
+    organs[0] = 0.0
+    organs[0] = max(total - organs.sum(), 0.0)  # background: every voxel no organ claims
+    return organs
+
+
 # ------------------------------------------------------------------------------- argument checks
 SPLITS = ("train", "val", "test", "all")
 
@@ -321,6 +398,12 @@ def check_arguments(args: Mapping[str, Any], where: str = "CTDataModule.", train
     value = args.get("foreground_probability")
     if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
         raise bad("foreground_probability", f"must be a probability in [0, 1], got {value!r}")
+    value = args.get("class_counts")
+    if value is not None and value not in CLASS_COUNTS:
+        raise bad("class_counts", f"must be one of {list(CLASS_COUNTS)}, got {value!r}")
+    value = args.get("patch_centres")
+    if value is not None and value not in PATCH_CENTRES:
+        raise bad("patch_centres", f"must be one of {list(PATCH_CENTRES)}, got {value!r}")
     value = args.get("heatmap_sigma_mm")
     if value is not None and not (_is_number(value) and value > 0):
         raise bad("heatmap_sigma_mm", f"must be > 0 (mm) or null (no heatmap targets), got {value!r}")

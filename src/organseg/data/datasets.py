@@ -46,6 +46,10 @@ class CacheSource:
 # volumes moved as label maps (nearest neighbour) by the augmentation; the others are scalar images
 _LABEL_MAPS = frozenset({"label", "pseudo"})
 
+# where organ-centred patches are centred: the union label map the network learns (ground truth for the
+# organs a dataset annotates, pseudo-labels for the others) or ground truth only (ours, the earlier rule)
+PATCH_CENTRES = ("gt_and_pseudo", "gt")
+
 
 def _affine(spacing) -> np.ndarray:
     return np.diag([*map(float, spacing), 1.0])
@@ -57,6 +61,12 @@ class PatchStream(IterableDataset):
     Each epoch every (rank, worker) stream yields its share of ``patches_per_epoch`` in whole
     batches, seeded by (seed, epoch, rank, worker): distinct across processes, reproducible across runs.
     Workers must be persistent (the DataModule sets it) so the per-iteration epoch counter advances.
+
+    ``patch_centres``: ``gt_and_pseudo`` (default) draws organ centres per organ, equally, over the
+    organs of the union label map: the ground-truth organs of the sample's dataset and, where the source
+    has pseudo-labels, the pseudo-labelled organs it does not annotate, so a union network sees each
+    organ as often as the expert of that organ; ``gt`` (ours, the earlier rule) draws from the ground
+    truth only. Without pseudo-labels both are the same draw.
     """
 
     def __init__(
@@ -76,7 +86,11 @@ class PatchStream(IterableDataset):
         world_size: int | None = None,
         heatmap_classes: Sequence[int] = (),
         heatmap_sigma_mm: float = 5.0,
+        patch_centres: str = "gt_and_pseudo",
     ):
+        if patch_centres not in PATCH_CENTRES:
+            raise ConfigError(f"patch_centres must be one of {list(PATCH_CENTRES)}, got {patch_centres!r}")
+        self.patch_centres = patch_centres
         self.sources = list(sources)
         if not self.sources or not any(s.case_ids for s in self.sources):
             raise ConfigError("PatchStream: no training cases")
@@ -133,7 +147,8 @@ class PatchStream(IterableDataset):
         """
         d, case_id = self._draw_case(rng)
         src = self.sources[d]
-        start = self._draw_patch_start(rng, src.reader, case_id)
+        centre, _ = self.draw_patch_centre(rng, src, case_id)
+        start = patch_start(rng, centre, self.patch_size, self.jitter)
         spacing = src.reader.spacing(case_id)
         if self.transform is not None and self.spatial is None:
             region = self._read_region(
@@ -156,17 +171,25 @@ class PatchStream(IterableDataset):
         case_ids = self.sources[d].case_ids
         return d, case_ids[int(rng.integers(len(case_ids)))]
 
-    def _draw_patch_start(self, rng: np.random.Generator, reader, case_id: str) -> np.ndarray:
-        """Patch origin around a class-balanced centre (from the cached foreground coordinates, no scan)."""
-        centre, _ = draw_centre(
-            rng,
-            reader.shape(case_id),
-            reader.class_counts(case_id),
-            lambda c: reader.fg_coords(case_id, c),
-            self.foreground_probability,
-            self.organ_weights,
+    def draw_patch_centre(
+        self, rng: np.random.Generator, src: CacheSource, case_id: str
+    ) -> tuple[np.ndarray, int]:
+        """(centre voxel, its class): a class-balanced draw over the case's organs (``patch_centres``)
+        from the cached foreground coordinates, no scan; class 0 = a uniform voxel of the case."""
+        reader = src.reader
+        counts = reader.class_counts(case_id)
+        from_pseudo = np.zeros(len(counts), dtype=bool)
+        if self.patch_centres == "gt_and_pseudo" and src.pseudo is not None:
+            from_pseudo = ~np.asarray(src.labeled, dtype=bool)  # organs the dataset does not annotate
+            from_pseudo[0] = False
+            counts = np.where(from_pseudo, src.pseudo.class_counts(case_id), counts)
+
+        def coords(c: int) -> np.ndarray:  # of the union label map
+            return src.pseudo.fg_coords(case_id, c) if from_pseudo[c] else reader.fg_coords(case_id, c)
+
+        return draw_centre(
+            rng, reader.shape(case_id), counts, coords, self.foreground_probability, self.organ_weights
         )
-        return patch_start(rng, centre, self.patch_size, self.jitter)
 
     def _read_region(
         self, src: CacheSource, case_id: str, region_start: np.ndarray, region_size: np.ndarray, spacing

@@ -28,11 +28,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from organseg.cache.build import CHUNKS
+from organseg.cache.build import CHUNKS, label_stats
 from organseg.errors import OrgansegError
 from organseg.io.atomic import atomic_open
 
 FORMAT_VERSION = 1
+FG_SAMPLES = 10000  # organ voxel coordinates kept per class for patch centres (as the cache's default)
 
 
 class PseudoLabelError(OrgansegError, ValueError):
@@ -120,13 +121,33 @@ class PseudoLabelReader:
                     )
         self._h5: h5py.File | None = None
         self._pid: int | None = None
+        self._stats: dict[str, dict] = {}
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_h5", "_pid")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_h5", "_pid", "_stats")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._h5, self._pid = None, None
+        self._h5, self._pid, self._stats = None, None, {}
+
+    def _case_stats(self, case_id: str) -> dict:
+        """Voxel counts and organ coordinates of a case's pseudo-labels, computed on first use (one read
+        of the case per process, kept) by the cache's own rule (``cache.build.label_stats``: a seeded
+        uniform sample of up to ``FG_SAMPLES`` coordinates per class), so files need no extra content."""
+        stats = self._stats.get(case_id)
+        if stats is None:
+            stats = label_stats(self.read_case(case_id), len(self.classes), FG_SAMPLES, case_id)
+            self._stats[case_id] = stats
+        return stats
+
+    def class_counts(self, case_id: str) -> np.ndarray:
+        """int64 [C]: pseudo-labelled voxels per class (class 0: the rest of the case)."""
+        return np.asarray(self._case_stats(case_id)["class_counts"], dtype=np.int64)
+
+    def fg_coords(self, case_id: str, class_index: int) -> np.ndarray:
+        """(N, 3) int32 coordinates sampled uniformly from pseudo-class ``class_index`` (empty if none)."""
+        coords = self._case_stats(case_id)["fg"].get(int(class_index))
+        return np.zeros((0, 3), dtype=np.int32) if coords is None else coords
 
     def _file(self) -> h5py.File:
         if self._h5 is None or self._pid != os.getpid():

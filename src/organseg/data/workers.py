@@ -29,6 +29,8 @@ import signal
 import SimpleITK as sitk
 import torch
 
+from organseg.child_processes import exit_with_parent
+
 REQUEUE_SIGNAL = signal.SIGUSR1
 
 # what OpenMP, BLAS builds, numexpr and ITK read when a library starts in a (child) process
@@ -72,8 +74,10 @@ def limit_threads(threads: int) -> None:
 
 
 def init_worker(worker_id: int | None = None, threads: int | None = 1) -> None:
-    """DataLoader ``worker_init_fn``: ignore the requeue signal and run ``threads`` threads per library
-    (module doc); ``threads=None`` leaves the libraries' defaults (one thread per core each)."""
+    """DataLoader ``worker_init_fn``: end with the parent (the trainer, or the forkserver, which ends with
+    the trainer), ignore the requeue signal and run ``threads`` threads per library (module doc);
+    ``threads=None`` leaves the libraries' defaults (one thread per core each)."""
+    exit_with_parent()
     signal.signal(REQUEUE_SIGNAL, signal.SIG_IGN)
     if threads is not None:
         limit_threads(threads)

@@ -76,6 +76,43 @@ def markdown_table(
     return "\n".join(lines)
 
 
+def budget_table(arms: Mapping[str, Sequence[Mapping]]) -> str:
+    """Each arm's optimiser steps per run (the budget), and the wall time and machine load it took: a
+    Markdown table. ``arms``: arm -> one record per seed with ``runs`` (name -> steps, wall_s, load_*)."""
+    lines = [
+        "### Budgets (optimiser steps) and what they cost here",
+        "",
+        "| arm | steps per run | total steps | train wall min (mean over seeds) | 1-min load (min-max) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for arm, records in arms.items():
+        if not records:
+            continue
+        runs = records[0]["runs"]
+        per_run = " + ".join(
+            f"{name} {run['steps']}" if run.get("steps") else f"{name} (inference)"
+            for name, run in runs.items()
+        )
+        walls = [r["train_wall_s"] / 60 for r in records]
+        loads = [
+            run[k]
+            for r in records
+            for run in r["runs"].values()
+            for k in ("load_before", "load_after")
+            if k in run
+        ]
+        load = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "-"
+        lines.append(
+            f"| {arm} | {per_run} | {records[0]['steps']} | {sum(walls) / len(walls):.1f} | {load} |"
+        )
+    lines += [
+        "",
+        "A run shared by two arms (same stages, same seed) is trained once and counted in both; wall time "
+        "depends on the machine's load, the steps do not.",
+    ]
+    return "\n".join(lines)
+
+
 def write_benchmark_report(
     rows: Sequence[Mapping],
     arms: Sequence[str],
@@ -98,10 +135,19 @@ def write_benchmark_report(
             per_label, f"Dice: {a} - {b} (paired per seed and case)", out_dir / f"forest_{a}_vs_{b}.png"
         )
     head = [f"# Benchmark {meta.get('name', '')}", ""]
-    for key in ("seeds", "test_cases", "git_commit", "command"):
+    for key in ("command", "date", "seeds", "test_cases", "git_commit", "machine"):
         if key in meta:
             head.append(f"- {key}: `{meta[key]}`")
     head.append("")
+    n_seeds = len({r["seed"] for r in rows})
+    if n_seeds < 3:
+        head += [
+            f"**{n_seeds} seed(s) only: the intervals barely sample seed-to-seed variation (too narrow); "
+            "read no difference here as shown (a claim needs >= 3 seeds).**",
+            "",
+        ]
+    if meta.get("arms"):
+        head += [budget_table(meta["arms"]), "", ""]
     body = markdown_table(rows, arms, organs, groups, differences)
     figures = "\n".join(f"![{p.stem}]({p.name})" for k, p in paths.items() if p.suffix == ".png")
     paths["table"] = atomic_write_text(out_dir / "table.md", "\n".join(head) + body + "\n\n" + figures + "\n")

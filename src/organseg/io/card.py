@@ -3,7 +3,7 @@
 A card is a YAML file (``data_modules/cards/<name>.yaml``)::
 
     name: hn_phantom
-    layout: nnunet                 # nnunet (also MSD) | pddca
+    layout: nnunet                 # nnunet (also MSD) | pddca | dicom_rt
     path: data/raw/hn_phantom      # relative paths resolve against the current directory
     cache: data/cache/hn_phantom.h5
     classes: [background, brainstem, ...]   # index -> organ name; index 0 is background
@@ -12,7 +12,9 @@ A card is a YAML file (``data_modules/cards/<name>.yaml``)::
     target_spacing: [1.0, 1.0, 3.0]  # mm, (x, y, z) = torchio's axis order
     hu_window: [-160, 240]         # clip window; intensities are then scaled to [-1, 1]
     split: {val: 0.2, test: 0.2, seed: 0}   # deterministic case split (fractions or id lists)
-    class_map: {BrainStem: brainstem}        # pddca only: structure file stem -> class name
+    class_map: {BrainStem: brainstem}        # pddca: structure file stem -> class name; dicom_rt: TG-263
+                                   # (or exact structure) name -> class name (optional, see io/tg263.py)
+    rtstruct_conflict: newest      # dicom_rt: two RTSTRUCTs contour one organ differently: newest | error
     label_values: {1: liver}       # optional: raw label value -> class name (default: identity)
 
 Axis convention everywhere in organseg: arrays are indexed (x, y, z), as torchio and nibabel do;
@@ -30,6 +32,8 @@ from typing import Any
 
 from organseg.errors import OrgansegError
 from organseg.io.yaml_files import read_yaml_mapping
+
+LAYOUTS = ("nnunet", "msd", "pddca", "dicom_rt")
 
 
 class CardError(OrgansegError, ValueError):
@@ -50,6 +54,7 @@ class DatasetCard:
     split: dict[str, Any] = field(default_factory=lambda: {"val": 0.2, "test": 0.2, "seed": 0})
     class_map: dict[str, str] = field(default_factory=dict)
     label_values: dict[int, str] = field(default_factory=dict)
+    rtstruct_conflict: str = "newest"
     source: str = ""  # the YAML file this card came from ("" when built in code)
 
     # ----------------------------------------------------------------- construction
@@ -84,8 +89,8 @@ class DatasetCard:
 
     def validate(self, where: str = "") -> None:
         where = where or self.source or self.name
-        if self.layout not in ("nnunet", "msd", "pddca"):
-            raise CardError(f"{where}: layout must be nnunet, msd or pddca, got {self.layout!r}")
+        if self.layout not in LAYOUTS:
+            raise CardError(f"{where}: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if not self.classes or self.classes[0] != "background":
             raise CardError(f"{where}: classes[0] must be 'background'")
         if len(set(self.classes)) != len(self.classes):
@@ -105,6 +110,15 @@ class DatasetCard:
             raise CardError(f"{where}: hu_window must be [low, high] with low < high")
         if self.layout == "pddca" and not self.class_map:
             raise CardError(f"{where}: a pddca card needs class_map (structure file stem -> class name)")
+        if self.rtstruct_conflict not in ("newest", "error"):
+            raise CardError(
+                f"{where}: rtstruct_conflict must be newest or error, got {self.rtstruct_conflict!r}"
+            )
+        if self.layout == "dicom_rt":
+            from organseg.io.tg263 import StructureNames  # noqa: PLC0415 - only dicom_rt cards need the table
+
+            for problem in StructureNames(self.classes, self.class_map).problems(self.labeled):
+                raise CardError(f"{where}: {problem}")
 
     # ----------------------------------------------------------------- derived facts
     @property
@@ -131,7 +145,7 @@ class DatasetCard:
 
     def preprocessing_params(self) -> dict:
         """Everything that changes the cache contents (part of its fingerprint)."""
-        return {
+        params = {
             "classes": self.classes,
             "target_spacing": list(map(float, self.target_spacing)),
             "hu_window": list(map(float, self.hu_window)),
@@ -139,6 +153,11 @@ class DatasetCard:
             "class_map": self.class_map,
             "label_values": {str(k): v for k, v in self.label_values.items()},
         }
+        if self.layout == "dicom_rt":  # only here, so other layouts' caches keep their fingerprints
+            from organseg.io.tg263 import table_digest  # noqa: PLC0415 - only dicom_rt cards need the table
+
+            params.update(rtstruct_conflict=self.rtstruct_conflict, tg263_table=table_digest())
+        return params
 
     def split_cases(self, case_ids: list[str]) -> dict[str, list[str]]:
         """Deterministic train/val/test split; fractions or explicit id lists."""

@@ -10,6 +10,8 @@ Layouts (``card.layout``):
   (values only {0, 1} or only {0, 255}; anything else is a CaseError); ``card.class_map`` maps a file
   stem to a class name. The masks are merged into one label map in class index order (the later class
   index wins where masks overlap; reported once per process).
+* ``dicom_rt``: ``<root>/<patient>/**`` holding one CT series and RTSTRUCT file(s) from a planning system,
+  structure names mapped to classes through TG-263 (see :mod:`organseg.io.dicom_rt`, ``io/tg263.py``).
 
 Every problem with a case is a :class:`CaseError` whose message is one line, ``"<case>: <problem> (<file>)"``.
 """
@@ -57,12 +59,13 @@ class CaseFiles:
     image: Path | None
     label: Path | None = None
     structures: dict[str, Path] = field(default_factory=dict)  # pddca: file stem -> mask file
+    dicom: list[Path] = field(default_factory=list)  # dicom_rt: every file of the patient (image: its folder)
 
     @property
     def files(self) -> list[Path]:
         """Every input file of the case (for fingerprints)."""
         out = [p for p in (self.image, self.label) if p is not None]
-        return out + [self.structures[k] for k in sorted(self.structures)]
+        return out + [self.structures[k] for k in sorted(self.structures)] + list(self.dicom)
 
 
 # ---------------------------------------------------------------------------------- listing
@@ -95,6 +98,10 @@ def list_cases(card: DatasetCard) -> list[CaseFiles]:
         cases = _list_nnunet(root)
     elif card.layout == "pddca":
         cases = _list_pddca(root, card)
+    elif card.layout == "dicom_rt":
+        from organseg.io.dicom_rt import list_patients  # noqa: PLC0415 - pydicom/matplotlib for dicom_rt only
+
+        cases = list_patients(root)
     else:  # pragma: no cover - the card validates the layout
         raise CaseError(f"{card.source or card.name}: unknown layout {card.layout!r}")
     if not cases:
@@ -343,14 +350,24 @@ def _map_labels(case_id: str, raw: np.ndarray, mapping: dict[int, int], path: Pa
 _overlap_warned: set[str] = set()  # dataset roots already warned about (once per process)
 
 
-def read_case_sitk(card: DatasetCard, case: CaseFiles) -> tuple[sitk.Image, sitk.Image, Geometry]:
+def read_case_sitk(
+    card: DatasetCard, case: CaseFiles, report: dict | None = None
+) -> tuple[sitk.Image, sitk.Image, Geometry]:
     """Read and validate a case: (float32 HU image, uint8 class-index label map on the same grid, geometry).
 
     Raises :class:`CaseError` (one line naming the case, the problem and the file) for unreadable or
     truncated files, 2D/4D/multi-component images, non-finite voxels, a missing label, image/label
-    shape or geometry mismatches, and label values the card does not know.
+    shape or geometry mismatches, and label values the card does not know. ``report`` (a dict) receives
+    what a ``dicom_rt`` case's reading decided (structure mapping, conflicts, overlaps).
     """
     cid = case.case_id
+    if card.layout == "dicom_rt":
+        from organseg.io.dicom_rt import read_dicom_rt_case  # noqa: PLC0415 - see list_cases
+
+        image, label, found = read_dicom_rt_case(card, case)
+        if report is not None:
+            report.update(found)
+        return image, label, Geometry.of(image)
     if case.image is None:
         expected = "img.nrrd" if card.layout == "pddca" else f"imagesTr/{cid}_0000.*"
         raise CaseError(f"{cid}: no image file (expected {expected} in {card.path})", cid)

@@ -26,9 +26,13 @@ and its entity checker (``dcentvfy``) finds the RTSTRUCT consistent with the CT,
 * ``SpecificCharacterSet`` is the CT's where it has one (the copied names are in its encoding); the RT
   series' date and time are when the structure set was made, not the CT series'.
 
-Contours run through the centres of an organ's boundary voxels (OpenCV). An organ that is a single
-voxel in a slice would become a one-point "polygon" that has no area in a planning system and that
-rt-utils' reader cannot rasterise; we write it as the voxel's square outline instead.
+Contours run along the *edges* of an organ's voxels (``edge_contours``), not through the centres of its
+boundary voxels (what rt-utils' OpenCV contours do): there, whether a reader counts a boundary voxel was a
+tie-break, and on a grid with direction (-1, -1, 1) (common for head-and-neck CT) dcmrtstruct2nii read
+masks back smaller than written and dicompyler-core's polygon volumes were 12-64 % too small. Along the
+edges, each slice's polygon area (holes subtracted) is exactly its voxel area in every orientation and
+pixel aspect, and every voxel centre lies strictly inside or outside. rt-utils still builds each ROI's
+entries (names, numbers, observations); its ContourSequence is replaced by these polygons.
 """
 
 from __future__ import annotations
@@ -173,13 +177,20 @@ def _rt_utils_view(headers: list) -> list:
 
 
 def build_rtstruct(
-    label: sitk.Image, classes: Sequence[str], headers: Sequence, *, description: str = "organseg prediction"
+    label: sitk.Image,
+    classes: Sequence[str],
+    headers: Sequence,
+    *,
+    description: str = "organseg prediction",
+    extra: Sequence[tuple[str, np.ndarray | None]] = (),
 ):
     """An rt-utils ``RTStruct`` with one ROI (contours) per class present in ``label``.
 
     ``label`` is a class-index map on exactly the series' grid (as read by
     :func:`organseg.io.dicom.read_dicom_series`), ``headers`` the series' pydicom datasets in any order,
-    ``classes`` the class names (index 0, background, gets no ROI)."""
+    ``classes`` the class names (index 0, background, gets no ROI). ``extra`` adds ROIs after those:
+    ``(name, boolean (x, y, z) mask on the label's grid)``, which may overlap the classes (a PRV, a PTV);
+    an empty mask (or None) gives an ROI without contour data, as planning systems export one."""
     # lazy: rt-utils imports OpenCV, which needs libGL; only RTSTRUCT output should need it
     from rt_utils import RTStruct, ds_helper  # noqa: PLC0415
 
@@ -199,37 +210,115 @@ def build_rtstruct(
     ds.SeriesDescription = description
     rt = RTStruct(series, ds)
     present = np.flatnonzero(np.bincount(labels_yxz.ravel(), minlength=len(classes)))
+    rois = []
     for c in present:
         if c == 0:
             continue
         if c >= len(classes):
             raise ValueError(f"label value {c} has no class name ({len(classes)} classes)")
-        rt.add_roi(
-            mask=labels_yxz == c,
-            name=str(classes[c]),
-            description=f"organseg class {c}",
-            roi_generation_algorithm="AUTOMATIC",
-        )
-    _tidy_contours(rt.ds, label)
+        rois.append((str(classes[c]), labels_yxz == c, f"organseg class {c}"))
+    for name, mask_xyz in extra:
+        mask = np.zeros(labels_yxz.shape, bool) if mask_xyz is None else np.asarray(mask_xyz, bool)
+        if mask_xyz is not None:
+            mask = mask.transpose(1, 0, 2)[:, :, z]
+        rois.append((str(name), mask, ""))
+    for name, mask, roi_description in rois:
+        seed = np.zeros_like(mask)  # rt-utils builds the ROI's entries; its contours are replaced below
+        seed[tuple(np.argwhere(mask)[0]) if mask.any() else (0, 0, 0)] = True
+        rt.add_roi(mask=seed, name=name, description=roi_description, roi_generation_algorithm="AUTOMATIC")
+        if mask.any():
+            rt.ds.ROIContourSequence[-1].ContourSequence = _edge_contour_sequence(mask, series, z, label)
+        else:  # ContourSequence is Type 3: an ROI without contours simply has none
+            del rt.ds.ROIContourSequence[-1].ContourSequence
     return rt
 
 
-def _tidy_contours(ds, label: sitk.Image) -> None:
-    """Replace each one-point contour (a single voxel in its slice) by the voxel's square outline, and
-    write coordinates with 0.1 um precision: rt-utils' full float reprs overflow DICOM's 16-character DS."""
+# ---------------------------------------------------------------------------------- voxel-edge contours
+# a pixel's four sides as (start corner, end corner) offsets (row, col), one orientation around the pixel;
+# a side is a boundary edge where the neighbour across it (the offset) is outside the mask
+_SIDES = (
+    ((0, 1), (0, 0), (-1, 0)),  # top: (r, c+1) -> (r, c)
+    ((0, 0), (1, 0), (0, -1)),  # left: (r, c) -> (r+1, c)
+    ((1, 0), (1, 1), (1, 0)),  # bottom: (r+1, c) -> (r+1, c+1)
+    ((1, 1), (0, 1), (0, 1)),  # right: (r+1, c+1) -> (r, c+1)
+)
+
+
+def edge_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed polygons along the pixel *edges* of a 2-D boolean mask ``(rows, cols)``: each an ``(n, 2)``
+    array of corner coordinates ``(row, col)`` (pixel ``(r, c)`` spans corners ``r..r+1``, ``c..c+1``),
+    collinear corners dropped. Outer boundaries and holes run in opposite senses, so the signed areas sum
+    to the pixel count: a polygon-area volume equals the voxel volume, and every pixel centre lies strictly
+    inside or outside (no reader has a tie to break). Pixels that touch only at a corner get separate
+    polygons (4-connectivity)."""
+    mask = np.asarray(mask, dtype=bool)
+    padded = np.pad(mask, 1)
+    starts, ends, owners = [], [], []
+    rows, cols = np.nonzero(mask)
+    for (sr, sc), (er, ec), (nr, nc) in _SIDES:
+        open_side = ~padded[rows + 1 + nr, cols + 1 + nc]
+        r, c = rows[open_side], cols[open_side]
+        starts.append(np.stack([r + sr, c + sc], 1))
+        ends.append(np.stack([r + er, c + ec], 1))
+        owners.append(r * mask.shape[1] + c)
+    if not rows.size:
+        return []
+    start, end, owner = np.concatenate(starts), np.concatenate(ends), np.concatenate(owners)
+    width = mask.shape[1] + 1
+    start_key, end_key = start[:, 0] * width + start[:, 1], end[:, 0] * width + end[:, 1]
+    order = np.argsort(start_key, kind="stable")
+    lo = np.searchsorted(start_key[order], end_key, "left")
+    hi = np.searchsorted(start_key[order], end_key, "right")
+    nxt = order[lo]  # the one edge leaving the corner where this one ends ...
+    two = np.flatnonzero(hi - lo == 2)  # ... or, where two pixels touch at a corner, the same pixel's
+    alt = order[lo[two] + 1]
+    nxt[two] = np.where(owner[alt] == owner[two], alt, nxt[two])
+    seen = np.zeros(len(start), dtype=bool)
+    polygons = []
+    for first in range(len(start)):
+        if seen[first]:
+            continue
+        loop, e = [], first
+        while not seen[e]:
+            seen[e] = True
+            loop.append(e)
+            e = nxt[e]
+        direction = end[loop] - start[loop]
+        turn = np.any(direction != np.roll(direction, 1, axis=0), axis=1)
+        polygons.append(start[loop][turn].astype(float))
+    return polygons
+
+
+def polygon_area(points: np.ndarray) -> float:
+    """Signed shoelace area of a closed polygon ``(n, 2)``."""
+    a, b = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(a, np.roll(b, -1)) - np.dot(np.roll(a, -1), b))
+
+
+def _edge_contour_sequence(mask_yxz: np.ndarray, series: Sequence, z: Sequence[int], label: sitk.Image):
+    """The ContourSequence of one ROI: voxel-edge polygons (``edge_contours``) of every slice, in patient
+    coordinates, each referencing its CT slice (``series`` in rt-utils' order, ``z`` their label indices)."""
+    from pydicom.dataset import Dataset  # noqa: PLC0415
+    from pydicom.sequence import Sequence as DicomSequence  # noqa: PLC0415
+
     d = np.asarray(label.GetDirection(), dtype=float).reshape(3, 3)
-    sx, sy = (float(v) for v in label.GetSpacing()[:2])
-    half_x, half_y = d[:, 0] * sx / 2, d[:, 1] * sy / 2
-    for roi in ds.ROIContourSequence:
-        for contour in getattr(roi, "ContourSequence", []):
-            points = np.asarray(contour.ContourData, dtype=float)
-            if int(contour.NumberOfContourPoints) == 1:
-                p = points
-                points = np.concatenate(
-                    [p - half_x - half_y, p + half_x - half_y, p + half_x + half_y, p - half_x + half_y]
-                )
-                contour.NumberOfContourPoints = 4
-            contour.ContourData = [f"{v:.4f}" for v in points]
+    spacing, origin = np.asarray(label.GetSpacing(), float), np.asarray(label.GetOrigin(), float)
+    out = DicomSequence()
+    for j, (ds, k) in enumerate(zip(series, z)):
+        for poly in edge_contours(mask_yxz[:, :, j]):
+            # corner (row, col) = continuous index (x = col - 0.5, y = row - 0.5) on slice k
+            index = np.stack([poly[:, 1] - 0.5, poly[:, 0] - 0.5, np.full(len(poly), float(k))], 1)
+            points = origin + (index * spacing) @ d.T
+            image = Dataset()
+            image.ReferencedSOPClassUID = ds.SOPClassUID
+            image.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            contour = Dataset()
+            contour.ContourImageSequence = DicomSequence([image])
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points)
+            contour.ContourData = [f"{v:.4f}" for v in points.ravel()]  # DS: at most 16 characters
+            out.append(contour)
+    return out
 
 
 def write_rtstruct(
@@ -239,10 +328,12 @@ def write_rtstruct(
     path: str | os.PathLike,
     *,
     description: str = "organseg prediction",
+    extra: Sequence[tuple[str, np.ndarray | None]] = (),
 ) -> list[str]:
-    """Write the RTSTRUCT of ``label`` to ``path`` atomically; returns the ROI names written."""
+    """Write the RTSTRUCT of ``label`` (and ``extra`` ROIs, see :func:`build_rtstruct`) to ``path``
+    atomically; returns the ROI names written."""
 
-    rt = build_rtstruct(label, classes, headers, description=description)
+    rt = build_rtstruct(label, classes, headers, description=description, extra=extra)
     with _quiet_pydicom(), atomic_open(Path(path), "wb") as f:
         rt.ds.save_as(f, implicit_vr=True, little_endian=True, enforce_file_format=True)
     return rt.get_roi_names()

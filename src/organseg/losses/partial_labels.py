@@ -7,7 +7,9 @@ of *this* dataset's organs". Two ways to avoid teaching "unannotated organ = bac
   dataset does not annotate (self-training base of Huang et al. 2020; ground truth always wins).
 - :class:`MarginalFocalDiceLoss`: the marginal loss of Shi et al. (MedIA 2021): per sample, the
   probabilities of background and of every unannotated class are summed into one "merged
-  background" before the focal + Dice loss, so the net is never told *which* of those it is.
+  background" before the focal + Dice loss, so the net is never told *which* of those it is;
+  optionally with their exclusion loss (:func:`exclusion_dice`): organs do not overlap, so an
+  unannotated organ must not be predicted on an annotated organ's ground truth.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from organseg.losses.segmentation import FocalDiceLoss
@@ -81,6 +84,50 @@ def marginal_log_probs(logits: torch.Tensor, labeled: torch.Tensor) -> torch.Ten
     return torch.cat([bg, out[:, 1:]], dim=1)
 
 
+def exclusion_targets(label: torch.Tensor, labeled: torch.Tensor) -> torch.Tensor:
+    """float [B,C,*S]: the exclusion set E_c of every class, where class c must NOT be predicted.
+
+    As the authors' released code (``expand_gt`` in MIRACLE-Center/Partially-supervised-multi-organ-
+    segmentation, ``nnunet/training/loss_functions/dice_loss.py``): for a class the sample's dataset
+    annotates, E_c = 1 - g_c (everywhere but its own ground truth); for an unannotated organ, E_c =
+    1 - g_0 = the union of the annotated organs' ground truth (organs do not overlap); channel 0:
+    1 - g_0. A label of a class declared unannotated is folded into background first (as the marginal
+    loss does)."""
+    b, c = labeled.shape
+    target = label.long()
+    known = torch.gather(labeled.bool(), 1, target.reshape(b, -1)).reshape(target.shape)
+    target = torch.where(known, target, torch.zeros_like(target))
+    onehot = F.one_hot(target, c).movedim(-1, 1).float()
+    organs = 1.0 - onehot[:, :1]  # the annotated organs' ground truth, [B,1,*S]
+    annotated = labeled.bool().clone()
+    annotated[:, 0] = True
+    annotated = annotated.view(b, c, *([1] * (label.ndim - 1)))
+    return torch.where(annotated, 1.0 - onehot, organs.expand_as(onehot))
+
+
+def exclusion_dice(
+    logits: torch.Tensor, label: torch.Tensor, labeled: torch.Tensor, smooth: float = 1e-5
+) -> torch.Tensor:
+    """Shi et al.'s exclusion loss: the soft Dice *overlap* between each foreground class's predicted
+    probability p_c = softmax(logits)_c and its exclusion set E_c (:func:`exclusion_targets`), to be
+    minimised::
+
+        L_ex = mean_{c >= 1} (2 sum p_c E_c + s) / (sum p_c + sum E_c + s)
+
+    sums pooled over the batch's partially annotated samples and their voxels (the authors apply it to
+    partially labelled images only; a fully annotated sample has no unannotated organ), background
+    excluded, s = ``smooth`` (nnU-Net's 1e-5, in numerator and denominator as in the authors' code).
+    No partially annotated sample in the batch: 0 (attached to ``logits``)."""
+    partial = (~labeled.bool()[:, 1:]).any(dim=1)
+    if not bool(partial.any()):
+        return logits.sum() * 0.0
+    p = torch.softmax(logits.float(), dim=1)[partial][:, 1:]
+    e = exclusion_targets(label, labeled)[partial][:, 1:]
+    dims = [0, *range(2, p.ndim)]
+    overlap = (2.0 * (p * e).sum(dims) + smooth) / (p.sum(dims) + e.sum(dims) + smooth)
+    return overlap.mean()
+
+
 class MarginalFocalDiceLoss(nn.Module):
     """Marginal (merged-background) focal + Dice loss for samples from few-organ datasets.
 
@@ -92,6 +139,10 @@ class MarginalFocalDiceLoss(nn.Module):
     Note: an unannotated class of a sample contributes nothing to that class's Dice (its prediction
     channel is ~0 and its target is empty there), so class c's batch Dice is computed over the
     samples that annotate c plus the "absent" voxels of the others.
+
+    ``exclusion_weight`` > 0 adds Shi et al.'s exclusion loss (:func:`exclusion_dice`, on the
+    unmerged softmax) with that weight, logged as ``loss_exclusion``; the authors' code weighs it 2
+    against their marginal CE + Dice (``result + 2 * ex_loss``). 0 = marginal loss only.
     """
 
     def __init__(
@@ -102,9 +153,11 @@ class MarginalFocalDiceLoss(nn.Module):
         focal_weight: float = 1.0,
         dice_weight: float = 1.0,
         dice_include_background: bool = False,
+        exclusion_weight: float = 0.0,
     ):
         super().__init__()
         self.num_classes = num_classes
+        self.exclusion_weight = float(exclusion_weight)
         # reuse the exact MONAI pieces of the full-label loss: the merged log-probabilities are a
         # normalised distribution, so their softmax / log_softmax returns them unchanged
         self.inner = FocalDiceLoss(
@@ -136,4 +189,9 @@ class MarginalFocalDiceLoss(nn.Module):
         # folded into the merged background rather than silently trained as that organ
         known = torch.gather(labeled.bool(), 1, target.reshape(target.shape[0], -1)).reshape(target.shape)
         target = torch.where(known, target, torch.zeros_like(target))
-        return self.inner(marginal_log_probs(logits, labeled), target)
+        terms = self.inner(marginal_log_probs(logits, labeled), target)
+        if self.exclusion_weight > 0:
+            ex = exclusion_dice(logits, target, labeled)
+            terms["loss_exclusion"] = ex
+            terms["loss"] = terms["loss"] + self.exclusion_weight * ex
+        return terms

@@ -18,12 +18,17 @@ from torch import nn
 from organseg.errors import ConfigError
 
 
-def class_weights_from_counts(counts: Sequence[float], mode: str = "inverse_sqrt_frequency") -> list[float]:
-    """Per-class focal weights from voxel counts, normalised to mean 1.
+def class_weights_from_counts(
+    counts: Sequence[float], mode: str = "inverse_sqrt_frequency", absent: str = "zero"
+) -> list[float]:
+    """Per-class focal weights from voxel counts, normalised to mean 1 over the classes with voxels.
 
     ``inverse_frequency`` follows the papers literally but gives 1000x weights for lens vs
     parotid; ``inverse_sqrt_frequency`` (default) keeps the ordering with a tamer range.
-    Classes with no voxels get the largest weight seen (they are rare, not absent by intent).
+    A class with no voxels is never a target in these data, so its weight changes no loss value;
+    ``absent="zero"`` (default) gives it 0 and leaves it out of the normalisation, so it does not
+    lower the others' weights; ``absent="max"`` (ours, the earlier rule) gives it the largest weight
+    seen, counted in the mean.
     """
     counts = np.asarray(counts, dtype=np.float64)
     if mode == "uniform":
@@ -33,14 +38,18 @@ def class_weights_from_counts(counts: Sequence[float], mode: str = "inverse_sqrt
         raise ConfigError(
             f"class_weights: unknown mode {mode!r} (uniform, inverse_frequency, inverse_sqrt_frequency)"
         )
+    if absent not in ("zero", "max"):
+        raise ConfigError(f"class_weights: absent must be 'zero' or 'max', got {absent!r}")
     freq = counts / max(counts.sum(), 1.0)
+    present = freq > 0
+    if not present.any():
+        return [1.0] * len(counts)
     w = np.zeros_like(freq)
-    w[freq > 0] = freq[freq > 0] ** -power
-    if (freq > 0).any():
-        w[freq == 0] = w[freq > 0].max()
-    else:
-        w[:] = 1.0
-    return (w / w.mean()).tolist()
+    w[present] = freq[present] ** -power
+    if absent == "max":
+        w[~present] = w[present].max()
+        return (w / w.mean()).tolist()
+    return (w / w[present].mean()).tolist()
 
 
 class FocalDiceLoss(nn.Module):

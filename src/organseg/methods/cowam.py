@@ -12,9 +12,20 @@ buffers copied from the live net). Per network k (one forward each, logits reuse
   batch must carry ``pseudo``), ``marginal`` = the merged-background focal + Dice of Shi et al. 2021,
   ``naive`` = focal + Dice on the label as given (unannotated organs = background; an ablation).
 - **soft**: cross-entropy from the PEER's averaged model's softmax to this net's log-softmax, mean
-  over the region mask M = voxels outside the sample's annotated organs (optionally only a dilated
-  band around pseudo-labelled organs, ``mask_dilation``); annotated voxels carry exactly zero loss
-  and gradient (``organseg.losses.cotraining``). w(t) = ``sigmoid_rampup(global_step, soft_rampup_steps)``.
+  over the region mask M (``soft_region``): ``dilated_pseudo`` (the paper's, default) = the hard
+  pseudo-label masks of the organs the sample's dataset does NOT annotate, dilated by a ball of
+  ``mask_dilation_mm`` mm (voxels from the card's ``spacing``), intersected with the ground-truth
+  background; ``unannotated`` (ours, the project's earlier default) = every voxel outside the
+  annotated organs. Annotated voxels carry exactly zero loss and gradient (``organseg.losses.cotraining``).
+
+Schedules follow the run's length T (``max_steps``; ``trainer.estimated_stepping_batches`` at fit start,
+or ``max_steps_for_schedule``), so a short and a long run get the same shape:
+
+- soft weight w(t) = ``soft_weight * exp(-5 (1 - min(t / R, 1))^2)``, R = ``soft_rampup * T``
+  (``soft_rampup_steps`` = R given in steps instead: ours);
+- averaged models: decay a = ``1 - 1 / max(1, ema_horizon * T)`` (horizon 1/(1-a) = ``ema_horizon * T``
+  steps; ``ema_decay`` = a given directly instead: ours), applied with the warm-up
+  d_t = ``min(1 - (eta + 1) / (t + eta + 1), a)``, eta = ``ema_warmup_eta`` (0 = MMT's uniform-mean warm-up).
 - Optional input diversity (MMT): each net (and its averaged model) sees its own random intensity
   perturbation of the same batch (``view_contrast``, ``view_noise_std``); spatial transforms are not
   used here because the two views must stay voxel-aligned for the soft targets.
@@ -45,7 +56,7 @@ from torch import nn
 
 from organseg.errors import ConfigError
 from organseg.losses import FocalDiceLoss
-from organseg.losses.cotraining import region_mask, sigmoid_rampup, soft_cross_entropy
+from organseg.losses.cotraining import SOFT_REGIONS, region_mask, sigmoid_rampup, soft_cross_entropy
 from organseg.losses.partial_labels import MarginalFocalDiceLoss, merge_pseudo_labels
 from organseg.methods.base import SegmentationModuleBase, log_loss_terms
 from organseg.methods.checkpoints import CHECKPOINT_KEY
@@ -56,7 +67,12 @@ from organseg.methods.unet_baseline import (
     stride_product,
 )
 from organseg.networks import build_unet
-from organseg.networks.weight_averaging import weight_averaged
+from organseg.networks.weight_averaging import (
+    decay_for_horizon,
+    set_schedule,
+    warmup_decay,
+    weight_averaged,
+)
 
 SUPERVISION = ("pseudo", "marginal", "naive")
 NETS = ("net_a", "net_b")
@@ -102,12 +118,24 @@ class CoTrainingWAM(SegmentationModuleBase):
             benchmark seed starts both networks elsewhere; seed 0 gives (0, 1) as before.
         supervision: ``pseudo`` | ``marginal`` | ``naive`` (see module doc).
         lr / weight_decay / max_epochs_for_schedule: AdamW + poly decay over both nets.
+        max_steps_for_schedule: the run length T the schedules scale with; None (default): the trainer's
+            (``estimated_stepping_batches``: ``max_steps``, else epochs x batches) at fit start.
         class_weights / focal_gamma / focal_weight / dice_weight: as ``UNetBaseline``.
-        ema_decay: the averaged models' decay (warm-up ``min(1 - 1/(t+1), ema_decay)``).
-        soft_weight / soft_rampup_steps: weight of the soft-label loss and its sigmoid ramp-up length
-            in optimiser steps (0 = full weight from the start).
-        mask_dilation: None = soft loss on every voxel outside the annotated organs; an int (or x, y, z
-            ints) = only within that many voxels of a pseudo-labelled unannotated organ (needs pseudo-labels).
+        ema_horizon: the averaged models' horizon 1/(1 - decay) as a fraction of T (default 1/16: MMT's
+            decay 0.999 over its 40 x 400 = 16,000 steps).
+        ema_decay: ours: a fixed decay instead (overrides ``ema_horizon``; e.g. 0.999 as before).
+        ema_warmup_eta: warm-up exponent eta of ``min(1 - (eta+1)/(t+eta+1), decay)``; default 3
+            (polynomial-decay averaging: the random start is forgotten like t^-4); 0 = MMT's
+            ``min(1 - 1/(t+1), decay)``, a uniform mean of every iterate for the first 1/(1-decay)
+            steps (ours).
+        soft_weight / soft_rampup: weight of the soft-label loss and its sigmoid ramp-up length as a
+            fraction of T (0 = full weight from the start).
+        soft_rampup_steps: ours: the ramp-up length in optimiser steps instead (overrides ``soft_rampup``).
+        soft_region: ``dilated_pseudo`` (the paper's) | ``unannotated`` (ours), see module doc; both
+            exclude annotated voxels; ``dilated_pseudo`` needs pseudo-labels in the batch.
+        mask_dilation_mm: the ``dilated_pseudo`` ball's radius in mm (one, or x, y, z), converted to
+            voxels with ``spacing``; default 5 mm (the paper gives no radius).
+        mask_dilation: ours: the radius in voxels instead (a cube of half-width N, or x, y, z), as before.
         view_contrast / view_noise_std: per-network random intensity gain/shift in ``[-c, c]`` and
             Gaussian noise std (image units, [-1, 1] HU window); 0 = both nets see the same input.
     """
@@ -125,13 +153,19 @@ class CoTrainingWAM(SegmentationModuleBase):
         lr: float = 2e-3,
         weight_decay: float = 1e-5,
         max_epochs_for_schedule: int | None = None,
+        max_steps_for_schedule: int | None = None,
         class_weights: str | list[float] = "inverse_sqrt_frequency",
         focal_gamma: float = 2.0,
         focal_weight: float = 1.0,
         dice_weight: float = 1.0,
-        ema_decay: float = 0.999,
+        ema_horizon: float = 0.0625,
+        ema_decay: float | None = None,
+        ema_warmup_eta: float = 3.0,
         soft_weight: float = 0.5,
-        soft_rampup_steps: int = 1000,
+        soft_rampup: float = 0.5,
+        soft_rampup_steps: int | None = None,
+        soft_region: Literal["dilated_pseudo", "unannotated"] = "dilated_pseudo",
+        mask_dilation_mm: float | list[float] = 5.0,
         mask_dilation: int | list[int] | None = None,
         view_contrast: float = 0.0,
         view_noise_std: float = 0.0,
@@ -153,10 +187,14 @@ class CoTrainingWAM(SegmentationModuleBase):
             raise ConfigError(f"model init_seeds must be two different seeds, got {list(init_seeds)}")
         if soft_weight < 0 or view_contrast < 0 or view_noise_std < 0:
             raise ConfigError("model soft_weight, view_contrast and view_noise_std must be >= 0")
-        if mask_dilation is not None and supervision != "pseudo":
+        if soft_region not in SOFT_REGIONS:
+            raise ConfigError(f"model soft_region must be one of {list(SOFT_REGIONS)}, got {soft_region!r}")
+        if mask_dilation is not None and soft_region != "dilated_pseudo":
             raise ConfigError(
-                "model mask_dilation needs supervision=pseudo (it dilates the pseudo-labelled organs)"
+                "model mask_dilation needs soft_region=dilated_pseudo (it dilates the pseudo-labelled organs)"
             )
+        if not ema_horizon > 0 or soft_rampup < 0 or ema_warmup_eta < 0:
+            raise ConfigError("model ema_horizon must be > 0, soft_rampup and ema_warmup_eta >= 0")
         self.supervision = supervision
         # different initialisations, independent of the global seed (and identical on every DDP rank)
         for name, seed in zip(NETS, seeds):
@@ -166,7 +204,12 @@ class CoTrainingWAM(SegmentationModuleBase):
                     self, name, build_network(num_classes, filters, strides, network, spacing, kernel_sizes)
                 )
         for name, net in zip(WAMS, (self.net_a, self.net_b)):
-            setattr(self, name, weight_averaged(net, ema_decay))
+            setattr(self, name, weight_averaged(net, ema_decay, ema_warmup_eta))
+        # the soft ramp-up length R and the averages' decay: fixed now when explicit (or T is given),
+        # else at fit start from the trainer's run length (resolve_schedules)
+        self.schedule_steps: int | None = None
+        self.rampup_length: float | None = None
+        self.resolve_schedules(max_steps_for_schedule)
         # which averaged model validation found better (0 = wam_a, 1 = wam_b); a buffer so every
         # checkpoint carries it and load_from_checkpoint restores it
         self.register_buffer("selected", torch.zeros((), dtype=torch.long))
@@ -212,7 +255,12 @@ class CoTrainingWAM(SegmentationModuleBase):
             raise ConfigError(
                 "model supervision=pseudo but the data config has no pseudo_labels (files from "
                 "`organseg pseudolabel`, e.g. data_modules/abdomen_fewlabel_pseudo.yaml); "
-                "or use --model.init_args.supervision=marginal"
+                "or use --model.init_args.supervision=marginal --model.init_args.soft_region=unannotated"
+            )
+        if stage == "fit" and self.hparams.soft_region == "dilated_pseudo" and no_pseudo:
+            raise ConfigError(
+                "model soft_region=dilated_pseudo but the data config has no pseudo_labels (the region "
+                "dilates the pseudo-labelled organs); use --model.init_args.soft_region=unannotated"
             )
         focal_dice = self.loss_fn.inner if isinstance(self.loss_fn, MarginalFocalDiceLoss) else self.loss_fn
         resolve_class_weights(self, focal_dice, self.hparams.class_weights, stage)
@@ -260,21 +308,96 @@ class CoTrainingWAM(SegmentationModuleBase):
             return self.loss_fn(logits, target, labeled)
         return self.loss_fn(logits, target)
 
+    # ---------------------------------------------------------------- schedules (fractions of the run)
+    def resolve_schedules(self, total_steps: int | None) -> None:
+        """Fix the soft ramp-up length R and the averages' decay for a run of ``total_steps`` (T)
+        optimiser steps (module doc): R = ``soft_rampup_steps`` if given, else ``soft_rampup * T``;
+        decay = ``ema_decay`` if given, else ``1 - 1/max(1, ema_horizon * T)``. Unknown T leaves the
+        fraction-based ones unset (an error if they are needed)."""
+        hp = self.hparams
+        total = int(total_steps) if total_steps is not None and total_steps > 0 else None
+        self.schedule_steps = total
+        if hp.soft_rampup_steps is not None:
+            self.rampup_length = float(hp.soft_rampup_steps)
+        else:
+            self.rampup_length = None if total is None else hp.soft_rampup * total
+        decay = hp.ema_decay
+        if decay is None and total is not None:
+            decay = decay_for_horizon(hp.ema_horizon * total)
+        if decay is not None:
+            for wam in self.averaged:
+                set_schedule(wam, decay)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        total = self.hparams.max_steps_for_schedule
+        if total is None:
+            try:
+                total = self.trainer.estimated_stepping_batches
+            except Exception:  # noqa: BLE001 - Lightning raises several kinds when it cannot tell
+                total = None
+            if total is None or not math.isfinite(float(total)):
+                total = None
+        self.resolve_schedules(total)
+        hp = self.hparams
+        if self.schedule_steps is None and (hp.soft_rampup_steps is None or hp.ema_decay is None):
+            raise ConfigError(
+                "model: the soft ramp-up and weight-average schedules are fractions of the run's length, "
+                "which is unknown; set trainer.max_steps (or max_epochs), model max_steps_for_schedule, "
+                "or soft_rampup_steps and ema_decay"
+            )
+
+    @property
+    def ema_decay_now(self) -> float:
+        """The averaged models' decay d_t at their next update (warm-up included)."""
+        ema = self.wam_a.ema
+        return warmup_decay(self.wam_a.n_averaged, ema.decay, ema.eta) if ema.decay is not None else math.nan
+
+    def soft_weight_at(self, step: int) -> float:
+        """soft_weight x ramp-up at optimiser step ``step``."""
+        if self.rampup_length is None:
+            raise ConfigError(
+                "model: the soft ramp-up length follows the run's max_steps, unknown outside a fit; "
+                "give soft_rampup_steps or max_steps_for_schedule"
+            )
+        return self.hparams.soft_weight * sigmoid_rampup(step, self.rampup_length)
+
     def soft_weight_now(self) -> float:
         """soft_weight x ramp-up at the current optimiser step."""
-        return self.hparams.soft_weight * sigmoid_rampup(self.global_step, self.hparams.soft_rampup_steps)
+        return self.soft_weight_at(self.global_step)
+
+    def soft_region_mask(self, batch: dict) -> torch.Tensor:
+        """bool [B,*S]: the voxels of the soft-label loss (``soft_region``; module doc)."""
+        hp = self.hparams
+        label, labeled = batch["label"], batch["labeled"].bool()
+        if hp.soft_region == "unannotated":
+            return region_mask(label, labeled)
+        if "pseudo" not in batch:
+            raise ConfigError(
+                "model soft_region=dilated_pseudo: the batch has no 'pseudo' labels; use a data config "
+                "with data.init_args.pseudo_labels (`organseg pseudolabel`), or soft_region=unannotated"
+            )
+        if hp.mask_dilation is not None:
+            return region_mask(label, labeled, batch["pseudo"], hp.mask_dilation)
+        if hp.spacing is None:
+            raise ConfigError(
+                "model mask_dilation_mm needs the voxel spacing (model spacing, which organseg fit links "
+                "from the card's target_spacing), or give mask_dilation in voxels"
+            )
+        return region_mask(label, labeled, batch["pseudo"], radius_mm=hp.mask_dilation_mm, spacing=hp.spacing)
 
     def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """All training terms for one batch; ``loss`` is the objective (sum over both nets)."""
-        x, label, labeled = batch["image"], batch["label"], batch["labeled"].bool()
+        x, labeled = batch["image"], batch["labeled"].bool()
         target = self.supervised_target(batch)
         views = (self._view(x), self._view(x))
         logits = (self.net_a(views[0]), self.net_b(views[1]))  # one forward per network
         w = self.soft_weight_now()
-        mask = region_mask(label, labeled, batch.get("pseudo"), self.hparams.mask_dilation)
+        mask = self.soft_region_mask(batch)
         out: dict[str, torch.Tensor] = {
             "mask_fraction": mask.float().mean(),
             "soft_weight": torch.tensor(w, device=x.device),
+            "ema_decay": torch.tensor(self.ema_decay_now, device=x.device),
         }
         teachers = (None, None)
         if self.hparams.soft_weight > 0:

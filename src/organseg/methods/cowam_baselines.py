@@ -4,7 +4,8 @@
 - single-dataset models: UNetBaseline on one card each; combined at inference by :class:`MultiModel`
   (N forward passes), which is also the pseudo-label generator of ``organseg pseudolabel``;
 - self-training: :class:`SelfTrainingUNet`, ground truth + fixed hard pseudo-labels (batch ``pseudo``);
-- marginal loss: :class:`MarginalUNet`, Shi et al. 2021's merged-background focal + Dice.
+- marginal loss: :class:`MarginalUNet`, Shi et al. 2021's merged-background focal + Dice, with their
+  exclusion loss (``exclusion_weight``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from organseg.methods.unet_baseline import UNetBaseline
 
 class MarginalUNet(UNetBaseline):
     """UNetBaseline trained with the marginal loss: per sample, background and the classes its dataset
-    does not annotate share one merged-background probability (``batch["labeled"]``)."""
+    does not annotate share one merged-background probability (``batch["labeled"]``), plus Shi et al.'s
+    exclusion loss (an unannotated organ's probability on the annotated organs' ground truth, as a soft
+    Dice overlap, ``organseg.losses.partial_labels.exclusion_dice``).
+
+    Args:
+        exclusion_weight: weight of the exclusion loss; default 2.0, the published pairing (marginal +
+            exclusion, the authors' code adds ``2 * ex_loss``); 0 = marginal loss only (ours, the
+            project's earlier baseline). Other args: ``UNetBaseline``.
+    """
 
     # the signature is UNetBaseline's, spelled out: LightningCLI links arguments and restores checkpoints
     # by the class's own signature, which *args/**kwargs would hide
@@ -48,7 +57,10 @@ class MarginalUNet(UNetBaseline):
         hd95_every_n_epochs: int = 1,
         spacing: Sequence[float] | None = None,
         kernel_sizes: Sequence[Sequence[int]] | None = None,
+        exclusion_weight: float = 2.0,
     ):
+        if exclusion_weight < 0:
+            raise ConfigError(f"model exclusion_weight must be >= 0, got {exclusion_weight}")
         super().__init__(
             num_classes,
             classes,
@@ -74,6 +86,7 @@ class MarginalUNet(UNetBaseline):
             gamma=focal_gamma,
             focal_weight=focal_weight,
             dice_weight=dice_weight,
+            exclusion_weight=exclusion_weight,
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

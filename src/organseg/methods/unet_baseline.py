@@ -20,8 +20,14 @@ def resolve_class_weights(module, loss_fn: FocalDiceLoss, mode, stage: str) -> N
     trainer = getattr(module, "_trainer", None)
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
     if stage == "fit" and isinstance(mode, str) and dm is not None and hasattr(dm, "class_voxel_counts"):
-        w = class_weights_from_counts(dm.class_voxel_counts("train"), mode)
+        counts = dm.class_voxel_counts("train")
+        absent = getattr(dm, "absent_class_weight", "zero")
+        w = class_weights_from_counts(counts, mode, absent=absent)
         loss_fn.focal.class_weight.copy_(torch.as_tensor(w))
+        missing = [str(c) for c, n in zip(getattr(module, "classes", range(len(counts))), counts) if n <= 0]
+        if missing and mode != "uniform":
+            rule = "the largest weight" if absent == "max" else "weight 0 (never a target)"
+            module.print(f"class weights: no training voxels of {missing}: {rule}")
 
 
 def initial_class_weights(class_weights, num_classes: int) -> list[float]:

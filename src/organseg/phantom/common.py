@@ -43,6 +43,7 @@ import SimpleITK as sitk
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from scipy import ndimage
 
+from organseg.child_processes import exit_with_parent
 from organseg.errors import ConfigError
 from organseg.io.atomic import make_dirs
 
@@ -549,6 +550,7 @@ def run_cases(
                 max_workers=min(workers, len(jobs)),
                 mp_context=mp.get_context("spawn"),
                 initializer=_worker_init,
+                initargs=(os.getpid(),),
             ) as pool:
                 futures = {pool.submit(worker, *job): i for i, job in enumerate(jobs)}
                 for fut in as_completed(futures):
@@ -557,7 +559,8 @@ def run_cases(
     return results
 
 
-def _worker_init() -> None:
+def _worker_init(parent_pid: int | None = None) -> None:
+    exit_with_parent(parent_pid)  # a killed `organseg phantom` must not leave its workers running
     try:
         sitk.ProcessObject_SetGlobalDefaultNumberOfThreads(1)
     except Exception:  # pragma: no cover - best effort

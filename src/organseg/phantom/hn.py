@@ -419,3 +419,67 @@ def write_hn_dataset(
             },
         )
     return results
+
+
+# ----------------------------------------------------------------------------- a planning-system export
+#: how people type each organ's structure name in planning systems (TG-263 names, sides before/after,
+#: Lt/Left/L, upper case, spaces): case ``i`` uses variant ``(i + organ index) % len`` so a folder of
+#: exports mixes them, as real ones do (``organseg phantom hn --dicom``; read back by ``layout: dicom_rt``)
+CLINICAL_NAMES = {
+    "brainstem": ["Brainstem", "BrainStem", "BRAIN STEM"],
+    "spinal_cord": ["SpinalCord", "Spinal Cord", "CORD"],
+    "mandible": ["Bone_Mandible", "Mandible", "MANDIBLE"],
+    "parotid_l": ["Parotid_L", "L Parotid", "PAROTID LT", "Lt_Parotid", "parotid left"],
+    "parotid_r": ["Parotid_R", "R Parotid", "PAROTID RT", "Rt_Parotid", "parotid right"],
+    "submandibular_l": ["Glnd_Submand_L", "L Submandibular", "SMG_Lt"],
+    "submandibular_r": ["Glnd_Submand_R", "R Submandibular", "SMG_Rt"],
+    "temporal_lobe_l": ["Lobe_Temporal_L", "Temporal Lobe L", "LT TEMPORAL LOBE"],
+    "temporal_lobe_r": ["Lobe_Temporal_R", "Temporal Lobe R", "RT TEMPORAL LOBE"],
+    "eye_l": ["Eye_L", "L Eye", "Globe Left"],
+    "eye_r": ["Eye_R", "R Eye", "Globe Right"],
+    "lens_l": ["Lens_L", "LENS LT", "lens left"],
+    "lens_r": ["Lens_R", "LENS RT", "lens right"],
+    "optic_nerve_l": ["OpticNrv_L", "L Optic Nerve", "OPTIC NERVE LT"],
+    "optic_nerve_r": ["OpticNrv_R", "R Optic Nerve", "OPTIC NERVE RT"],
+    "chiasm": ["OpticChiasm", "Chiasm", "optic chiasm"],
+    "pituitary": ["Pituitary", "Hypophysis", "PITUITARY GLAND"],
+}
+
+
+def clinical_names(index: int) -> list[str]:
+    """``HN_CLASSES`` as case ``index``'s export names them (index 0, background, stays)."""
+    return ["background"] + [
+        CLINICAL_NAMES[c][(index + k) % len(CLINICAL_NAMES[c])] for k, c in enumerate(HN_CLASSES[1:])
+    ]
+
+
+def write_hn_rtstruct(label, ct_files: Sequence, path: str | Path, index: int) -> list[str]:
+    """An RTSTRUCT for the CT series ``ct_files`` as a planning system exports it: every organ of ``label``
+    (an HN_CLASSES label map on the series' grid) under a clinical name (``clinical_names``), plus what
+    such exports also hold and no organ-at-risk model should learn: a brainstem PRV, a PTV around the
+    left parotid, a "z_" optimisation helper, the external outline, both parotids as one structure (no
+    side: "unmatched") and an empty structure."""
+    from scipy import ndimage  # noqa: PLC0415 - only the DICOM export needs it
+
+    from organseg.io.dicom import read_headers  # noqa: PLC0415 - pydicom/rt-utils for --dicom only
+    from organseg.io.geometry import image_to_xyz  # noqa: PLC0415
+    from organseg.io.rtstruct import write_rtstruct  # noqa: PLC0415
+
+    lab = image_to_xyz(label)
+    ball = ndimage.generate_binary_structure(3, 1)
+    extra = [
+        ("Brainstem_PRV03", ndimage.binary_dilation(lab == _C["brainstem"], ball, iterations=2)),
+        ("PTV_7000", ndimage.binary_dilation(lab == _C["parotid_l"], ball, iterations=3)),
+        ("z_opt_parotid", ndimage.binary_dilation(lab == _C["parotid_r"], ball, iterations=1)),
+        ("External", ndimage.binary_dilation(lab > 0, ball, iterations=6)),
+        ("Parotids", (lab == _C["parotid_l"]) | (lab == _C["parotid_r"])),  # both sides: no one organ
+        ("Cochlea_L", None),  # contoured in the template, never drawn: an ROI without contour data
+    ]
+    return write_rtstruct(
+        label,
+        clinical_names(index),
+        read_headers(ct_files),
+        path,
+        description="organseg phantom planning export",
+        extra=extra,
+    )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -85,3 +90,51 @@ def case_direction(trainer, case_id: str) -> tuple[float, ...] | None:
         return None
     found = {tuple(r.geometry(case_id)["direction"]) for r in readers() if case_id in r.case_ids}
     return found.pop() if len(found) == 1 else None
+
+
+class RemoveFailedRun(Callback):
+    """A run that fails before it has anything worth keeping removes what it created: the run folder
+    (``runs.run_dir``: its config, an empty checkpoints folder) and, in W&B's offline mode, the local W&B run
+    (an online run is finished as failed; deleting it needs the W&B API). "Worth keeping": a ``fit`` that
+    completed a training step; ``validate``/``test`` write their results only when they end, so any failed
+    one. A folder that existed before the run (a resumed or requeued fit, a re-used run id) is never
+    removed. :meth:`arm` is called by the CLI right before the Trainer runs (``cli/lightning.py``)."""
+
+    def __init__(self) -> None:
+        self.parent: Path | None = None
+        self.existing: set[str] = set()
+        self.fitting = False
+        self.stepped = False
+
+    def arm(self, trainer, fitting: bool) -> None:
+        """Note which run folders exist now (the run's own is created in ``setup``)."""
+        self.parent = run_dir(trainer).parent
+        self.existing = set(os.listdir(self.parent)) if self.parent.is_dir() else set()
+        self.fitting, self.stepped = fitting, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.stepped = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.parent is None or (self.fitting and self.stepped) or not trainer.is_global_zero:
+            return
+        removed = []
+        folder = run_dir(trainer)
+        if folder.parent == self.parent and folder.name not in self.existing and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
+        wandb = sys.modules.get("wandb")  # imported by the WandbLogger when it started a run
+        run = getattr(wandb, "run", None)
+        if run is not None:
+            offline, local = bool(run.offline), Path(run.dir).parent
+            wandb.finish(exit_code=1)
+            if offline and local.is_dir():
+                shutil.rmtree(local, ignore_errors=True)
+                for link in local.parent.iterdir():  # latest-run, debug.log, ...: links into the run
+                    if link.is_symlink() and not link.exists():
+                        link.unlink()
+                removed.append(f"the offline W&B run {local}")
+        if removed:
+            when = " before its first training step" if self.fitting else ""
+            print(f"organseg: the run failed{when}; removed {' and '.join(removed)}", flush=True)
+        self.parent = None
