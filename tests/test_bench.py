@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers.tiny_fit import KEEP, REPO, write_tiny_overlay
-from organseg.cli.bench import BenchRunner, load_benchmark
+from organseg.cli.bench import BenchError, BenchRunner, load_benchmark
 from organseg.cli.main import main
 from organseg.errors import ConfigError
 
@@ -325,6 +325,16 @@ def test_pseudolabel_runs_feed_later_fits_and_several_checkpoints_are_evaluated_
     Path(files[1]).unlink()
     BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
     assert [c[0] for c in calls] == ["pseudolabel", "pseudolabel"]
+    # --report-only: the result files again from the evaluations on record, nothing run, the runs' commit kept
+    calls.clear()
+    summary["git_commit"] = "abc1234"
+    (tmp_path / "out" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "out" / "table.md").unlink()
+    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).report_only()
+    assert calls == [] and "abc1234" in (tmp_path / "out" / "table.md").read_text()
+    (tmp_path / "out" / "state" / "experts-s0.json").unlink()
+    with pytest.raises(BenchError, match="experts seed 0 has not been evaluated"):
+        BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).report_only()
 
 
 @pytest.mark.parametrize(

@@ -494,8 +494,6 @@ class BenchRunner:
         return record
 
     def run(self) -> dict[str, Path]:
-        from organseg.evaluation.benchmark_report import read_rows, write_benchmark_report  # noqa: PLC0415
-
         self.out.mkdir(parents=True, exist_ok=True)
         # the result folder is committed as it is: its working files (resume state, command logs, each
         # (arm, seed)'s evaluation folder with overlays) stay out of git
@@ -503,6 +501,27 @@ class BenchRunner:
         for cmd in self.bench.prepare:
             self._call(cmd, "prepare-" + "-".join(cmd[:1]))
         records = [self.arm_seed(arm, seed) for arm in self.bench.arms for seed in self.bench.seeds]
+        return self.report(records)
+
+    def report_only(self) -> dict[str, Path]:
+        """The result files again from the evaluations on record, running nothing (e.g. after a change to
+        the report): every (arm, seed) must have finished; the git commit stays the one of the runs."""
+        records = []
+        for arm in self.bench.arms:
+            for seed in self.bench.seeds:
+                state = self._state(f"{arm}-s{seed}")
+                if not state.is_file():
+                    raise BenchError(
+                        f"{self.out}: {arm} seed {seed} has not been evaluated; run without --report-only"
+                    )
+                records.append(json.loads(state.read_text()))
+        summary = self.out / "summary.json"
+        commit = json.loads(summary.read_text()).get("git_commit") if summary.is_file() else None
+        return self.report(records, git_commit=commit)
+
+    def report(self, records: list[dict], git_commit: str | None = None) -> dict[str, Path]:
+        from organseg.evaluation.benchmark_report import read_rows, write_benchmark_report  # noqa: PLC0415
+
         rows, organs = [], []
         for rec in records:
             for row in read_rows(Path(rec["per_case"])):
@@ -526,7 +545,7 @@ class BenchRunner:
             "benchmark": str(self.bench.path),
             "seeds": self.bench.seeds,
             "test_cases": len({r["case_id"] for r in rows}),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit or _git_commit(),
             "versions": _versions(),
             "machine": f"{os.cpu_count()} CPU cores ({sys.platform})",
             "arms": {
@@ -587,6 +606,11 @@ def register(subparsers) -> None:
     p.add_argument(
         "--out", default=None, help="result folder (default benchmarks/results/<name>[-quick]-<date>)"
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite table, CSV, summary and plots of --out from its finished evaluations; run nothing",
+    )
     p.set_defaults(func=run)
 
 
@@ -613,6 +637,11 @@ def run(args) -> int:
         f"bench {bench.name}: {len(bench.arms)} arm(s) x {len(bench.seeds)} seed(s), {runs} fit(s) -> {out}"
     )
     command = f"organseg bench {args.benchmark}" + (" --quick" if args.quick else "")
-    paths = BenchRunner(bench, out, command=command).run()
+    if args.report_only:
+        if not args.out:
+            raise ConfigError("bench --report-only: give the result folder with --out")
+        paths = BenchRunner(bench, out, command=command).report_only()
+    else:
+        paths = BenchRunner(bench, out, command=command).run()
     print(f"\nwrote {paths['table']}, {paths['per_case']}, {paths['summary']} and the plots beside them")
     return 0
