@@ -357,3 +357,29 @@ def test_a_bad_arm_mapping_or_pseudolabel_run_is_one_error(tmp_path, arm, key):
     path.write_text(yaml.safe_dump({"name": "bad", "arms": {"a": arm}}))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: {key}:")):
         load_benchmark(path)
+
+
+def test_some_arms_run_alone_keep_their_shared_run_ids_and_comparisons(tmp_path):
+    from organseg.cli.bench import select_arms
+
+    run = {"name": "x", "configs": [UNET], "max_steps": 10}
+    spec = {
+        "name": "sub",
+        "arms": {
+            "a": [run],
+            "b": [run, {**run, "name": "y", "init_from": "x"}],
+            "c": [{**run, "max_steps": 5}],
+        },
+        "compare": [["b", "a"], ["c", "b"]],
+    }
+    path = tmp_path / "sub.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    bench = select_arms(load_benchmark(path), ["c", "b"])
+    assert list(bench.arms) == ["b", "c"] and bench.compare == [("c", "b")]
+    runner = BenchRunner(bench, tmp_path / "out")
+    assert [runner.run_id("b", 0, r) for r in bench.arms["b"]] == [
+        "sub-a-s0-x",
+        "sub-b-s0-y",
+    ]  # a's run, shared
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: --arms: unknown arm(s) ['d']")):
+        select_arms(load_benchmark(path), ["d"])

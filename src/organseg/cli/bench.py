@@ -52,6 +52,7 @@ identical in two arms (same configs, steps and loads) is trained once per seed a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -224,6 +225,21 @@ def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
         ],
         evaluate=evaluate,
         test_data=test_data,
+    )
+
+
+def select_arms(bench: Benchmark, names: Sequence[str]) -> Benchmark:
+    """The benchmark restricted to some arms (and the comparisons among them). Shared runs keep the
+    owner they have in the whole YAML, so their run ids, and so what is on record, stay the same."""
+    unknown = [n for n in names if n not in bench.arms]
+    if unknown:
+        raise ConfigError(f"{bench.path}: --arms: unknown arm(s) {unknown}; the file has {list(bench.arms)}")
+    keep = [a for a in bench.arms if a in names]
+    return dataclasses.replace(
+        bench,
+        arms={a: bench.arms[a] for a in keep},
+        compare=[(a, b) for a, b in bench.compare if a in keep and b in keep],
+        evaluate={a: e for a, e in bench.evaluate.items() if a in keep},
     )
 
 
@@ -607,6 +623,9 @@ def register(subparsers) -> None:
         "--out", default=None, help="result folder (default benchmarks/results/<name>[-quick]-<date>)"
     )
     p.add_argument(
+        "--arms", nargs="+", default=None, help="run (or report) only these arms of the YAML; the rest later"
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite table, CSV, summary and plots of --out from its finished evaluations; run nothing",
@@ -631,6 +650,8 @@ def default_out(name: str, quick: bool, results: Path = Path("benchmarks/results
 
 def run(args) -> int:
     bench = load_benchmark(args.benchmark, quick=args.quick)
+    if args.arms:
+        bench = select_arms(bench, args.arms)
     out = Path(args.out) if args.out else default_out(bench.name, args.quick)
     runs = len({(run.owner, run.name) for arm in bench.arms.values() for run in arm}) * len(bench.seeds)
     print(
