@@ -151,8 +151,9 @@ def _predict_all(items, held, model, card, extra, interpolation, args, stage: Pa
             (image, files), held = held[1], None
         else:
             image, files = read_input(item)
-        label = predict_image(model, image, card, interpolation, args.device, args.precision)
+        handed_over = [image]  # predict_image empties it once resampled: the image is freed then
         del image
+        label = predict_image(model, handed_over, card, interpolation, args.device, args.precision)
         write_image(label, stage / f"{item.case}{SEG_SUFFIX}")
         line = f"{item.case}: {out / f'{item.case}{SEG_SUFFIX}'}"
         if item.kind == "dicom" and args.rtstruct != "never":
