@@ -5,7 +5,7 @@ The streamed sliding window (``organseg.inference.sliding_window.predict_labels`
 no (x, y, z) copy, uint16 components, slab-wise clipping) and the hand-over of the input image are each
 compared with the implementation they replaced, written out below as it was: the labels and the cache's
 arrays must be identical. The peak memory itself is measured by ``benchmarks/predict_memory.py``
-(``benchmarks/results/predict_memory_cpu_*.md``); the slow test here runs it small and checks the bound.
+(``benchmarks/results/predict_memory_cpu_*.md``); the slow test here runs it and checks the bound.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def _tiny_unet(num_classes: int, seed: int = 0) -> torch.nn.Module:
         ((70, 50, 21), 1, (32, 32, 16), 0.5, 2),  # not a multiple of the window step
         ((40, 30, 10), 2, (32, 32, 16), 0.5, 2),  # smaller than the patch in y and z (padded), a batch
         ((64, 48, 40), 1, (32, 32, 16), 0.25, 3),  # another overlap, odd window batches
-        ((97, 83, 45), 1, (32, 32, 16), 0.5, 1),
+        ((75, 66, 30), 1, (32, 32, 16), 0.5, 1),  # one window per network call
     ],
 )
 def test_streamed_labels_equal_monai_full_volume(shape, batch, patch, overlap, sw_batch):
@@ -226,27 +226,18 @@ def test_predict_image_labels_identical_to_the_previous_implementation(card):
 
 @pytest.mark.slow
 def test_predict_peak_memory_is_bounded(tmp_path):
-    """The benchmark at 256 x 256 x 120: the command's peak RSS above the interpreter's own (imports) stays
-    within 8 x the int16 input, and the labels equal the previous commit's."""
-    out = tmp_path / "result.md"
+    """The stated bound, measured on the real command at the issue's size (512 x 512 x 300, 0.98 x 0.98 x
+    2.5 mm, int16: 150 MiB): peak RSS <= the interpreter with the same libraries loaded + 4 x the input
+    (measured 613 + 466 MiB: 7.2 x the input in all, against 42 x before), and <= 8 x the input in all."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "predict_memory.py"),
-            "--shape",
-            "256",
-            "256",
-            "120",
-            "--md",
-            str(out),
-        ],
+        [sys.executable, str(REPO / "benchmarks" / "predict_memory.py"), "--skip-old"],
         capture_output=True,
         text=True,
-        timeout=900,
-        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        timeout=1200,
+        env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["labels_differ"] == 0
     above = r["new"]["peak_rss_mib"] - r["interpreter"]["peak_rss_mib"]
-    assert above <= 8 * r["input_mib"], r
+    assert above <= 4 * r["input_mib"], r
+    assert r["new"]["peak_rss_mib"] <= 8 * r["input_mib"], r
