@@ -105,13 +105,14 @@ def body_bbox(
     mask = image_hu > threshold
     box = None
     if mask.any():
-        comp, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            mask = comp == int(np.argmax(sizes))
+        comp, n = _label_components(mask)
+        del mask  # (comp holds the components; a whole CT's mask is 1 byte per voxel)
+        sizes = _component_sizes(comp, n)
+        sizes[0] = 0
+        largest = int(np.argmax(sizes))  # the first of equal sizes, as in scan order
+        found = ndimage.find_objects(comp, max_label=largest)[largest - 1]  # its bounding box
         del comp
-        box = _mask_bbox(mask)
+        box = (np.asarray([s.start for s in found]), np.asarray([s.stop for s in found]))
     if label is not None and np.any(label):
         lbox = _mask_bbox(label > 0)
         box = lbox if box is None else (np.minimum(box[0], lbox[0]), np.maximum(box[1], lbox[1]))
@@ -120,6 +121,25 @@ def body_bbox(
     start = np.maximum(box[0] - margin, 0)
     stop = np.minimum(box[1] + margin, shape)
     return tuple(int(v) for v in start), tuple(int(v) for v in stop)
+
+
+def _component_sizes(comp: np.ndarray, n: int, chunk: int = 1 << 22) -> np.ndarray:
+    """Voxels per component label 0..n, counted ``chunk`` voxels at a time (``np.bincount`` casts its input
+    to int64: 8 bytes a voxel at once for a whole CT)."""
+    flat = comp.reshape(-1)
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for i in range(0, flat.size, chunk):
+        sizes += np.bincount(flat[i : i + chunk], minlength=n + 1)
+    return sizes
+
+
+def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` into uint16 (2 bytes a voxel) when the components fit, else int32: the same
+    components, numbered in scan order either way."""
+    try:
+        return ndimage.label(mask, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth": more than 65535 components
+        return ndimage.label(mask)
 
 
 def _mask_bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,22 +193,51 @@ def preprocess_volume(
     """Resample to ``card.target_spacing`` (image linear/B-spline, label nearest; origin and direction
     kept), crop to the body, clip HU to the window: ``(image int16 (x, y, z), label uint8 or None, grid
     attrs)``. The grid attrs are what :func:`organseg.io.geometry.restore_original_geometry` needs to
-    undo it. Shared by the cache and ``organseg predict`` so training and inference cannot drift."""
+    undo it. Shared by the cache and ``organseg predict`` so training and inference cannot drift:
+    :func:`resample_volume` then :func:`crop_to_body` (``predict`` calls the two itself, to free the
+    input image between them)."""
 
     geom = Geometry.of(image)
+    r_image, r_label = resample_volume(card, image, label, interpolation)
+    return crop_to_body(card, geom, r_image, r_label)
+
+
+def resample_volume(card: DatasetCard, image, label=None, interpolation: str = "linear"):
+    """Step 1 of :func:`preprocess_volume`: ``(float32 image, label or None)`` (SimpleITK) resampled to
+    ``card.target_spacing``. ``image`` may be float32 or an integer type float32 holds exactly (int16 as
+    stored): the interpolators compute in double either way, so the values are the same."""
     target = tuple(float(v) for v in card.target_spacing)
-    r_image = resample_image(image, target, interpolation, default_value=-1024.0)
-    img = image_to_xyz(r_image)
-    lab = None
-    if label is not None:
-        lab = image_to_xyz(resample_label(label, target))
-    resampled_shape = img.shape
-    start, stop = body_bbox(img, lab)
-    crop = tuple(slice(a, b) for a, b in zip(start, stop))
+    r_image = resample_image(image, target, interpolation, default_value=-1024.0, pixel_type=sitk.sitkFloat32)
+    r_label = resample_label(label, target) if label is not None else None
+    return r_image, r_label
+
+
+#: slices clipped and rounded at a time by :func:`crop_to_body` (its float32 scratch is this deep)
+_CLIP_SLICES = 16
+
+
+def crop_to_body(
+    card: DatasetCard, geom: Geometry, r_image, r_label=None
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Step 2 of :func:`preprocess_volume`, on its resampled image and label (``geom``: the original
+    image's grid). Reads the resampled image in place (no (x, y, z) copy) and clips and rounds it
+    ``_CLIP_SLICES`` slices at a time into the int16 result, so the memory on top of the resampled image
+    is the body mask (1 byte a voxel) and its components (2), then the int16 crop."""
+    target = tuple(float(v) for v in card.target_spacing)
+    hu = sitk.GetArrayViewFromImage(r_image).transpose(2, 1, 0)  # (x, y, z) view of r_image's buffer
+    lab = image_to_xyz(r_label) if r_label is not None else None
+    resampled_shape = hu.shape
+    start, stop = body_bbox(hu, lab)
     lo, hi = (float(v) for v in card.hu_window)
-    img = np.rint(np.clip(img[crop], lo, hi)).astype(np.int16)
+    img = np.empty(tuple(b - a for a, b in zip(start, stop)), dtype=np.int16)
+    for z in range(start[2], stop[2], _CLIP_SLICES):
+        z1 = min(z + _CLIP_SLICES, stop[2])
+        part = np.clip(hu[start[0] : stop[0], start[1] : stop[1], z:z1], lo, hi)  # float32
+        np.rint(part, out=part)
+        img[..., z - start[2] : z1 - start[2]] = part
+    del hu
     if lab is not None:
-        lab = np.ascontiguousarray(lab[crop])
+        lab = np.ascontiguousarray(lab[tuple(slice(a, b) for a, b in zip(start, stop))])
     origin = tuple(float(v) for v in r_image.GetOrigin())
     attrs = {
         "spacing": np.asarray(target, dtype=np.float64),

@@ -142,17 +142,20 @@ def _staging_folder(out: Path) -> Path:
 
 
 def _predict_all(items, held, model, card, extra, interpolation, args, stage: Path, out: Path) -> list[str]:
-    """Segment every input into ``stage`` (named as they will be in ``out``); the lines to print."""
+    """Segment every input into ``stage`` (named as they will be in ``out``); the lines to print.
+    ``held``: a list holding ``(item, (image, files))`` of the first input, already read; it is emptied, so
+    that image is freed once predict_image has resampled it (the caller keeps no other reference)."""
     from organseg.inference.raw_images import predict_image, read_input  # noqa: PLC0415 - loads torch
 
     written = []
     for item in track(items, description=f"predicting {len(items)} case(s)", console=Console(stderr=True)):
-        if held is not None and held[0] is item:
-            (image, files), held = held[1], None
+        if held and held[0][0] is item:
+            (image, files) = held.pop()[1]
         else:
             image, files = read_input(item)
-        label = predict_image(model, image, card, interpolation, args.device, args.precision)
+        handed_over = [image]  # predict_image empties it once resampled: the image is freed then
         del image
+        label = predict_image(model, handed_over, card, interpolation, args.device, args.precision)
         write_image(label, stage / f"{item.case}{SEG_SUFFIX}")
         line = f"{item.case}: {out / f'{item.case}{SEG_SUFFIX}'}"
         if item.kind == "dicom" and args.rtstruct != "never":
@@ -194,10 +197,10 @@ def run(args) -> int:
     sidecar = _labels_json(card, args.ckpt, out, args.overwrite)
     # every input is read and validated before anything is written (a 2D/4D/NaN/text input among good
     # ones stops the command with nothing in --out); read last to first, so the first case stays loaded
-    held: tuple | None = None
+    held: list[tuple] = []  # [(item, (image, files))]: handed over to _predict_all, which empties it
     for item in reversed(items):
-        held = None  # one image in memory at a time
-        held = (item, read_input(item))
+        held.clear()  # one image in memory at a time
+        held.append((item, read_input(item)))
     created = not out.exists()
     make_dirs(out)
     # outputs go to a staging folder inside --out and are moved into place only once every case is done:

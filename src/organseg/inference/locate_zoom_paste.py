@@ -51,18 +51,23 @@ The buffer scales with X * Y * pz, not with Z.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.data.utils import compute_importance_map, dense_patch_slices
 
 from organseg.errors import ConfigError
 from organseg.inference.precision import check_precision, inference_autocast
+from organseg.inference.sliding_window import blend_slabs, scan_interval, window_starts
 from organseg.spatial.heatmaps import log_parabola_offset
 from organseg.spatial.roi import paste_roi, roi_box
 
-__all__ = ["predict_focusnet", "blend_slabs", "window_starts"]
+__all__ = [
+    "predict_focusnet",
+    "blend_slabs",
+    "scan_interval",
+    "window_starts",
+]  # the last three: sliding_window's
 
 _EPS = 1e-6  # decode_centres' log clamp
 MERGES = ("upstream", "replace_in_roi", "runner_up")
@@ -82,88 +87,6 @@ def merge_from_small_organs_from(value: str) -> str:
     if value not in SMALL_ORGANS_FROM:
         raise ConfigError(f"small_organs_from must be one of {list(SMALL_ORGANS_FROM)}, got {value!r}")
     return SMALL_ORGANS_FROM[value]
-
-
-def scan_interval(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> tuple[int, ...]:
-    """The window step per axis that ``sliding_window_inference`` uses: ``int(patch * (1 - overlap))``, at
-    least 1, and one whole patch where the patch spans the axis. Written out because MONAI keeps this rule in
-    a private helper, and importing a dependency's private name would break silently on its next release."""
-    return tuple(int(p) if p == s else max(int(p * (1 - overlap)), 1) for s, p in zip(image_size, patch_size))
-
-
-def window_starts(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[list[int]]:
-    """Per axis, the sorted window starts of MONAI's grid (``sliding_window_inference`` on a volume
-    already at least ``patch_size``): ``dense_patch_slices`` with :func:`scan_interval`."""
-    interval = scan_interval(image_size, patch_size, overlap)
-    slices = dense_patch_slices(tuple(image_size), tuple(patch_size), interval)
-    return [sorted({s[a].start for s in slices}) for a in range(3)]
-
-
-@torch.no_grad()
-def blend_slabs(
-    predictor: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    patch_size: Sequence[int],
-    overlap: float = 0.5,
-    sw_batch_size: int = 1,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Gaussian-blended sliding window streamed in z: yields ``(z0, z1, blended [C, X, Y, z1 - z0])``
-    for consecutive z ranges covering the volume, each final (no later window touches it).
-
-    ``image`` [1, 1, X, Y, Z] with every size >= ``patch_size`` (callers pad smaller volumes);
-    ``predictor`` maps windows [B, 1, *patch] on ``device`` to [B, C, *patch]. Windows and weights are
-    MONAI's (see module doc); only a ``[C + 1, X, Y, patch_z]`` buffer lives on ``device``. The yielded
-    tensor is a view of that buffer, valid until the generator is resumed.
-    """
-    if image.dim() != 5 or image.shape[:2] != (1, 1):
-        raise ValueError(f"blend_slabs needs an image [1, 1, X, Y, Z], got {tuple(image.shape)}")
-    size = tuple(int(s) for s in image.shape[2:])
-    patch = tuple(int(p) for p in patch_size)
-    if any(s < p for s, p in zip(size, patch)):
-        raise ValueError(f"volume {size} is smaller than the patch {patch}; pad it first")
-    device = torch.device(device) if device is not None else image.device
-    xs, ys, zs = window_starts(size, patch, overlap)
-    px, py, pz = patch
-    weight = compute_importance_map(
-        patch, mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32
-    )
-    acc = wsum = None
-    origin = zs[0]  # = 0
-    total = len(xs) * len(ys) * len(zs)
-    done = 0
-
-    def finalise(upto: int) -> torch.Tensor:
-        n = upto - origin
-        return acc[..., :n].div_(wsum[..., :n])  # in place: these slices are final
-
-    xy = [(x, y) for x in xs for y in ys]
-    for z0 in zs:
-        if acc is not None and z0 > origin:
-            shift = z0 - origin
-            yield origin, z0, finalise(z0)
-            # shift the pending slices [shift, pz) to the front, slice by slice (no overlapping copy)
-            for j in range(pz - shift):
-                acc[..., j].copy_(acc[..., j + shift])
-                wsum[..., j].copy_(wsum[..., j + shift])
-            acc[..., pz - shift :] = 0
-            wsum[..., pz - shift :] = 0
-            origin = z0
-        for i in range(0, len(xy), sw_batch_size):
-            batch = xy[i : i + sw_batch_size]
-            win = torch.cat([image[:, :, x : x + px, y : y + py, z0 : z0 + pz] for x, y in batch]).to(device)
-            out = predictor(win).float()
-            if acc is None:
-                acc = torch.zeros((out.shape[1], *size[:2], pz), dtype=torch.float32, device=device)
-                wsum = torch.zeros((*size[:2], pz), dtype=torch.float32, device=device)
-            for b, (x, y) in enumerate(batch):
-                acc[:, x : x + px, y : y + py, :] += out[b] * weight
-                wsum[x : x + px, y : y + py, :] += weight
-            done += len(batch)
-            if progress:
-                print(f"\rS-Net+SOL windows {done}/{total}", end="" if done < total else "\n", flush=True)
-    yield origin, size[2], finalise(size[2])
 
 
 class _PeakTracker:

@@ -18,11 +18,11 @@ import SimpleITK as sitk
 import torch
 from pydicom.misc import is_dicom
 
-from organseg.cache.build import preprocess_volume
+from organseg.cache.build import crop_to_body, resample_volume
 from organseg.errors import ConfigError, InputError
 from organseg.inference.precision import inference_autocast
 from organseg.io.dicom import DicomError, read_dicom_series, series_ids
-from organseg.io.geometry import restore_original_geometry
+from organseg.io.geometry import Geometry, restore_original_geometry
 from organseg.io.layouts import IMAGE_ENDINGS, CaseError, read_validated_image
 
 _CHANNEL = re.compile(r"_\d{4}$")  # nnU-Net's channel suffix: imagesTs/<case>_0000.nii.gz -> <case>
@@ -132,17 +132,25 @@ def collect_inputs(paths: list[str]) -> list[PredictInput]:
     return found
 
 
+#: pixel types an image keeps as stored: float32 holds every value, so resampling them straight into
+#: float32 gives the values the cache's float32 copy would (``organseg.cache.build.resample_volume``)
+_EXACT_IN_FLOAT32 = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkFloat32)
+
+
 def read_input(item: PredictInput) -> tuple[Any, list[Path]]:
-    """``(float32 HU SimpleITK image, DICOM files in slice order or [])`` of one input."""
+    """``(HU SimpleITK image, DICOM files in slice order or [])`` of one input: float32, or the stored
+    8/16-bit integer type (half the memory of float32 for a CT stored as int16; preprocessing resamples it
+    into float32 with the same values)."""
 
     if item.kind == "dicom":
         return read_dicom_series(item.path)
-    image = sitk.Cast(
-        read_validated_image(item.path, item.case, "image"), sitk.sitkFloat32
-    )  # validated, one-line errors
-    view = sitk.GetArrayViewFromImage(image)
-    if not np.all(np.isfinite(view)):
-        raise CaseError(f"{item.case}: image has non-finite voxels (NaN/inf) ({item.path})", item.case)
+    image = read_validated_image(item.path, item.case, "image")  # validated, one-line errors
+    if image.GetPixelID() not in _EXACT_IN_FLOAT32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    if image.GetPixelID() == sitk.sitkFloat32:
+        view = sitk.GetArrayViewFromImage(image)
+        if not np.all(np.isfinite(view)):
+            raise CaseError(f"{item.case}: image has non-finite voxels (NaN/inf) ({item.path})", item.case)
     return image, []
 
 
@@ -150,7 +158,8 @@ def read_input(item: PredictInput) -> tuple[Any, list[Path]]:
 def normalise(hu, hu_window) -> np.ndarray:
     """HU -> [-1, 1] with the same float32 operations as ``CacheReader.normalise`` (training's input)."""
     lo, hi = np.float32(hu_window[0]), np.float32(hu_window[1])
-    out = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
+    out = np.array(hu, dtype=np.float32)  # a copy: the operations below are in place
+    np.clip(out, lo, hi, out=out)
     out -= lo
     out *= np.float32(2.0) / (hi - lo)
     out -= np.float32(1.0)
@@ -158,8 +167,17 @@ def normalise(hu, hu_window) -> np.ndarray:
 
 
 def preprocess_for_model(image, card, interpolation: str = "linear") -> tuple[np.ndarray, dict[str, Any]]:
-    """``(normalised float32 (x, y, z) on the cache's grid, grid attrs to undo it)`` for one image."""
-    hu, _, attrs = preprocess_volume(card, image, None, interpolation)
+    """``(normalised float32 (x, y, z) on the cache's grid, grid attrs to undo it)`` for one image.
+
+    ``image`` may be handed over as a one-item list ``[image]``: the list is emptied once the image is
+    resampled, so (when nothing else refers to it) its memory is freed before the crop and the model."""
+    handed_over = isinstance(image, list)
+    src = image.pop() if handed_over else image
+    geom = Geometry.of(src)
+    r_image, _ = resample_volume(card, src, None, interpolation)
+    del src  # the caller's list no longer holds it: the input image is freed here
+    hu, _, attrs = crop_to_body(card, geom, r_image)
+    del r_image
     return normalise(hu, card.hu_window), attrs
 
 
@@ -180,12 +198,23 @@ def predict_image(
     model, image, card, interpolation: str = "linear", device: str = "cpu", precision: str = "fp32"
 ):
     """A uint8 label map with exactly ``image``'s size, spacing, origin and direction. ``precision``:
-    the autocast of the network calls (``organseg.inference.precision``; the default ``fp32`` is none)."""
+    the autocast of the network calls (``organseg.inference.precision``; the default ``fp32`` is none).
+    Pass ``[image]`` to hand the image over (:func:`preprocess_for_model`): freed once resampled.
 
+    Memory (``organseg predict``, ``benchmarks/predict_memory.py``): the input image, its float32 resampled
+    copy, the body mask and components (3 bytes a resampled voxel), then the float32 model input (crop),
+    the streamed sliding window's buffer (``organseg.inference.sliding_window``), and uint8 labels on the
+    cropped, resampled and original grids; never a float volume per class."""
+
+    src = image[0] if isinstance(image, list) else image
+    geom = Geometry.of(src)
+    del src
     x, attrs = preprocess_for_model(image, card, interpolation)
+    del image
     with torch.inference_mode(), inference_autocast(device, precision):
         labels = model.predict_case(torch.from_numpy(x)[None, None].to(device))
-    labels = labels[0].cpu().numpy().astype(np.uint8)
+    del x
+    labels = labels[0].cpu().numpy().astype(np.uint8, copy=False)
     out = sitk.Cast(restore_original_geometry(labels, attrs, "nearest"), sitk.sitkUInt8)
-    out.CopyInformation(image)  # restore_original_geometry built exactly this grid; make it bit-identical
-    return out
+    # restore_original_geometry built exactly this grid; stamp the input's values so it is bit-identical
+    return geom.apply(out)

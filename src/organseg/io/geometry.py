@@ -131,8 +131,10 @@ def resample_to_grid(
     direction: Sequence[float],
     interpolation: str = "linear",
     default_value: float = 0.0,
+    pixel_type: int | None = None,
 ) -> sitk.Image:
-    """Resample ``image`` onto an explicit physical grid (SimpleITK ResampleImageFilter)."""
+    """Resample ``image`` onto an explicit physical grid (SimpleITK ResampleImageFilter); the output has
+    ``pixel_type`` (default: the input's)."""
     if interpolation not in INTERPOLATORS:
         raise ConfigError(f"interpolation must be one of {sorted(INTERPOLATORS)}, got {interpolation!r}")
     f = sitk.ResampleImageFilter()
@@ -142,7 +144,7 @@ def resample_to_grid(
     f.SetOutputDirection([float(v) for v in np.asarray(direction, dtype=float).ravel()])
     f.SetInterpolator(INTERPOLATORS[interpolation])
     f.SetDefaultPixelValue(float(default_value))
-    f.SetOutputPixelType(image.GetPixelID())
+    f.SetOutputPixelType(image.GetPixelID() if pixel_type is None else pixel_type)
     f.SetTransform(sitk.Transform())
     return f.Execute(image)
 
@@ -156,16 +158,27 @@ def resample_image(
     target_spacing: Sequence[float],
     interpolation: str = "linear",
     default_value: float = -1024.0,
+    pixel_type: int | None = None,
 ) -> sitk.Image:
     """Resample an intensity image to ``target_spacing`` keeping its origin and direction
-    (``linear`` or ``bspline``). Voxels outside the input get ``default_value`` (air)."""
+    (``linear`` or ``bspline``). Voxels outside the input get ``default_value`` (air). ``pixel_type``: the
+    output's SimpleITK pixel type (default: the input's); at the same spacing the image is only cast."""
     if interpolation not in ("linear", "bspline", "nearest"):
         raise ConfigError(f"interpolation must be linear or bspline, got {interpolation!r}")
     if _same_spacing(image.GetSpacing(), target_spacing):
-        return image
+        if pixel_type is None or pixel_type == image.GetPixelID():
+            return image
+        return sitk.Cast(image, pixel_type)
     size = resampled_size(image.GetSize(), image.GetSpacing(), target_spacing)
     return resample_to_grid(
-        image, size, target_spacing, image.GetOrigin(), image.GetDirection(), interpolation, default_value
+        image,
+        size,
+        target_spacing,
+        image.GetOrigin(),
+        image.GetDirection(),
+        interpolation,
+        default_value,
+        pixel_type=pixel_type,
     )
 
 
