@@ -25,7 +25,7 @@ from organseg.runs import run_checkpoint
 
 PLAN = "experiments/demo_plan.yaml"
 LOGS = Path("lightning_logs/organseg")
-IDLE_OVERHEAD_MIN = 2.0  # phantom, preprocessing and the evaluations on 2 idle cores (minutes, measured)
+IDLE_OVERHEAD_MIN = 1.1  # phantom, preprocessing and the 4 evaluations: ~130 CPU-s / 2 cores (measured)
 
 
 def children_cpu_seconds() -> float:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     total, extra = idle + IDLE_OVERHEAD_MIN, IDLE_OVERHEAD_MIN
     print(
         f"demo: {len(wanted)} training run(s), budgets in optimiser steps; expected ~{total:.0f} min on 2 "
-        f"idle CPU cores ({idle:.0f} training + ~{extra:.0f} data and evaluation), longer on a busy "
+        f"idle CPU cores ({idle:.1f} training + ~{extra:.1f} data and evaluation), longer on a busy "
         "machine (same results)",
         flush=True,
     )
