@@ -23,6 +23,18 @@ def no_run_seed_from_an_earlier_test(monkeypatch):
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-tensor tests: two OpenMP threads on 2 shared cores make
+    these tiny convolutions ~50x slower. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch  # noqa: PLC0415  (conftest stays importable without torch's start-up cost)
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_card(card_file: Path, **overrides) -> Path:
     card = yaml.safe_load((REPO / "data_modules/cards/hn_phantom.yaml").read_text())
     card.update(overrides)

@@ -26,13 +26,7 @@ SMALL = [2, 3, 4]
 ROIS = [(8, 8, 4), (12, 12, 4), (8, 8, 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # two OpenMP threads on 2 shared cores make these tiny convolutions ~50x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0) -> FocusNetV2:

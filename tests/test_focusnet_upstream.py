@@ -27,13 +27,7 @@ from organseg.networks.shape_autoencoder import ShapeAutoencoder, UpstreamShapeA
 from organseg.networks.sos import UpstreamSOSBranch
 from test_focusnet_stages import TINY, Record, batch, loader, trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def digest(module: torch.nn.Module) -> str:
