@@ -63,6 +63,18 @@ def series_files(folder: str | os.PathLike) -> list[Path]:
     return [Path(f) for f in files]
 
 
+def read_series_volume(files: Sequence[str | os.PathLike]) -> sitk.Image:
+    """SimpleITK's volume of the slice files, in order; a DicomError holding the first error line of
+    ITK's multi-line message (at most 200 characters) when it cannot be read, for the caller to name."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        line = next((ln.strip() for ln in str(exc).splitlines() if "rror" in ln), str(exc).strip())
+        raise DicomError(line[:200]) from None
+
+
 def read_dicom_series(folder: str | os.PathLike) -> tuple[sitk.Image, list[Path]]:
     """``(image in HU as float32, its files in slice order)`` of the one CT series in ``folder``.
 
@@ -80,13 +92,10 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[sitk.Image, list[Path]
         raise DicomError(f"{folder}: series modality is {modality}; organseg predicts on CT")
     if len(files) < 2:
         raise DicomError(f"{folder}: the series has a single slice; expected a 3D CT volume")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files])
     try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        line = next((ln.strip() for ln in str(exc).splitlines() if "rror" in ln), str(exc).strip())
-        raise DicomError(f"{folder}: the DICOM series cannot be read as a volume ({line[:200]})") from None
+        image = read_series_volume(files)
+    except DicomError as exc:
+        raise DicomError(f"{folder}: the DICOM series cannot be read as a volume ({exc})") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise DicomError(f"{folder}: the DICOM series is not a scalar 3D volume")
     return sitk.Cast(image, sitk.sitkFloat32), files

@@ -40,6 +40,7 @@ from matplotlib.path import Path as PolygonPath
 from pydicom.errors import InvalidDicomError
 
 from organseg.io.card import DatasetCard
+from organseg.io.dicom import DicomError, read_series_volume
 from organseg.io.geometry import Geometry, xyz_to_image
 from organseg.io.layouts import CaseError, CaseFiles
 from organseg.io.tg263 import NameMatch, StructureNames
@@ -268,15 +269,11 @@ def read_ct(cid: str, slices: list[tuple[Path, pydicom.Dataset]]) -> tuple[sitk.
             f"{spacing:.3g} mm elsewhere; not interpolating ({paths[0].parent})",
             cid,
         )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(p) for p in paths])
     try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        line = next((ln.strip() for ln in str(exc).splitlines() if "rror" in ln), str(exc).strip())
-        raise CaseError(
-            f"{cid}: the CT series cannot be read as a volume ({line[:200]}) ({paths[0].parent})", cid
-        ) from None
+        image = read_series_volume(paths)
+    except DicomError as exc:
+        where = paths[0].parent
+        raise CaseError(f"{cid}: the CT series cannot be read as a volume ({exc}) ({where})", cid) from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"{cid}: the CT series is not a scalar 3D volume ({paths[0].parent})", cid)
     return sitk.Cast(image, sitk.sitkFloat32), paths
