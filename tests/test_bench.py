@@ -160,6 +160,22 @@ def test_quick_size_scales_steps_and_seeds(tmp_path):
     assert quick.arms["a"][0].configs == [DATA]
 
 
+def test_quick_replace_configs_with_a_list_puts_several_configs_in_place_of_one(tmp_path):
+    """A list value replaces a run's config by several, in order (e.g. the quick data config and an overlay);
+    string values still replace text in args; the full size is unchanged."""
+    spec = {
+        "name": "q",
+        "arms": {"a": [{"name": "x", "configs": [UNET, DATA], "max_steps": 10, "args": [f"--x={DATA}"]}]},
+        "quick": {"replace_configs": {DATA: [DATA, UNET]}},
+    }
+    path = tmp_path / "q.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    full, quick = load_benchmark(path), load_benchmark(path, quick=True)
+    assert full.arms["a"][0].configs == [UNET, DATA]
+    assert quick.arms["a"][0].configs == [UNET, DATA, UNET]
+    assert quick.arms["a"][0].args == [f"--x={DATA}"]  # a list value touches configs only
+
+
 def test_a_stage_identical_in_two_arms_is_trained_once_per_seed(tmp_path):
     run = {"name": "x", "configs": [UNET], "max_steps": 10}
     spec = {

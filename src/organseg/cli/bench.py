@@ -38,7 +38,8 @@ A benchmark YAML (``benchmarks/*.yaml``)::
 A ``pseudolabel`` run writes ``organseg pseudolabel`` files of the named runs' checkpoints, one per card,
 under ``<out>/work/``; a later fit with ``pseudo_from`` trains on them (``--data.init_args.pseudo_labels``,
 in the cards' order). ``quick.replace_configs`` replaces a path wherever it appears: configs, args, cards,
-``test_data``.
+``test_data``; a list value (``a.yaml: [b.yaml, overlay.yaml]``) replaces a run's config by several, in order
+(configs only: args, cards and ``test_data`` take string values).
 
 Budgets are optimiser steps (``max_steps`` per run; an arm's budget is the sum over its runs), never
 wall time; each run's steps, wall time and machine load are recorded. Resumable: a run is skipped when
@@ -164,7 +165,12 @@ def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
     unknown = set(quick_spec) - QUICK_KEYS
     if unknown:
         raise bad("quick", f"unknown key(s) {sorted(unknown)}; known: {sorted(QUICK_KEYS)}")
-    replace = {str(k): str(v) for k, v in (quick_spec.get("replace_configs") or {}).items()} if quick else {}
+    replace_spec = (quick_spec.get("replace_configs") or {}) if quick else {}
+    if not isinstance(replace_spec, dict):
+        raise bad("quick.replace_configs", "must map a path to a path or a list of paths")
+    # string values replace text everywhere; list values replace a run's config by several (configs only)
+    replace = {str(k): str(v) for k, v in replace_spec.items() if not isinstance(v, list)}
+    expand = {str(k): [str(x) for x in v] for k, v in replace_spec.items() if isinstance(v, list)}
     seeds = quick_spec.get("seeds", spec.get("seeds", [0])) if quick else spec.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise bad("seeds", f"must be a list of non-negative integers, got {seeds!r}")
@@ -185,7 +191,7 @@ def load_benchmark(path: str | Path, quick: bool = False) -> Benchmark:
                     f"arms.{arm}", f"a mapping needs runs (and optionally evaluate), got {sorted(runs)}"
                 )
             runs, chosen = runs["runs"], runs.get("evaluate")
-        arms[arm] = _runs(runs, scale, replace, lambda k, p, a=arm: bad(f"arms.{a}{k}", p))
+        arms[arm] = _runs(runs, scale, replace, lambda k, p, a=arm: bad(f"arms.{a}{k}", p), expand)
         fits = [r.name for r in arms[arm] if r.pseudo is None]
         chosen = [str(c) for c in (chosen if chosen is not None else fits[-1:])]
         if not chosen or any(c not in fits for c in chosen):
@@ -261,7 +267,13 @@ def _assign_owners(arms: dict[str, list[Run]]) -> None:
             run.owner = first.setdefault(prefix, arm)
 
 
-def _runs(runs, scale: float, replace: dict[str, str], bad: Callable[[str, str], ConfigError]) -> list[Run]:
+def _runs(
+    runs,
+    scale: float,
+    replace: dict[str, str],
+    bad: Callable[[str, str], ConfigError],
+    expand: dict[str, list[str]] | None = None,
+) -> list[Run]:
     if not isinstance(runs, list) or not runs:
         raise bad("", "must be a non-empty list of runs")
     out: list[Run] = []
@@ -278,7 +290,9 @@ def _runs(runs, scale: float, replace: dict[str, str], bad: Callable[[str, str],
         steps = run.get("max_steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise bad(f"{where}.max_steps", f"must be a positive number of optimiser steps, got {steps!r}")
-        configs = [replace.get(str(c), str(c)) for c in run["configs"]]
+        configs = [
+            new for c in run["configs"] for new in (expand or {}).get(str(c), [replace.get(str(c), str(c))])
+        ]
         for cfg in configs:
             if not Path(cfg).is_file():
                 raise bad(f"{where}.configs", f"no such config file {cfg}")
