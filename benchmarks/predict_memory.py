@@ -127,6 +127,14 @@ print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "peak_rss_mib": usage
 """
 
 
+def _thp() -> str:
+    """The kernel's transparent-huge-page mode (``always`` can raise RSS of sparsely touched memory)."""
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def run_measured(cmd: list[str], pythonpath: str) -> dict:
     """Run ``cmd`` with ``PYTHONPATH=pythonpath``; its peak RSS (MiB, ``ru_maxrss``), wall and CPU seconds."""
     env = dict(os.environ, PYTHONPATH=pythonpath)
@@ -163,6 +171,7 @@ def main() -> None:
         "input_mib": int(np.prod(args.shape)) * 2 / 2**20,
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        "thp": _thp(),
         "date": time.strftime("%Y-%m-%d"),
     }
     with tempfile.TemporaryDirectory(prefix="predict-memory-") as tmp:

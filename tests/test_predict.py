@@ -380,23 +380,24 @@ def test_inference_settings_reach_the_model(hn_small, card, tiny_ckpt, tmp_path,
     seen = []
     real = raw_images.predict_image
 
-    def spy(model, *args):
+    def spy(model, *args, **kwargs):
         inner = model.predict_case
 
-        def predict_case(x, progress=False):
+        def predict_case(x, progress=False, window_transform=None):
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-            seen.append((model.sw_overlap, model.sw_batch_size, dtype))
-            return inner(x)
+            seen.append((model.sw_overlap, model.sw_batch_size, dtype, x.dtype))
+            return inner(x, window_transform=window_transform)
 
         model.predict_case = predict_case
-        return real(model, *args)
+        return real(model, *args, **kwargs)
 
     monkeypatch.setattr(raw_images, "predict_image", spy)
     base = ["predict", "--ckpt", str(tiny_ckpt), "--input", str(nifti), "--overwrite"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
     assert main([*base, "--out", str(tmp_path / "b"), "--sw-overlap", "0.25", "--sw-batch-size", "3"]) == 0
     assert main([*base, "--out", str(tmp_path / "c"), "--precision", "bf16"]) == 0
-    assert seen == [(0.5, 2, None), (0.25, 3, None), (0.5, 2, torch.bfloat16)]
+    i16 = torch.int16  # the U-Net gets the int16 crop and normalises each window
+    assert seen == [(0.5, 2, None, i16), (0.25, 3, None, i16), (0.5, 2, torch.bfloat16, i16)]
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "d"), "--sw-overlap", "1"]) == 2
     assert "--sw-overlap must be in [0, 1)" in _err(capsys)

@@ -54,7 +54,15 @@ from organseg.errors import ConfigError, OutputError
 from organseg.io.atomic import make_dirs
 from organseg.io.card import CardError, DatasetCard
 from organseg.io.dicom_rt import report_notes
-from organseg.io.geometry import Geometry, cropped_origin, image_to_xyz, resample_image, resample_label
+from organseg.io.geometry import (
+    Geometry,
+    cropped_origin,
+    image_to_xyz,
+    resample_label,
+    resample_to_grid,
+    resampled_size,
+    same_spacing,
+)
 from organseg.io.layouts import CaseError, CaseFiles, OverlapWarning, list_cases, read_case_sitk
 
 # HDF5 reads and decompresses whole chunks. A 96x96x48 training patch at a random offset overlaps
@@ -101,8 +109,14 @@ def body_bbox(
     """[start, stop) of the body: the largest connected component of ``image > threshold`` plus
     ``margin`` voxels, extended to include every labelled voxel. The full volume if nothing is found."""
 
-    shape = np.asarray(image_hu.shape)
-    mask = image_hu > threshold
+    return body_bbox_of_mask(image_hu > threshold, label, margin)
+
+
+def body_bbox_of_mask(
+    mask: np.ndarray, label: np.ndarray | None = None, margin: int = BODY_MARGIN
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`body_bbox` of an already thresholded image (``mask`` = image > threshold; consumed)."""
+    shape = np.asarray(mask.shape)
     box = None
     if mask.any():
         comp, n = _label_components(mask)
@@ -203,42 +217,92 @@ def preprocess_volume(
 
 
 def resample_volume(card: DatasetCard, image, label=None, interpolation: str = "linear"):
-    """Step 1 of :func:`preprocess_volume`: ``(float32 image, label or None)`` (SimpleITK) resampled to
-    ``card.target_spacing``. ``image`` may be float32 or an integer type float32 holds exactly (int16 as
-    stored): the interpolators compute in double either way, so the values are the same."""
+    """Step 1 of :func:`preprocess_volume`: ``(ResampledImage, label or None)``: ``image`` resampled to
+    ``card.target_spacing`` (float32 arithmetic), each value clipped to the card's HU window and rounded to
+    int16, and the body mask (``> BODY_THRESHOLD_HU``) taken from the unclipped values, ``_RESAMPLE_SLICES``
+    output slices at a time. ``image`` may be float32 or an integer type float32 holds exactly (int16 as
+    stored): the interpolators compute in double either way, so the values are the same.
+
+    Memory: the input, the int16 grid (2 bytes a voxel) and the mask (1), never a float32 copy of the whole
+    resampled volume (4 bytes a voxel, the largest buffer before). The values are those of one whole-volume
+    ResampleImageFilter call: each output voxel is interpolated on its own, and a B-spline's coefficients
+    come from the whole input in every call (so B-spline is resampled in one call: per chunk it would
+    recompute them each time)."""
     target = tuple(float(v) for v in card.target_spacing)
-    r_image = resample_image(image, target, interpolation, default_value=-1024.0, pixel_type=sitk.sitkFloat32)
+    lo, hi = (float(v) for v in card.hu_window)
+    if interpolation not in ("linear", "bspline"):
+        raise ConfigError(f"interpolation must be linear or bspline, got {interpolation!r}")
+    same = same_spacing(image.GetSpacing(), target)
+    size = (
+        tuple(int(v) for v in image.GetSize())
+        if same
+        else resampled_size(image.GetSize(), image.GetSpacing(), target)
+    )
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    hu = np.empty(size, dtype=np.int16)  # (x, y, z)
+    body = np.empty(size, dtype=bool)
+    step = size[2] if interpolation == "bspline" and not same else _RESAMPLE_SLICES
+    for z0 in range(0, size[2], step):
+        z1 = min(z0 + step, size[2])
+        if same:  # only a cast, as resample_image does at the target spacing
+            part = sitk.GetArrayViewFromImage(image)[z0:z1].astype(np.float32)
+        else:
+            chunk = resample_to_grid(
+                image,
+                (size[0], size[1], z1 - z0),
+                target,
+                origin + direction @ np.array([0.0, 0.0, z0 * target[2]]),
+                direction.ravel(),
+                interpolation,
+                default_value=-1024.0,
+                pixel_type=sitk.sitkFloat32,
+            )
+            part = sitk.GetArrayFromImage(chunk)  # (z, y, x) float32
+            del chunk
+        part = part.transpose(2, 1, 0)
+        body[..., z0:z1] = part > BODY_THRESHOLD_HU
+        np.clip(part, lo, hi, out=part)
+        np.rint(part, out=part)
+        hu[..., z0:z1] = part
+        del part
     r_label = resample_label(label, target) if label is not None else None
-    return r_image, r_label
+    return ResampledImage(hu, body, tuple(float(v) for v in origin)), r_label
 
 
-#: slices clipped and rounded at a time by :func:`crop_to_body` (its float32 scratch is this deep)
-_CLIP_SLICES = 16
+@dataclass
+class ResampledImage:
+    """:func:`resample_volume`'s image on the card's grid: ``hu`` int16 (x, y, z), clipped to the HU window
+    and rounded; ``body`` the voxels above ``BODY_THRESHOLD_HU`` before clipping; the grid's origin."""
+
+    hu: np.ndarray
+    body: np.ndarray
+    origin: tuple[float, ...]
+
+
+#: output slices resampled per ResampleImageFilter call by :func:`resample_volume` (its float32 scratch)
+_RESAMPLE_SLICES = 16
 
 
 def crop_to_body(
-    card: DatasetCard, geom: Geometry, r_image, r_label=None
+    card: DatasetCard, geom: Geometry, resampled: ResampledImage, r_label=None
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Step 2 of :func:`preprocess_volume`, on its resampled image and label (``geom``: the original
-    image's grid). Reads the resampled image in place (no (x, y, z) copy) and clips and rounds it
-    ``_CLIP_SLICES`` slices at a time into the int16 result, so the memory on top of the resampled image
-    is the body mask (1 byte a voxel) and its components (2), then the int16 crop."""
+    image's grid): the body box from ``resampled.body`` (consumed: set to None), the int16 crop of
+    ``resampled.hu`` (released too), so the memory on top of the int16 grid is the uint16 components
+    and then the crop."""
     target = tuple(float(v) for v in card.target_spacing)
-    hu = sitk.GetArrayViewFromImage(r_image).transpose(2, 1, 0)  # (x, y, z) view of r_image's buffer
     lab = image_to_xyz(r_label) if r_label is not None else None
-    resampled_shape = hu.shape
-    start, stop = body_bbox(hu, lab)
-    lo, hi = (float(v) for v in card.hu_window)
-    img = np.empty(tuple(b - a for a, b in zip(start, stop)), dtype=np.int16)
-    for z in range(start[2], stop[2], _CLIP_SLICES):
-        z1 = min(z + _CLIP_SLICES, stop[2])
-        part = np.clip(hu[start[0] : stop[0], start[1] : stop[1], z:z1], lo, hi)  # float32
-        np.rint(part, out=part)
-        img[..., z - start[2] : z1 - start[2]] = part
-    del hu
+    resampled_shape = resampled.hu.shape
+    body, resampled.body = resampled.body, None
+    start, stop = body_bbox_of_mask(body, lab)
+    del body
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    img = np.ascontiguousarray(resampled.hu[box])
+    resampled.hu = None
     if lab is not None:
-        lab = np.ascontiguousarray(lab[tuple(slice(a, b) for a, b in zip(start, stop))])
-    origin = tuple(float(v) for v in r_image.GetOrigin())
+        lab = np.ascontiguousarray(lab[box])
+    origin = resampled.origin
     attrs = {
         "spacing": np.asarray(target, dtype=np.float64),
         "shape": np.asarray(img.shape, dtype=np.int64),

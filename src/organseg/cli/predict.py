@@ -146,6 +146,7 @@ def _predict_all(items, held, model, card, extra, interpolation, args, stage: Pa
     ``held``: a list holding ``(item, (image, files))`` of the first input, already read; it is emptied, so
     that image is freed once predict_image has resampled it (the caller keeps no other reference)."""
     from organseg.inference.raw_images import predict_image, read_input  # noqa: PLC0415 - loads torch
+    from organseg.runtime.allocator import release_freed_memory  # noqa: PLC0415
 
     written = []
     for item in track(items, description=f"predicting {len(items)} case(s)", console=Console(stderr=True)):
@@ -155,7 +156,15 @@ def _predict_all(items, held, model, card, extra, interpolation, args, stage: Pa
             image, files = read_input(item)
         handed_over = [image]  # predict_image empties it once resampled: the image is freed then
         del image
-        label = predict_image(model, handed_over, card, interpolation, args.device, args.precision)
+        label = predict_image(
+            model,
+            handed_over,
+            card,
+            interpolation,
+            args.device,
+            args.precision,
+            after_preprocess=release_freed_memory,  # the retained heap would keep preprocessing's scratch
+        )
         write_image(label, stage / f"{item.case}{SEG_SUFFIX}")
         line = f"{item.case}: {out / f'{item.case}{SEG_SUFFIX}'}"
         if item.kind == "dicom" and args.rtstruct != "never":

@@ -8,7 +8,9 @@ adds the checkpoint, the outputs and RTSTRUCT writing around it.
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +168,33 @@ def normalise(hu, hu_window) -> np.ndarray:
     return out
 
 
-def preprocess_for_model(image, card, interpolation: str = "linear") -> tuple[np.ndarray, dict[str, Any]]:
-    """``(normalised float32 (x, y, z) on the cache's grid, grid attrs to undo it)`` for one image.
+def normalise_windows(hu_window) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`normalise` for torch windows (float32 operations in the same order, so the same values): what
+    a model's ``predict_case(..., window_transform=...)`` applies to each window of an int16 case."""
+    lo, hi = np.float32(hu_window[0]), np.float32(hu_window[1])
+    scale = float(np.float32(2.0) / (hi - lo))
+
+    def transform(windows: torch.Tensor) -> torch.Tensor:
+        out = windows.to(torch.float32).clamp_(float(lo), float(hi))
+        return out.sub_(float(lo)).mul_(scale).sub_(1.0)
+
+    return transform
+
+
+def takes_window_transform(model) -> bool:
+    """Whether ``model.predict_case`` accepts ``window_transform`` (the sliding-window models; FocusNetV2's
+    locate-zoom-paste stages and the multi-model take a normalised float32 case)."""
+    try:
+        return "window_transform" in inspect.signature(model.predict_case).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def preprocess_for_model(
+    image, card, interpolation: str = "linear", normalised: bool = True
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(normalised float32 (x, y, z) on the cache's grid, grid attrs to undo it)`` for one image; with
+    ``normalised=False`` the int16 HU crop instead (half the memory; :func:`normalise_windows` per window).
 
     ``image`` may be handed over as a one-item list ``[image]``: the list is emptied once the image is
     resampled, so (when nothing else refers to it) its memory is freed before the crop and the model."""
@@ -178,7 +205,7 @@ def preprocess_for_model(image, card, interpolation: str = "linear") -> tuple[np
     del src  # the caller's list no longer holds it: the input image is freed here
     hu, _, attrs = crop_to_body(card, geom, r_image)
     del r_image
-    return normalise(hu, card.hu_window), attrs
+    return (normalise(hu, card.hu_window) if normalised else hu), attrs
 
 
 def set_sliding_window(model, overlap: float | None = None, batch_size: int | None = None) -> None:
@@ -195,24 +222,38 @@ def set_sliding_window(model, overlap: float | None = None, batch_size: int | No
 
 
 def predict_image(
-    model, image, card, interpolation: str = "linear", device: str = "cpu", precision: str = "fp32"
+    model,
+    image,
+    card,
+    interpolation: str = "linear",
+    device: str = "cpu",
+    precision: str = "fp32",
+    after_preprocess: Callable[[], object] | None = None,
 ):
     """A uint8 label map with exactly ``image``'s size, spacing, origin and direction. ``precision``:
     the autocast of the network calls (``organseg.inference.precision``; the default ``fp32`` is none).
     Pass ``[image]`` to hand the image over (:func:`preprocess_for_model`): freed once resampled.
+    ``after_preprocess``: called between preprocessing and the network (``organseg predict`` hands the
+    preprocessing's freed heap back to the system there, ``organseg.runtime.allocator``).
 
-    Memory (``organseg predict``, ``benchmarks/predict_memory.py``): the input image, its float32 resampled
-    copy, the body mask and components (3 bytes a resampled voxel), then the float32 model input (crop),
-    the streamed sliding window's buffer (``organseg.inference.sliding_window``), and uint8 labels on the
-    cropped, resampled and original grids; never a float volume per class."""
+    Memory (``organseg predict``, ``benchmarks/predict_memory.py``): the input image with its resampled
+    int16 copy and body mask (3 bytes a resampled voxel, ``organseg.cache.build.resample_volume``), then the
+    mask's components (2), the model input (crop: int16 for a sliding-window model, which normalises each
+    window, else float32), the streamed sliding window's buffer, capped and
+    run in x bands (``organseg.inference.sliding_window``), and uint8 labels on the cropped, resampled and
+    original grids; never a float volume per class."""
 
     src = image[0] if isinstance(image, list) else image
     geom = Geometry.of(src)
     del src
-    x, attrs = preprocess_for_model(image, card, interpolation)
+    per_window = takes_window_transform(model)  # then the model gets the int16 crop, normalised per window
+    x, attrs = preprocess_for_model(image, card, interpolation, normalised=not per_window)
     del image
+    if after_preprocess is not None:
+        after_preprocess()
+    extra = {"window_transform": normalise_windows(card.hu_window)} if per_window else {}
     with torch.inference_mode(), inference_autocast(device, precision):
-        labels = model.predict_case(torch.from_numpy(x)[None, None].to(device))
+        labels = model.predict_case(torch.from_numpy(x)[None, None].to(device), **extra)
     del x
     labels = labels[0].cpu().numpy().astype(np.uint8, copy=False)
     out = sitk.Cast(restore_original_geometry(labels, attrs, "nearest"), sitk.sitkUInt8)

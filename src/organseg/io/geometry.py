@@ -149,7 +149,8 @@ def resample_to_grid(
     return f.Execute(image)
 
 
-def _same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+def same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two spacings agree to 1e-6 relative: an image already at the target spacing is only cast."""
     return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-6, atol=0))
 
 
@@ -165,7 +166,7 @@ def resample_image(
     output's SimpleITK pixel type (default: the input's); at the same spacing the image is only cast."""
     if interpolation not in ("linear", "bspline", "nearest"):
         raise ConfigError(f"interpolation must be linear or bspline, got {interpolation!r}")
-    if _same_spacing(image.GetSpacing(), target_spacing):
+    if same_spacing(image.GetSpacing(), target_spacing):
         if pixel_type is None or pixel_type == image.GetPixelID():
             return image
         return sitk.Cast(image, pixel_type)
@@ -184,7 +185,7 @@ def resample_image(
 
 def resample_label(label: sitk.Image, target_spacing: Sequence[float]) -> sitk.Image:
     """Resample a label map to ``target_spacing`` (nearest neighbour) keeping origin and direction."""
-    if _same_spacing(label.GetSpacing(), target_spacing):
+    if same_spacing(label.GetSpacing(), target_spacing):
         return label
     size = resampled_size(label.GetSize(), label.GetSpacing(), target_spacing)
     return resample_to_grid(
@@ -248,7 +249,7 @@ def restore_original_geometry(
     orig_origin = [float(v) for v in geometry["orig_origin"]]
     same_grid = (
         list(full_shape) == orig_shape
-        and _same_spacing(geometry["spacing"], orig_spacing)
+        and same_spacing(geometry["spacing"], orig_spacing)
         and np.allclose(
             np.asarray(geometry["resampled_origin"], float),
             orig_origin,

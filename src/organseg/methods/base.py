@@ -5,7 +5,7 @@ that carry their dataset cards (so ``organseg evaluate --ckpt X`` needs nothing 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -98,8 +98,15 @@ class SegmentationModuleBase(pl.LightningModule):
         self.best_dice = -math.inf if best is None else best
 
     # ---------------------------------------------------------------- inference
-    def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Label map [B,*S] for whole cases [B,1,*S] (sliding window, Gaussian blending)."""
+    def predict_case(
+        self,
+        image: torch.Tensor,
+        progress: bool = False,
+        window_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Label map [B,*S] for whole cases [B,1,*S] (sliding window, Gaussian blending).
+        ``window_transform``: applied to each window before the network, e.g. the HU normalisation of an
+        int16 case (``organseg predict``: no float32 copy of the whole case is held)."""
         return predict_labels(
             self,
             image,
@@ -107,6 +114,7 @@ class SegmentationModuleBase(pl.LightningModule):
             overlap=self.sw_overlap,
             sw_batch_size=self.sw_batch_size,
             progress=progress,
+            window_transform=window_transform,
         )
 
     # ---------------------------------------------------------------- evaluation

@@ -512,8 +512,10 @@ class SNetStage(FocusNetStageBase):
         if self.hparams.class_weights != "upstream":
             resolve_class_weights(self, self.loss_fn, self.hparams.class_weights, stage)
 
-    def predict_case(self, image: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        return SegmentationModuleBase.predict_case(self, image, progress)  # S-Net only
+    def predict_case(
+        self, image: torch.Tensor, progress: bool = False, window_transform=None
+    ) -> torch.Tensor:
+        return SegmentationModuleBase.predict_case(self, image, progress, window_transform)  # S-Net only
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         terms = self.loss_fn(self.focusnet.snet(batch["image"]), batch["label"])

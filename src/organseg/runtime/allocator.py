@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["release_freed_memory", "retain_freed_memory"]
 
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -30,13 +30,32 @@ TRIM_THRESHOLD = 2**31 - 1  # the largest mallopt accepts (an int): the heap top
 TOP_PAD = 1024 * 2**20
 
 
-def retain_freed_memory() -> bool:
-    """Apply the settings above to this process's glibc malloc; True if glibc accepted all three."""
+def _libc():
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+        return ctypes.CDLL(name)
+    except (OSError, TypeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc ``malloc_trim(0)``), e.g. between
+    preprocessing, whose slab-sized scratch the retained heap would otherwise keep resident, and the
+    sliding window, whose large buffers are mmapped apart from it. True if glibc released anything."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
+
+
+def retain_freed_memory() -> bool:
+    """Apply the settings above to this process's glibc malloc; True if glibc accepted all three."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
