@@ -47,9 +47,9 @@ def score_seed(model, card: DatasetCard, reader: CacheReader, case_ids, seed: in
     rows, loc, seconds = [], [], []
     small = list(model.small_organs)
     small_classes = [card.classes.index(o) for o in small]
+    spacing = tuple(float(s) for s in card.target_spacing)
     for cid in case_ids:
         image, label = reader.read_case(cid)
-        spacing = tuple(float(s) for s in card.target_spacing)
         x = torch.from_numpy(image)[None, None]
         outs = {}
         for merge in MERGES:
@@ -103,7 +103,6 @@ def main() -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--md", default=None, help="write the Markdown report here")
     args = p.parse_args()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
 
     card = DatasetCard.load(args.card)
     build_cache(card, progress=False)

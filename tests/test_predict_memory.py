@@ -272,7 +272,7 @@ def test_predict_image_labels_identical_to_the_previous_implementation(card):
 def test_predict_peak_memory_is_bounded(tmp_path):
     """The stated bound, measured on the real command at the issue's size (512 x 512 x 300, 0.98 x 0.98 x
     2.5 mm, int16: 150 MiB): peak RSS <= the interpreter with the same libraries loaded + 4 x the input
-    (measured 613 + 466 MiB: 7.2 x the input in all, against 42 x before), and <= 8 x the input in all."""
+    (measured 592 + 380 MiB: 6.5 x the input in all, against 42 x two commits before), and <= 8 x in all."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "predict_memory.py"), "--skip-old"],
         capture_output=True,
