@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import yaml
 
 from helpers.tiny_fit import KEEP, REPO, write_tiny_overlay
-from organseg.cli.bench import BenchError, BenchRunner, load_benchmark
+from organseg.cli.bench import BenchError, BenchRunner, load_benchmark, select_arms
 from organseg.cli.main import main
 from organseg.errors import ConfigError
 
@@ -269,7 +270,7 @@ def fake_organseg(calls: list):
             Path(args[args.index("--out") + 1]).write_text("labels")
         elif args[0] == "evaluate":
             out = Path(args[args.index("--out") + 1])
-            out.mkdir(parents=True)
+            out.mkdir(parents=True, exist_ok=True)  # an arm evaluated again writes over its working folder
             lines = ["case_id,organ,dice,hd95,assd"] + [f"c{i},liver,0.5,1.0,0.5" for i in range(8)]
             (out / "per_case.csv").write_text("\n".join(lines) + "\n")
         return 0
@@ -314,7 +315,17 @@ def test_pseudolabel_runs_feed_later_fits_and_several_checkpoints_are_evaluated_
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     bench = load_benchmark(path)
     calls: list = []
-    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
+    stale: list = []  # what the pseudo-label files' validity check answers (the real one reads the caches)
+
+    def runner():
+        return BenchRunner(
+            bench,
+            tmp_path / "out",
+            fake_organseg(calls),
+            stale_pseudo_labels=lambda f, c: (stale or [None])[0],
+        )
+
+    runner().run()
     kinds = [c[0] for c in calls]
     # the experts are trained once per seed and shared; one pseudolabel call per card
     assert kinds == ["fit", "fit", "evaluate", "pseudolabel", "pseudolabel", "fit", "evaluate"]
@@ -334,23 +345,69 @@ def test_pseudolabel_runs_feed_later_fits_and_several_checkpoints_are_evaluated_
     assert [r["steps"] for r in summary["arms"]["experts"]] == [60]
     assert [r["steps"] for r in summary["arms"]["selftrain"]] == [90]  # pseudo-labelling: no steps
     assert "work/" in (tmp_path / "out" / ".gitignore").read_text().split()
-    # resumed: nothing again; a lost pseudo-label file: made again, and the fit on it is kept (same command)
+    # resumed: nothing again; a lost pseudo-label file: made again, and so the fit on them and its evaluation
     calls.clear()
-    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
+    runner().run()
     assert calls == []
     Path(files[1]).unlink()
-    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).run()
-    assert [c[0] for c in calls] == ["pseudolabel", "pseudolabel"]
-    # --report-only: the result files again from the evaluations on record, nothing run, the runs' commit kept
+    runner().run()
+    assert [c[0] for c in calls] == ["pseudolabel", "pseudolabel", "fit", "evaluate"]
+    # files still there but stale (their cache was rebuilt, e.g. by prepare): the same again
     calls.clear()
-    summary["git_commit"] = "abc1234"
-    (tmp_path / "out" / "summary.json").write_text(json.dumps(summary))
+    stale.append("a.h5: stale pseudo-labels (made from another build of the cache)")
+    runner().run()
+    assert [c[0] for c in calls] == ["pseudolabel", "pseudolabel", "fit", "evaluate"]
+    assert "--trainer.logger.init_args.id=pl-selftrain-s0-union" in calls[2]
+    # --report-only: the result files again from the evaluations on record, nothing run; each arm's commit
+    calls.clear()
+    for name in ("experts-s0", "selftrain-s0"):
+        state = tmp_path / "out" / "state" / f"{name}.json"
+        state.write_text(json.dumps(json.loads(state.read_text()) | {"git_commit": f"abc{name[0]}"}))
     (tmp_path / "out" / "table.md").unlink()
+    per_case = (tmp_path / "out" / "per_case.csv").read_text()
     BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).report_only()
-    assert calls == [] and "abc1234" in (tmp_path / "out" / "table.md").read_text()
-    (tmp_path / "out" / "state" / "experts-s0.json").unlink()
+    assert calls == [] and "`abce, abcs`" in (tmp_path / "out" / "table.md").read_text()
+    assert (tmp_path / "out" / "per_case.csv").read_text() == per_case
+    # a fresh clone has the committed result files but no state: the same report from the result files
+    shutil.rmtree(tmp_path / "out" / "state")
+    shutil.rmtree(tmp_path / "out" / "eval")
+    BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).report_only()
+    assert calls == [] and (tmp_path / "out" / "per_case.csv").read_text() == per_case
+    assert [
+        r["git_commit"]
+        for r in json.loads((tmp_path / "out" / "summary.json").read_text())["arms"]["experts"]
+    ] == ["abce"]
+    (tmp_path / "out" / "per_case.csv").write_text("arm,seed,case_id,organ,dice,hd95_mm,assd_mm\n")
     with pytest.raises(BenchError, match="experts seed 0 has not been evaluated"):
         BenchRunner(bench, tmp_path / "out", fake_organseg(calls)).report_only()
+
+
+def test_arms_run_alone_join_the_arms_on_record_in_one_table(tmp_path, monkeypatch):
+    """``--arms`` on a folder with committed results (no state: a fresh clone) trains the named arm only and
+    reports it beside the others; an arm never run is left out of the table, and said so."""
+    monkeypatch.chdir(tmp_path)
+    spec = {
+        "name": "two",
+        "seeds": [0, 1],
+        "arms": {a: [{"name": "x", "configs": [UNET], "max_steps": 2}] for a in ("a", "b", "c")},
+        "compare": [["a", "b"], ["c", "a"]],
+    }
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    whole = load_benchmark(path)
+    calls: list = []
+    out = tmp_path / "out"
+    BenchRunner(select_arms(whole, ["a"]), out, fake_organseg(calls), whole=whole).run()
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["arms"]) == ["a"] and summary["differences"] == {}
+    shutil.rmtree(out / "state")
+    calls.clear()
+    BenchRunner(select_arms(whole, ["b"]), out, fake_organseg(calls), whole=whole).run()
+    assert [c[0] for c in calls] == ["fit", "evaluate"] * 2  # b's two seeds only; a is read from the results
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["arms"]) == ["a", "b"] and list(summary["differences"]) == ["a - b"]
+    rows = (out / "per_case.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["a"] * 16 + ["b"] * 16  # 2 seeds x 8 cases each
 
 
 @pytest.mark.parametrize(
@@ -376,7 +433,6 @@ def test_a_bad_arm_mapping_or_pseudolabel_run_is_one_error(tmp_path, arm, key):
 
 
 def test_some_arms_run_alone_keep_their_shared_run_ids_and_comparisons(tmp_path):
-    from organseg.cli.bench import select_arms
 
     run = {"name": "x", "configs": [UNET], "max_steps": 10}
     spec = {

@@ -20,7 +20,12 @@ from organseg.cache.build import build_cache
 from organseg.cache.reader import CacheReader
 from organseg.cli.main import main
 from organseg.data import CTDataModule
-from organseg.data.pseudo_labels import PseudoLabelError, PseudoLabelReader, write_pseudo_file
+from organseg.data.pseudo_labels import (
+    PseudoLabelError,
+    PseudoLabelReader,
+    pseudo_label_problem,
+    write_pseudo_file,
+)
 from organseg.io.card import DatasetCard
 from organseg.methods.cowam_baselines import MarginalUNet, MultiModel, SelfTrainingUNet
 from organseg.methods.unet_baseline import UNetBaseline
@@ -142,10 +147,18 @@ def test_pseudolabel_tool_writes_unannotated_organs_only_and_detects_staleness(f
     mtime = out.stat().st_mtime_ns
     assert main(args) == 0
     assert "up to date" in capsys.readouterr().out and out.stat().st_mtime_ns == mtime
-    # a retrained expert makes the file stale, for the reader and for the DataModule
+    assert pseudo_label_problem(out, cards["ls"]) is None
+    # a retrained expert makes the file stale, for the reader, the bench's resume check and the DataModule
     _save_expert(ck_kid, cards["kid"], favour="kidney_l", seed=1)
     with pytest.raises(PseudoLabelError, match="stale"):
         PseudoLabelReader(out, cache_fingerprint=cache.fingerprint)
+    assert (
+        pseudo_label_problem(out, cards["ls"])
+        == f"{out}: stale pseudo-labels (checkpoint {ck_kid} changed since)"
+    )
+    assert pseudo_label_problem(root / "gone.h5", cards["ls"]).startswith(
+        f"{root / 'gone.h5'}: pseudo-label file not found"
+    )
     dm = CTDataModule(
         [str(cards["ls"])], patch_size=(32, 32, 16), num_workers=0, preprocess=False, pseudo_labels=[str(out)]
     )

@@ -48,6 +48,12 @@ an (arm, seed) is not evaluated again while its runs are unchanged; kill the com
 and it continues (edit a budget or a config and what depends on it is trained again). The runs' own
 folders are ``lightning_logs/organseg/<name>-<arm>-s<seed>-<run>``. A run whose chain up to it is
 identical in two arms (same configs, steps and loads) is trained once per seed and shared by both.
+A run made again (e.g. pseudo-labels gone stale because ``prepare`` rebuilt a cache) retrains what loads it.
+
+``--arms A B`` runs some arms only; the table still shows every arm on record in ``--out``: its state
+files, else the result files themselves (``summary.json`` + ``per_case.csv``, as committed), so a fresh
+clone can add an arm to a committed benchmark without training the others again. ``--report-only`` reads
+the same records. Each (arm, seed) keeps the git commit it ran at.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,12 +366,24 @@ def _write_json(path: Path, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
-def _inputs_digest(configs: Sequence[str]) -> str:
-    """What the config files of a run say (their bytes), so that an edited config retrains the run."""
+def _inputs_digest(configs: Sequence[str], made: Sequence[str] = ()) -> str:
+    """What the config files of a run say (their bytes) and which making of each earlier run it loads
+    (``made``), so that an edited config, or a dependency made again, retrains the run."""
     digest = hashlib.sha256()
     for cfg in configs:
         digest.update(str(cfg).encode() + b"\0" + Path(cfg).read_bytes() + b"\0")
+    for stamp in made:
+        digest.update(stamp.encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _stale_pseudo_labels(files: Sequence[str], cards: Sequence[str]) -> str | None:
+    """Why pseudo-label files on record can no longer be used (their card's cache was rebuilt since,
+    e.g. by ``prepare`` after the raw data was regenerated, or an expert checkpoint changed), else None:
+    the check the fit that reads them makes, run here so that the bench makes them again instead."""
+    from organseg.data.pseudo_labels import pseudo_label_problem  # noqa: PLC0415  (h5py: only when running)
+
+    return next((p for f, c in zip(files, cards) if (p := pseudo_label_problem(f, c))), None)
 
 
 def _global_step(ckpt: Path) -> int | None:
@@ -383,9 +402,13 @@ class BenchRunner:
         out: Path,
         execute: Callable[[Sequence[str], Path], int] | None = None,
         command: str | None = None,
+        stale_pseudo_labels: Callable[[Sequence[str], Sequence[str]], str | None] = _stale_pseudo_labels,
+        whole: Benchmark | None = None,
     ):
         self.bench, self.out, self.command = bench, out, command
+        self.whole = whole or bench  # the YAML's every arm: what the report shows (``bench``: what runs)
         self.execute = execute or organseg_subprocess
+        self.stale_pseudo_labels = stale_pseudo_labels
 
     def run_id(self, arm: str, seed: int, run: Run) -> str:
         """``<bench>-<arm>-s<seed>-<run>``, named after the run's owner arm when the run is shared."""
@@ -418,7 +441,7 @@ class BenchRunner:
                 args.append(f"--data.init_args.pseudo_labels=[{','.join(done[dep]['files'])}]")
             else:
                 args.append(f"--model.init_args.{key}={done[dep]['checkpoint']}")
-        inputs = _inputs_digest(run.configs)
+        inputs = _inputs_digest(run.configs, [done[dep].get("made", "") for dep in run.loads.values()])
         record = self._finished(run_id, args, inputs, "checkpoint")
         if record:
             print(f"= {run_id}: finished before ({record['steps']} steps), skipped", flush=True)
@@ -434,6 +457,7 @@ class BenchRunner:
             "run_id": run_id,
             "command": _quote(args),
             "inputs": inputs,
+            "made": uuid.uuid4().hex[:12],  # which making of this run a later run loaded
             "checkpoint": str(ckpt),
             "max_steps": run.max_steps,
             "steps": _global_step(ckpt),
@@ -470,6 +494,9 @@ class BenchRunner:
         flat = [a for cmd in commands for a in cmd]
         inputs = _inputs_digest(run.pseudo["cards"])
         record = self._finished(run_id, flat, inputs, "files")
+        if record and (stale := self.stale_pseudo_labels(record["files"], run.pseudo["cards"])):
+            print(f"~ {run_id}: {stale}: made again", flush=True)
+            record = None
         if record:
             print(f"= {run_id}: pseudo-labels made before, skipped", flush=True)
             return record
@@ -480,6 +507,7 @@ class BenchRunner:
             "run_id": run_id,
             "command": _quote(flat),
             "inputs": inputs,
+            "made": uuid.uuid4().hex[:12],
             "files": files,
             "steps": 0,  # inference only: no optimiser steps
             "wall_s": round(time.perf_counter() - t0, 1),
@@ -498,8 +526,8 @@ class BenchRunner:
         state = self._state(key)
         if state.is_file():
             record = json.loads(state.read_text())
-            evaluated = {name: r["command"] for name, r in record["runs"].items()}
-            if evaluated == {name: r["command"] for name, r in done.items()}:
+            made = {name: (r["command"], r.get("made")) for name, r in record["runs"].items()}
+            if made == {name: (r["command"], r.get("made")) for name, r in done.items()}:
                 print(f"= {key}: evaluated before, skipped", flush=True)
                 return record
         chosen = self.bench.evaluate.get(arm) or [self.bench.arms[arm][-1].name]
@@ -519,6 +547,7 @@ class BenchRunner:
             "train_wall_s": round(sum(r["wall_s"] for r in done.values()), 1),
             "eval_wall_s": round(time.perf_counter() - t0, 1),
             "per_case": str(eval_dir / "per_case.csv"),
+            "git_commit": _git_commit(),
         }
         _write_json(state, record)
         return record
@@ -531,30 +560,74 @@ class BenchRunner:
         for cmd in self.bench.prepare:
             self._call(cmd, "prepare-" + "-".join(cmd[:1]))
         records = [self.arm_seed(arm, seed) for arm in self.bench.arms for seed in self.bench.seeds]
+        ran = {(r["arm"], r["seed"]) for r in records}
+        earlier = self._earlier_records()
+        for arm in self.whole.arms:  # the other arms of the YAML, as they are on record: one table for all
+            for seed in self.whole.seeds:
+                if (arm, seed) not in ran and (rec := self._on_record(arm, seed, earlier)):
+                    records.append(rec)
+        missing = [a for a in self.whole.arms if not any(r["arm"] == a for r in records)]
+        if missing:
+            print(f"bench: not in the table (never run into {self.out}): {', '.join(missing)}", flush=True)
         return self.report(records)
 
+    def _earlier_records(self) -> dict[tuple[str, int], dict]:
+        """(arm, seed) -> record of the result files already in ``out`` (summary.json with its per_case.csv),
+        so that a fresh clone, which has the committed results but not the (uncommitted) state files, can
+        add arms to a benchmark or rewrite its report without training the arms on record again."""
+        from organseg.evaluation.benchmark_report import read_rows  # noqa: PLC0415
+
+        summary, per_case = self.out / "summary.json", self.out / "per_case.csv"
+        if not (summary.is_file() and per_case.is_file()):
+            return {}
+        data = json.loads(summary.read_text())
+        rows: dict[tuple[str, int], list[dict]] = {}
+        for row in read_rows(per_case):
+            rows.setdefault((row["arm"], int(row["seed"])), []).append(row)
+        return {
+            (arm, rec["seed"]): rec
+            | {
+                "arm": arm,
+                "rows": rows[(arm, rec["seed"])],
+                "git_commit": rec.get("git_commit", data["git_commit"]),
+            }
+            for arm, recs in data.get("arms", {}).items()
+            for rec in recs
+            if (arm, rec["seed"]) in rows
+        }
+
+    def _on_record(self, arm: str, seed: int, earlier: dict[tuple[str, int], dict]) -> dict | None:
+        """The evaluation of (arm, seed): its state file, else the result files' (``_earlier_records``)."""
+        state = self._state(f"{arm}-s{seed}")
+        if state.is_file():
+            return json.loads(state.read_text())
+        return earlier.get((arm, seed))
+
     def report_only(self) -> dict[str, Path]:
-        """The result files again from the evaluations on record, running nothing (e.g. after a change to
-        the report): every (arm, seed) must have finished; the git commit stays the one of the runs."""
-        records = []
+        """The result files again from the evaluations on record (state files, else the result files
+        themselves), running nothing (e.g. after a change to the report): every (arm, seed) must have
+        finished; each keeps the git commit it ran at."""
+        earlier, records = self._earlier_records(), []
         for arm in self.bench.arms:
             for seed in self.bench.seeds:
-                state = self._state(f"{arm}-s{seed}")
-                if not state.is_file():
+                record = self._on_record(arm, seed, earlier)
+                if record is None:
                     raise BenchError(
                         f"{self.out}: {arm} seed {seed} has not been evaluated; run without --report-only"
                     )
-                records.append(json.loads(state.read_text()))
-        summary = self.out / "summary.json"
-        commit = json.loads(summary.read_text()).get("git_commit") if summary.is_file() else None
-        return self.report(records, git_commit=commit)
+                records.append(record)
+        return self.report(records)
 
-    def report(self, records: list[dict], git_commit: str | None = None) -> dict[str, Path]:
+    def report(self, records: list[dict]) -> dict[str, Path]:
         from organseg.evaluation.benchmark_report import read_rows, write_benchmark_report  # noqa: PLC0415
 
+        arms = [a for a in self.whole.arms if any(r["arm"] == a for r in records)]
+        bench = select_arms(self.whole, arms)
+        records = sorted(records, key=lambda r: (arms.index(r["arm"]), r["seed"]))
         rows, organs = [], []
         for rec in records:
-            for row in read_rows(Path(rec["per_case"])):
+            table = rec["rows"] if "rows" in rec else read_rows(Path(rec["per_case"]))
+            for row in table:
                 if row["organ"] not in organs:
                     organs.append(row["organ"])
                 rows.append(
@@ -564,23 +637,24 @@ class BenchRunner:
                         "case_id": row["case_id"],
                         "organ": row["organ"],
                         "dice": row.get("dice", ""),
-                        "hd95_mm": row.get("hd95", ""),
-                        "assd_mm": row.get("assd", ""),
+                        "hd95_mm": row.get("hd95", row.get("hd95_mm", "")),
+                        "assd_mm": row.get("assd", row.get("assd_mm", "")),
                     }
                 )
+        commits = list(dict.fromkeys(str(r.get("git_commit")) for r in records if r.get("git_commit")))
         meta = {
-            "name": self.bench.name,
-            "command": self.command or f"organseg bench {self.bench.path}",
+            "name": bench.name,
+            "command": self.command or f"organseg bench {bench.path}",
             "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-            "benchmark": str(self.bench.path),
-            "seeds": self.bench.seeds,
+            "benchmark": str(bench.path),
+            "seeds": bench.seeds,
             "test_cases": len({r["case_id"] for r in rows}),
-            "git_commit": git_commit or _git_commit(),
+            "git_commit": ", ".join(commits) or None,  # the commits the arms ran at (each arm's: in "arms")
             "versions": _versions(),
             "machine": f"{os.cpu_count()} CPU cores ({sys.platform})",
             "arms": {
                 arm: [
-                    {k: r[k] for k in ("seed", "steps", "train_wall_s", "eval_wall_s")}
+                    {k: r.get(k) for k in ("seed", "steps", "train_wall_s", "eval_wall_s", "git_commit")}
                     | {
                         "runs": {
                             n: {k: v for k, v in run.items() if k not in ("checkpoint", "files")}
@@ -590,11 +664,11 @@ class BenchRunner:
                     for r in records
                     if r["arm"] == arm
                 ]
-                for arm in self.bench.arms
+                for arm in bench.arms
             },
         }
         return write_benchmark_report(
-            rows, list(self.bench.arms), organs, self.bench.groups, self.bench.compare, meta, self.out
+            rows, list(bench.arms), organs, bench.groups, bench.compare, meta, self.out
         )
 
 
@@ -663,9 +737,9 @@ def default_out(name: str, quick: bool, results: Path = Path("benchmarks/results
 
 
 def run(args) -> int:
-    bench = load_benchmark(args.benchmark, quick=args.quick)
+    whole = bench = load_benchmark(args.benchmark, quick=args.quick)
     if args.arms:
-        bench = select_arms(bench, args.arms)
+        bench = select_arms(whole, args.arms)
     out = Path(args.out) if args.out else default_out(bench.name, args.quick)
     runs = len({(run.owner, run.name) for arm in bench.arms.values() for run in arm}) * len(bench.seeds)
     print(
@@ -675,8 +749,8 @@ def run(args) -> int:
     if args.report_only:
         if not args.out:
             raise ConfigError("bench --report-only: give the result folder with --out")
-        paths = BenchRunner(bench, out, command=command).report_only()
+        paths = BenchRunner(bench, out, command=command, whole=whole).report_only()
     else:
-        paths = BenchRunner(bench, out, command=command).run()
+        paths = BenchRunner(bench, out, command=command, whole=whole).run()
     print(f"\nwrote {paths['table']}, {paths['per_case']}, {paths['summary']} and the plots beside them")
     return 0

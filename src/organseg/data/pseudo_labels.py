@@ -29,8 +29,10 @@ import h5py
 import numpy as np
 
 from organseg.cache.build import CHUNKS, label_stats
+from organseg.cache.reader import CacheError, CacheReader
 from organseg.errors import OrgansegError
 from organseg.io.atomic import atomic_open
+from organseg.io.card import DatasetCard
 
 FORMAT_VERSION = 1
 FG_SAMPLES = 10000  # organ voxel coordinates kept per class for patch centres (as the cache's default)
@@ -215,3 +217,15 @@ def write_pseudo_file(
         h5.attrs["case_ids"] = json.dumps(ids)
         h5.attrs["complete"] = True
     return out
+
+
+def pseudo_label_problem(path: str | os.PathLike, card: str | os.PathLike) -> str | None:
+    """Why the pseudo-label file cannot be used with the card's cache as it is now (missing, stale: the
+    cache was rebuilt or an expert changed since), in one line naming the file; None when it can."""
+    try:
+        cache = CacheReader(DatasetCard.load(card).cache)
+        cache.close()
+        PseudoLabelReader(path, cache_fingerprint=cache.fingerprint, case_ids=cache.case_ids)
+    except (CacheError, PseudoLabelError) as exc:
+        return str(exc).split("; ")[0]
+    return None
