@@ -108,3 +108,17 @@ def test_each_step_reports_wall_and_cpu_time(capsys):
     assert children_cpu_seconds() - before >= 0.3
     out = capsys.readouterr().out
     assert re.search(r"\(\d+ s wall, \d+ CPU-s, 1-min load \d+\.\d\)", out)
+
+
+def test_only_the_demo_s_net_swaps_upstream_alphas_for_the_measured_inverse_sqrt_ones():
+    """The demo's one S-Net deviation (ours, measured in the quick FocusNetV2 benchmark) is an overlay on the
+    S-Net run alone; snet.yaml's default stays upstream's."""
+    runs = {r["name"]: r for r in yaml.safe_load(PLAN.read_text())["runs"]}
+    overlay = "experiments/focusnetv2/demo_snet.yaml"
+    assert [n for n, r in runs.items() if overlay in r["configs"]] == ["fn_snet"]
+    assert runs["fn_snet"]["configs"][-1] == overlay  # last: it wins over demo.yaml
+    assert yaml.safe_load((REPO / overlay).read_text())["model"]["init_args"] == {
+        "class_weights": "inverse_sqrt_frequency"
+    }
+    snet = yaml.safe_load((REPO / "experiments/focusnetv2/snet.yaml").read_text())
+    assert snet["model"]["init_args"]["class_weights"] == "upstream"
