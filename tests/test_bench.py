@@ -433,7 +433,6 @@ def test_a_bad_arm_mapping_or_pseudolabel_run_is_one_error(tmp_path, arm, key):
 
 
 def test_some_arms_run_alone_keep_their_shared_run_ids_and_comparisons(tmp_path):
-
     run = {"name": "x", "configs": [UNET], "max_steps": 10}
     spec = {
         "name": "sub",

@@ -589,7 +589,7 @@ class BenchRunner:
             | {
                 "arm": arm,
                 "rows": rows[(arm, rec["seed"])],
-                "git_commit": rec.get("git_commit", data["git_commit"]),
+                "git_commit": rec.get("git_commit", data.get("git_commit")),
             }
             for arm, recs in data.get("arms", {}).items()
             for rec in recs
